@@ -1,0 +1,148 @@
+{#-
+  The SQL of a sync's relations (contract section 3). Each macro returns a select; the
+  materialization decides how it is stored. `cols` are the mapped source columns of `S`.
+-#}
+
+{#- S: the valid members of the select, keyed, with the row hash. -#}
+{% macro membership_sql(select_sql, sync) %}
+  {%- set n = audsync.audsync_names() -%}
+with audsync_source as (
+{{ select_sql }}
+),
+audsync_keyed as (
+    select
+        cast({{ adapter.quote(sync.identifier) }} as {{ dbt.type_string() }}) as {{ n.key }}
+        {%- for column in sync.columns %},
+        {{ adapter.quote(column) }}
+        {%- endfor %}
+    from audsync_source
+),
+audsync_counted as (
+    select
+        audsync_keyed.*,
+        count(*) over (partition by {{ n.key }}) as audsync_key_count
+    from audsync_keyed
+    where {{ n.key }} is not null
+)
+select
+    {{ n.key }}
+    {%- for column in sync.columns %},
+    {{ adapter.quote(column) }}
+    {%- endfor %},
+    {{ audsync.row_hash(sync.mapping) }} as {{ n.hash }}
+from audsync_counted
+where audsync_key_count = 1
+{%- endmacro %}
+
+
+{#- S__invalid: the rows S leaves out, every column of the select, with the reason. -#}
+{% macro invalid_sql(select_sql, sync, source_columns) %}
+  {%- set n = audsync.audsync_names() -%}
+with audsync_source as (
+{{ select_sql }}
+),
+audsync_counted as (
+    select
+        audsync_source.*,
+        cast({{ adapter.quote(sync.identifier) }} as {{ dbt.type_string() }}) as audsync_key_value,
+        count(*) over (
+            partition by cast({{ adapter.quote(sync.identifier) }} as {{ dbt.type_string() }})
+        ) as audsync_key_count
+    from audsync_source
+)
+select
+    audsync_key_value as {{ n.key }},
+    case when audsync_key_value is null then 'null_identifier'
+         else 'duplicate_identifier' end as {{ n.reason }}
+    {%- for column in source_columns %},
+    {{ adapter.quote(column) }}
+    {%- endfor %}
+from audsync_counted
+where audsync_key_value is null or audsync_key_count > 1
+{%- endmacro %}
+
+
+{#- The columns every diff relation carries, in this order. -#}
+{% macro _diff_columns(sync, alias, destination_id) %}
+  {%- set n = audsync.audsync_names() -%}
+  {{ alias }}.{{ n.key }}
+  {%- for column in sync.columns %},
+  {{ alias }}.{{ adapter.quote(column) }}
+  {%- endfor %},
+  {{ alias }}.{{ n.hash }},
+  {{ destination_id }} as {{ n.destination_id }}
+{%- endmacro %}
+
+{#- S__adds: members of S whose key is not in the snapshot. -#}
+{% macro adds_sql(membership, snapshot, sync) %}
+  {%- set n = audsync.audsync_names() -%}
+select
+  {{ audsync._diff_columns(sync, 'audience', 'cast(null as ' ~ dbt.type_string() ~ ')') }}
+from {{ membership }} as audience
+where not exists (
+    select 1 from {{ snapshot }} as snapshot
+    where snapshot.{{ n.key }} = audience.{{ n.key }}
+)
+{%- endmacro %}
+
+{#- S__removes: snapshot rows whose key is not in S, with the values last sent. -#}
+{% macro removes_sql(membership, snapshot, sync) %}
+  {%- set n = audsync.audsync_names() -%}
+select
+  {{ audsync._diff_columns(sync, 'snapshot', 'snapshot.' ~ n.destination_id) }}
+from {{ snapshot }} as snapshot
+where not exists (
+    select 1 from {{ membership }} as audience
+    where audience.{{ n.key }} = snapshot.{{ n.key }}
+)
+{%- endmacro %}
+
+{#- S__updates: members in both whose row hash differs, with the current values. -#}
+{% macro updates_sql(membership, snapshot, sync) %}
+  {%- set n = audsync.audsync_names() -%}
+select
+  {{ audsync._diff_columns(sync, 'audience', 'snapshot.' ~ n.destination_id) }}
+from {{ membership }} as audience
+inner join {{ snapshot }} as snapshot
+    on snapshot.{{ n.key }} = audience.{{ n.key }}
+where snapshot.{{ n.hash }} is null
+   or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
+{%- endmacro %}
+
+{#- S__changes: what the sync's mode sends, one op per row. -#}
+{% macro changes_sql(diff_relations, sync) %}
+  {%- set n = audsync.audsync_names() -%}
+  {%- set ops = n.mode_sends[sync.mode] -%}
+  {%- for op in ops %}
+select
+    cast({{ dbt.string_literal(op) }} as {{ dbt.type_string() }}) as {{ n.op }},
+    {{ audsync._diff_columns(sync, 'diff', 'diff.' ~ n.destination_id) | indent(4) }}
+from {{ diff_relations[op] }} as diff
+{% if not loop.last %}union all{% endif %}
+  {%- endfor %}
+{%- endmacro %}
+
+
+{#- The typed, empty shape of the snapshot: S's columns plus what the runner records. -#}
+{% macro snapshot_shape_sql(membership, sync) %}
+  {%- set n = audsync.audsync_names() -%}
+select
+  {{ audsync._diff_columns(sync, 'audience', 'cast(null as ' ~ dbt.type_string() ~ ')') }},
+  cast(null as {{ dbt.type_timestamp() }}) as {{ n.synced_at }},
+  cast(null as {{ dbt.type_string() }}) as {{ n.run_id }}
+from {{ membership }} as audience
+where 1 = 0
+{%- endmacro %}
+
+{#- The typed, empty shape of the plan: a run's frozen changes, in send order. -#}
+{% macro plan_shape_sql(membership, sync) %}
+  {%- set n = audsync.audsync_names() -%}
+select
+  cast(null as {{ dbt.type_string() }}) as {{ n.run_id }},
+  cast(null as {{ dbt.type_bigint() }}) as {{ n.seq }},
+  cast(null as {{ dbt.type_string() }}) as {{ n.op }},
+  cast(null as {{ dbt.type_boolean() }}) as {{ n.send }},
+  {{ audsync._diff_columns(sync, 'audience', 'cast(null as ' ~ dbt.type_string() ~ ')') }}
+from {{ membership }} as audience
+where 1 = 0
+{%- endmacro %}

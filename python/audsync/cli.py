@@ -1,0 +1,469 @@
+"""The ``audsync`` command line (contract section 8).
+
+One small function per command; the shared options live on the group and reach commands
+through :class:`App`, which loads the project, the warehouse and the destinations only when a
+command needs them. Errors are exceptions whose class carries the exit code:
+0 success or nothing to do, 1 the run failed, 2 bad usage or configuration, 3 partial failure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+
+
+class App:
+    """What the commands share: options, and the project, warehouse and destinations."""
+
+    def __init__(self, project_dir, profiles_dir, target, destinations_file, log_format, verbose):
+        self.project_dir = project_dir
+        self.profiles_dir = profiles_dir
+        self.target = target
+        self.destinations_file = destinations_file
+        self.log_format = log_format
+        self.verbose = verbose
+
+    @cached_property
+    def project(self):
+        from .project import Project
+
+        return Project.load(self.project_dir, self.profiles_dir, self.target)
+
+    @cached_property
+    def warehouse(self):
+        return self.project.open_warehouse()
+
+    @cached_property
+    def destinations_path(self) -> Path:
+        from .config import find_destinations_file
+
+        return find_destinations_file(self.project.project_dir, self.destinations_file)
+
+    @cached_property
+    def destinations(self):
+        from .config import load_destinations
+
+        return load_destinations(self.destinations_path)
+
+    def runner(self, destinations=None):
+        from .output import JsonReporter, TextReporter
+        from .runner import SyncRunner
+
+        reporter = JsonReporter() if self.log_format == "json" else TextReporter(self.verbose)
+        return SyncRunner(self.project, self.warehouse,
+                          self.destinations if destinations is None else destinations, reporter)
+
+    def state_runner(self):
+        """A runner for commands that touch only state (no destinations file needed)."""
+        return self.runner(destinations={})
+
+    def close(self) -> None:
+        if "warehouse" in self.__dict__:
+            self.warehouse.close()
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+@click.group(context_settings={"auto_envvar_prefix": "AUDSYNC", "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="audsync")
+@click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The dbt project (default: the current directory).")
+@click.option("--profiles-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where profiles.yml is (default: as dbt looks for it).")
+@click.option("--target", default=None, help="The dbt target (default: the profile's).")
+@click.option("--destinations", "destinations_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="destinations.yml (default: beside dbt_project.yml).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per line, for orchestrators.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every step.")
+@click.pass_context
+def cli(ctx, project_dir, profiles_dir, target, destinations_file, log_format, verbose):
+    """audsync: keep audiences defined in SQL in step with the tools that act on them."""
+    from .output import setup_logging
+
+    setup_logging(log_format, verbose)
+    app = App(project_dir, profiles_dir, target, destinations_file, log_format, verbose)
+    ctx.obj = app
+    ctx.call_on_close(app.close)
+
+
+# -- inspection ---------------------------------------------------------------------------------
+
+
+@cli.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_app
+def list_syncs(app: App, fmt: str):
+    """The syncs of the project: mode, destination, schedule, status."""
+    from .output import print_json, print_table
+
+    statuses = _sync_rows(app, quiet=True)
+    rows = []
+    for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
+        state = statuses.get(sync.name, {})
+        rows.append({
+            "sync": sync.name, "mode": sync.mode, "destination": sync.destination,
+            "schedule": sync.schedule, "status": state.get("status") or "never run",
+            "last_synced_at": state.get("last_synced_at"), "description": sync.description,
+        })
+    if fmt == "json":
+        print_json(rows)
+    else:
+        print_table(["sync", "mode", "destination", "schedule", "status", "last synced"],
+                    [[r["sync"], r["mode"], r["destination"], r["schedule"], r["status"], r["last_synced_at"]] for r in rows])
+
+
+@cli.command()
+@click.argument("sync_name", required=False)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_app
+def status(app: App, sync_name: str | None, fmt: str):
+    """The state of each sync (or one): status, last run, lock."""
+    from .output import print_json, print_table
+
+    syncs = [app.project.get(sync_name)] if sync_name else sorted(app.project.syncs.values(), key=lambda s: s.name)
+    states = _sync_rows(app)
+    rows = []
+    for sync in syncs:
+        state = states.get(sync.name, {})
+        rows.append({
+            "sync": sync.name, "status": state.get("status") or "never run",
+            "status_error": state.get("status_error"), "last_synced_at": state.get("last_synced_at"),
+            "last_run_id": state.get("last_run_id"), "locked_by": state.get("lock_run_id"),
+            "heartbeat_at": state.get("lock_heartbeat_at"),
+        })
+    if fmt == "json":
+        print_json(rows)
+    else:
+        print_table(["sync", "status", "last synced", "last run", "locked by", "error"],
+                    [[r["sync"], r["status"], r["last_synced_at"], r["last_run_id"], r["locked_by"], r["status_error"]] for r in rows])
+
+
+def _sync_rows(app: App, quiet: bool = False) -> dict[str, dict[str, Any]]:
+    """The ``audsync_syncs`` rows by sync (empty when the state tables are not built yet)."""
+    runner = app.state_runner()
+    with app.warehouse.session() as session:
+        if runner.state.missing_tables(session):
+            if not quiet:
+                click.echo("audsync's state tables are not built yet: run `dbt run` first.", err=True)
+            return {}
+        return runner.state.all_sync_rows(session)
+
+
+@cli.command()
+@click.argument("sync_name")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_app
+def runs(app: App, sync_name: str, limit: int, fmt: str):
+    """Run history of SYNC_NAME, newest first."""
+    from .output import print_json, print_table
+
+    sync = app.project.get(sync_name)
+    runner = app.state_runner()
+    with app.warehouse.session() as session:
+        if runner.state.missing_tables(session):
+            raise _config_error("audsync's state tables are not built yet: run `dbt run` first")
+        history = runner.state.runs_of(session, sync.name, limit)
+    if fmt == "json":
+        print_json(history)
+        return
+    print_table(
+        ["run_id", "status", "trigger", "started_at", "duration", "planned a/r/u", "added", "removed", "updated", "failed", "error"],
+        [[r["run_id"], r["status"], r["trigger"], r["started_at"],
+          f"{(r['duration_ms'] or 0) / 1000:.1f}s",
+          f"{r['planned_adds'] or 0}/{r['planned_removes'] or 0}/{r['planned_updates'] or 0}",
+          r["rows_added"], r["rows_removed"], r["rows_updated"], r["rows_failed"], r["error_message"]]
+         for r in history],
+        title=f"runs of {sync.name}",
+    )
+
+
+@cli.command()
+@click.argument("sync_name")
+@click.option("--sample", default=5, show_default=True, type=click.IntRange(min=0))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_app
+def plan(app: App, sync_name: str, sample: int, fmt: str):
+    """What the next run of SYNC_NAME would send: counts and a sample. Nothing is sent."""
+    _show_plan(app, app.project.get(sync_name), sample, fmt)
+
+
+def _show_plan(app: App, sync, sample: int, fmt: str) -> None:
+    from .output import print_json, print_table
+
+    runner = app.state_runner()
+    tables = runner.check_ready(sync)
+    with app.warehouse.session() as session:
+        counts, rows = tables.preview(session, sample)
+    record = {"sync": sync.name, "mode": sync.mode, "destination": sync.destination,
+              "adds": counts.adds, "removes": counts.removes, "updates": counts.updates,
+              "recorded_without_sending": counts.recorded, "sample": rows}
+    if fmt == "json":
+        print_json(record)
+        return
+    click.echo(f"{sync.name} ({sync.mode} -> {sync.destination}): {counts.adds} to add, "
+               f"{counts.removes} to remove, {counts.updates} to update"
+               + (f", {counts.recorded} to record without sending" if counts.recorded else ""))
+    if rows:
+        print_table(["op", "key", "fields"], [[r["op"], r["key"], r["fields"]] for r in rows], title="sample")
+
+
+@cli.command()
+@pass_app
+def check(app: App):
+    """Validate the project and destinations.yml; send nothing. Exit 2 naming every problem."""
+    from .config import check_destinations
+    from .errors import AudsyncError
+    from .schedule import parse_schedule
+
+    problems: list[str] = []
+    project = app.project
+    try:
+        result = check_destinations(app.destinations_path)
+        destinations = result.destinations
+        problems += [e.message for e in result.errors]
+    except AudsyncError as error:
+        destinations = {}
+        problems.append(error.message)
+    for sync in sorted(project.syncs.values(), key=lambda s: s.name):
+        where = f"sync {sync.name!r} ({sync.path})"
+        if sync.destination not in destinations and not any(f"destination {sync.destination!r}" in p for p in problems):
+            problems.append(f"{where}: destination {sync.destination!r} is not in {app.destinations_path}")
+        try:
+            parse_schedule(sync.schedule)
+        except ValueError as error:
+            problems.append(f"{where}: schedule: {error}")
+        if not sync.identifier:
+            problems.append(f"{where}: config key 'identifier' is missing")
+    try:
+        runner = app.runner(destinations=destinations)
+        for sync in project.syncs.values():
+            try:
+                runner.check_ready(sync)
+            except AudsyncError as error:
+                problems.append(error.message)
+    except AudsyncError as error:
+        problems.append(error.message)
+    except Exception as error:  # noqa: BLE001 - the warehouse is unreachable: a problem to name
+        problems.append(f"warehouse: {type(error).__name__}: {error}")
+    if problems:
+        for problem in dict.fromkeys(problems):
+            click.echo(f"  - {problem}", err=True)
+        raise _config_error(f"{len(set(problems))} problem(s) found")
+    click.echo(f"OK: {len(project.syncs)} sync(s), {len(destinations)} destination(s), {app.warehouse.describe()}")
+
+
+@cli.command()
+@pass_app
+def destinations(app: App):
+    """The destination types audsync can send to, with their config keys."""
+    from .destinations.registry import describe_all
+
+    for entry in describe_all():
+        state = "" if entry.get("available", True) else f"  (unavailable: {entry.get('error')})"
+        click.echo(f"{entry['type']}{state}")
+        if entry.get("description"):
+            click.echo(f"  {entry['description']}")
+        for key in entry.get("keys", []):
+            flags = ", ".join(f for f, on in (("required", key["required"]), ("secret", key["secret"])) if on)
+            default = f" [default: {key['default']}]" if key.get("default") is not None else ""
+            click.echo(f"    {key['name']}{' (' + flags + ')' if flags else ''}: {key['help']}{default}")
+
+
+# -- changing state -----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("sync_name")
+@pass_app
+def pause(app: App, sync_name: str):
+    """Pause SYNC_NAME: `audsync run` skips it until it is resumed."""
+    _set_status(app, sync_name, "paused")
+
+
+@cli.command()
+@click.argument("sync_name")
+@pass_app
+def resume(app: App, sync_name: str):
+    """Resume a paused SYNC_NAME."""
+    _set_status(app, sync_name, "active")
+
+
+def _set_status(app: App, sync_name: str, status: str) -> None:
+    sync = app.project.get(sync_name)
+    runner = app.state_runner()
+    runner.check_ready(sync)
+    with app.warehouse.session() as session:
+        runner.state.set_status(session, sync.name, status)
+    click.echo(f"{sync.name}: {status}")
+
+
+@cli.command()
+@click.argument("sync_name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_app
+def reset(app: App, sync_name: str, yes: bool):
+    """Forget SYNC_NAME's snapshot: the next run is an initial sync. The destination is untouched."""
+    from .runner import new_run_id
+    from .state import lock_timeout_s
+
+    sync = app.project.get(sync_name)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Forget everything audsync knows {sync.name} has sent?", abort=True)
+    runner = app.state_runner()
+    tables = runner.check_ready(sync)
+    reset_id = "reset-" + new_run_id()
+    with app.warehouse.session() as session:
+        runner.state.acquire_lock(session, sync.name, reset_id, lock_timeout_s())
+    try:
+        with app.warehouse.session() as session:
+            forgotten = tables.reset(session)
+    finally:
+        with app.warehouse.session() as session:
+            runner.state.release_lock(session, sync.name, reset_id)
+    click.echo(f"{sync.name}: snapshot reset ({forgotten} member(s) forgotten); the next run is an initial sync")
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("sync_names", nargs=-1)
+@click.option("-s", "--select", "selector", default=None, help="dbt-style selection: names, tag:T, path:P, ...")
+@click.option("--due", is_flag=True, help="Run the syncs whose schedule is due.")
+@click.option("--full-resync", is_flag=True, help="Send every member again, not only the changes.")
+@click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
+@pass_app
+def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, full_resync: bool, dry_run: bool):
+    """Run syncs: SYNC... by name, --select SELECTOR, or --due."""
+    from .errors import AudsyncError
+    from .output import print_summary
+
+    if sum(bool(x) for x in (sync_names, selector, due)) != 1:
+        raise click.UsageError("name the syncs to run, or give --select or --due (one of them)")
+    project = app.project
+    if sync_names:
+        syncs = [project.get(n) for n in dict.fromkeys(sync_names)]
+    elif selector:
+        syncs = project.select(selector)
+        if not syncs:
+            raise _config_error(f"--select {selector!r} matches no sync; syncs: {', '.join(sorted(project.syncs)) or 'none'}")
+    else:
+        syncs = _due_syncs(app)
+        if not syncs:
+            click.echo("no sync is due")
+            return
+    if dry_run:
+        for sync in syncs:
+            _show_plan(app, sync, 5, "json" if app.log_format == "json" else "table")
+        return
+
+    _sigterm_as_interrupt()
+    runner = app.runner()
+    results = []
+    config_errors: list[AudsyncError] = []
+    trigger = "schedule" if due else "manual"
+    for sync in syncs:
+        try:
+            results.append(runner.run(sync, trigger=trigger, full_resync=full_resync))
+        except AudsyncError as error:
+            if len(syncs) == 1:
+                raise
+            config_errors.append(error)
+            click.echo(f"Error: {error.message}", err=True)
+    print_summary(results, app.log_format)
+    codes = [r.exit_code for r in results] + [e.exit_code for e in config_errors]
+    for result in results:
+        if result.status == "skipped":
+            click.echo(result.error_message, err=True)
+    code = _worst(codes)
+    if code:
+        sys.exit(code)
+
+
+def _worst(codes: list[int]) -> int:
+    """The exit code of several runs: a failure over a configuration error over a partial one."""
+    for code in (1, 2, 3):
+        if code in codes:
+            return code
+    return 0
+
+
+def _due_syncs(app: App):
+    from .schedule import parse_schedule
+
+    runner = app.state_runner()
+    with app.warehouse.session() as session:
+        if runner.state.missing_tables(session):
+            raise _config_error("audsync's state tables are not built yet: run `dbt run` first")
+        last = runner.state.last_started(session)
+        states = runner.state.all_sync_rows(session)
+    now = dt.datetime.now(dt.timezone.utc)
+    due = []
+    for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
+        try:
+            schedule = parse_schedule(sync.schedule)
+        except ValueError as error:
+            raise _config_error(f"sync {sync.name!r}: schedule: {error}") from None
+        if (states.get(sync.name) or {}).get("status") == "paused":
+            continue
+        started = last.get(sync.name)
+        started = started.replace(tzinfo=dt.timezone.utc) if started else None
+        # An orchestrator that calls every 15 minutes reaches a 15m sync a little early.
+        if schedule.is_due(started, now, tolerance=dt.timedelta(minutes=1)):
+            due.append(sync)
+    return due
+
+
+def _sigterm_as_interrupt() -> None:
+    """Orchestrators stop a task with SIGTERM: end the run cleanly, as on Ctrl-C."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding caller)
+        pass
+
+
+def _config_error(message: str):
+    from .errors import ConfigError
+
+    return ConfigError(message)
+
+
+def main() -> None:
+    """The console script: unexpected errors exit 1 with one line (the traceback with -v)."""
+    import logging
+
+    from .redact import redact
+
+    try:
+        cli(prog_name="audsync", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(1)
+    except Exception as error:  # noqa: BLE001 - the last line of defence of the CLI
+        logging.getLogger("audsync").debug("unexpected error", exc_info=True)
+        click.echo(redact(f"Error: {type(error).__name__}: {error}"), err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

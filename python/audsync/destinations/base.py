@@ -1,0 +1,196 @@
+"""The connector interface: what every destination implements, and nothing more.
+
+A connector declares its limits, its configuration keys and its identifier rules as class
+attributes, and implements ``send_batch``: one batch of planned changes in, the rows the
+destination rejected out. Batching, concurrency, rate limiting, retries and bookkeeping live
+once, in :mod:`audsync.delivery`; a connector makes its HTTP calls through the
+:class:`~audsync.delivery.http.HttpClient` it is given, which applies them.
+
+Failures are sorted by what happens next (as the Singer SDK does):
+
+* a transient failure of one request (timeout, 408, 429, 5xx, a rate limit signalled in the
+  body) is retried by the ``HttpClient``; when retries run out, the batch's rows fail with
+  ``retryable=True`` and are planned again by the next run;
+* :class:`FatalDestinationError` (bad credentials, a missing list) stops the run;
+* a rejected row is listed in :attr:`BatchResult.rejected` and fails alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
+
+
+class Change(NamedTuple):
+    """One planned change for one member, as frozen in the run's plan."""
+
+    seq: int
+    """Position in the run's plan (1-based)."""
+    op: str
+    """``add``, ``remove`` or ``update``."""
+    key: str
+    """The member's identifier (``_audsync_key``), as the audience gives it."""
+    fields: dict[str, Any]
+    """Mapped values by destination field name (``field_mapping``)."""
+    destination_id: str | None
+    """The id the destination gave the member when it was added, if known."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A row the destination did not take."""
+
+    key: str
+    op: str
+    error_code: str
+    error_message: str
+    retryable: bool = False
+
+
+@dataclass
+class BatchResult:
+    """What the destination did with one batch: every row not rejected was accepted."""
+
+    rejected: list[RowError] = field(default_factory=list)
+    destination_ids: dict[str, str] = field(default_factory=dict)
+    """Ids the destination gave accepted members, by key (committed with the member)."""
+    unmatched: int = 0
+    """Rows accepted but reported as not matched to a user (Meta's ``num_invalid_entries``)."""
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One setting of a destination in ``destinations.yml``."""
+
+    name: str
+    help: str
+    required: bool = False
+    secret: bool = False
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class SyncInfo:
+    """What a connector may know about the sync it serves."""
+
+    name: str
+    mode: str
+    run_id: str
+    identifier: str
+    fields: tuple[str, ...]
+    """Destination field names, in ``field_mapping`` order."""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """The sync's ``config`` over the destination's own settings."""
+    state: Mapping[str, Any] = field(default_factory=dict)
+    """What :meth:`Connector.open` returned on an earlier run (a created list's id)."""
+
+
+class DestinationError(Exception):
+    """Base of the errors a connector raises."""
+
+
+class FatalDestinationError(DestinationError):
+    """The destination cannot be used for this run (auth, permissions, a missing list)."""
+
+
+class RequestRejected(DestinationError):
+    """A non-retriable answer to one request (a 4xx other than 401/403/408/429).
+
+    The batch's rows fail with ``code`` and ``message`` as their error.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RetriesExhausted(DestinationError):
+    """A transient failure outlasted ``max_retries``; the batch's rows fail as retryable."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# Settings every destination takes (contract section 7).
+COMMON_KEYS: tuple[ConfigKey, ...] = (
+    ConfigKey("type", "the connector type", required=True),
+    ConfigKey("batch_size", "rows a request (capped at the connector's maximum)"),
+    ConfigKey("max_concurrency", "requests in flight at once"),
+    ConfigKey("rate_limit", "requests per second (unset: no limit beyond the connector's)"),
+    ConfigKey("timeout_s", "seconds to wait for one answer", default=30.0),
+    ConfigKey("max_retries", "retries of a transient failure", default=5),
+    ConfigKey("base_url", "another host for the API: a proxy, or a local fake in tests"),
+)
+
+
+class Connector:
+    """Base class of destination connectors.
+
+    Subclasses set the class attributes and implement :meth:`send_batch`. The engine creates one
+    instance per run, calls :meth:`open` once, :meth:`send_batch` from up to
+    ``max_concurrency`` threads at once (so it must not mutate shared state without a lock),
+    and :meth:`close` once at the end.
+    """
+
+    type: ClassVar[str]
+    """The ``type`` in ``destinations.yml``."""
+    description: ClassVar[str] = ""
+    config_keys: ClassVar[tuple[ConfigKey, ...]] = ()
+    """Keys beyond :data:`COMMON_KEYS`."""
+    max_batch_size: ClassVar[int] = 1000
+    default_batch_size: ClassVar[int | None] = None
+    """Batch size when the destination sets none (``None``: ``max_batch_size``)."""
+    max_concurrency: ClassVar[int] = 4
+    """Most requests in flight the API allows; the destination's setting is capped at it."""
+    default_concurrency: ClassVar[int] = 4
+    default_rate_limit: ClassVar[float | None] = None
+    returns_destination_ids: ClassVar[bool] = False
+    """True when accepted rows get an id from the destination that removal needs."""
+
+    def __init__(self, name: str, settings: Mapping[str, Any], sync: SyncInfo, http: Any):
+        self.name = name
+        self.settings = dict(settings)
+        self.sync = sync
+        self.http = http
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def open(self) -> dict[str, Any] | None:
+        """Prepare the destination before the first batch (create a list, start a session).
+
+        Returns state to remember for later runs (a created list's id), or ``None``.
+        """
+        return None
+
+    def send_batch(self, batch: Sequence[Change]) -> BatchResult:
+        """Send one batch; return the rows rejected. Raise :class:`DestinationError` subclasses."""
+        raise NotImplementedError
+
+    def close(self, succeeded: bool) -> None:
+        """Finish the upload (close a session, rename a file). ``succeeded`` is False on error."""
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        """A setting of the sync's ``config`` or else of the destination."""
+        if key in self.sync.settings:
+            return self.sync.settings[key]
+        return self.settings.get(key, default)
+
+    def url(self, path: str, default_base: str) -> str:
+        """``path`` under ``base_url`` when set, else under the API's real host."""
+        base = self.settings.get("base_url") or default_base
+        return base.rstrip("/") + "/" + path.lstrip("/")
+
+    def secret_values(self) -> list[str]:
+        """Values to mask wherever text leaves the process."""
+        keys = {k.name for k in self.config_keys if k.secret}
+        return [str(v) for k, v in self.settings.items() if k in keys and v]
+
+    @classmethod
+    def all_config_keys(cls) -> tuple[ConfigKey, ...]:
+        """Common keys followed by this connector's own."""
+        return COMMON_KEYS + cls.config_keys

@@ -1,0 +1,64 @@
+"""Names shared by the dbt package and the runner.
+
+Every relation suffix, system column and mode is spelled here once for Python and once in
+``macros/_names.sql`` for dbt; ``tests/test_names.py`` holds the two together.
+"""
+
+from __future__ import annotations
+
+# System columns of a sync's relations.
+KEY = "_audsync_key"
+HASH = "_audsync_hash"
+OP = "_audsync_op"
+SYNCED_AT = "_audsync_synced_at"
+RUN_ID = "_audsync_run_id"
+DESTINATION_ID = "_audsync_destination_id"
+# Plan-only columns: the position of a row in its run's plan, and whether it is sent
+# (``remove`` mode records new members in the snapshot without sending them).
+SEQ = "_audsync_seq"
+SEND = "_audsync_send"
+REASON = "_audsync_reason"
+
+# Relations built for a sync model ``S``: ``S`` itself plus ``S + suffix``.
+SUFFIXES = {
+    "snapshot": "__snapshot",
+    "plan": "__plan",
+    "adds": "__adds",
+    "removes": "__removes",
+    "updates": "__updates",
+    "changes": "__changes",
+    "invalid": "__invalid",
+}
+
+# Ops carried by ``S__changes`` and the plan.
+OPS = ("add", "remove", "update")
+
+# Sync modes and what each sends (contract section 4).
+MODES = ("mirror", "add", "upsert", "remove")
+MODE_ALIASES = {"additive": "add", "subtractive": "remove"}
+MODE_SENDS = {
+    "mirror": frozenset({"add", "remove", "update"}),
+    "add": frozenset({"add"}),
+    "upsert": frozenset({"add", "update"}),
+    "remove": frozenset({"remove"}),
+}
+
+# State tables (contract section 6), dbt models of this package.
+RUNS_TABLE = "audsync_runs"
+ROW_ERRORS_TABLE = "audsync_row_errors"
+SYNCS_TABLE = "audsync_syncs"
+BATCHES_TABLE = "audsync_batches"
+DELIVERED_IDS_TABLE = "audsync_delivered_ids"
+STATE_TABLES = (RUNS_TABLE, ROW_ERRORS_TABLE, SYNCS_TABLE, BATCHES_TABLE, DELIVERED_IDS_TABLE)
+
+MATERIALIZATION = "audience_sync"
+PACKAGE = "audsync"
+
+
+def normalise_mode(mode: str) -> str:
+    """Return the canonical mode for ``mode`` or its alias; raise ``ValueError`` if unknown."""
+    canonical = MODE_ALIASES.get(mode, mode)
+    if canonical not in MODES:
+        expected = ", ".join(MODES + tuple(MODE_ALIASES))
+        raise ValueError(f"unknown sync_mode {mode!r}; expected one of {expected}")
+    return canonical

@@ -1,0 +1,280 @@
+"""A sync's plan: freeze ``S__changes`` under a run id, read it back in order, commit.
+
+* **Freeze** copies what the mode sends into ``S__plan`` with a sequence number, so a
+  ``dbt run`` during delivery changes neither what is sent nor what is committed. In
+  ``remove`` mode new members are frozen too, marked not to be sent, so they are recorded.
+* **Read** streams the plan back in ``seq`` ranges: memory stays bounded whatever its size.
+* **Commit** applies, in one transaction, every planned row of an answered batch that the
+  destination did not reject to ``S__snapshot``; rejected and unanswered rows stay out, so
+  the next run plans them again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from . import names
+from .destinations.base import Change
+from .errors import ConfigError
+from .project import SyncModel
+from .state import StateStore
+from .warehouse import Session, Warehouse
+
+
+@dataclass(frozen=True)
+class PlanCounts:
+    """Rows of a plan by op; ``recorded`` are rows committed without being sent."""
+
+    adds: int = 0
+    removes: int = 0
+    updates: int = 0
+    recorded: int = 0
+
+    @property
+    def sent(self) -> int:
+        return self.adds + self.removes + self.updates
+
+
+@dataclass(frozen=True)
+class CommitCounts:
+    """What a commit applied to the snapshot."""
+
+    added: int = 0
+    removed: int = 0
+    updated: int = 0
+    recorded: int = 0
+    failed: int = 0
+    unmatched: int = 0
+
+
+class SyncTables:
+    """The relations of one sync in one warehouse, with the SQL that moves rows between them."""
+
+    def __init__(self, warehouse: Warehouse, sync: SyncModel, state: StateStore):
+        self.warehouse = warehouse
+        self.sync = sync
+        self.state = state
+        q = warehouse.relation_sql
+        self.membership = q(sync.relation_of(""))
+        self.snapshot = q(sync.relation_of("snapshot"))
+        self.plan = q(sync.relation_of("plan"))
+        self.changes = q(sync.relation_of("changes"))
+        self.adds = q(sync.relation_of("adds"))
+        self.removes = q(sync.relation_of("removes"))
+        self.columns: list[str] = []
+        """The mapped source columns as ``S`` spells them."""
+
+    # -- readiness --------------------------------------------------------------------------
+
+    def resolve(self, session: Session) -> None:
+        """Check the sync's relations exist and match its mapping; learn their column names."""
+        rebuild = f"run `dbt run --select {self.sync.name}` to build them"
+        have = session.columns(self.sync.relation_of(""))
+        if have is None:
+            raise ConfigError(f"sync {self.sync.name!r}: {self.sync.relation} does not exist yet; {rebuild}")
+        by_lower = {c.lower(): c for c in have}
+        columns: list[str] = []
+        for item in self.sync.mapping:
+            actual = by_lower.get(item.source_column.lower())
+            if actual is None:
+                raise ConfigError(
+                    f"sync {self.sync.name!r}: {self.sync.relation} has no column {item.source_column!r} "
+                    f"that field_mapping names; its relations are older than its config: {rebuild}"
+                )
+            if actual not in columns:
+                columns.append(actual)
+        for part in ("snapshot", "plan"):
+            relation = self.sync.relation_of(part)
+            present = session.columns(relation)
+            if present is None:
+                raise ConfigError(f"sync {self.sync.name!r}: {relation} does not exist yet; {rebuild}")
+            missing = {c.lower() for c in columns} - {c.lower() for c in present}
+            if missing:
+                raise ConfigError(
+                    f"sync {self.sync.name!r}: {relation} lacks column(s) {', '.join(sorted(missing))}; {rebuild}"
+                )
+        self.columns = columns
+
+    def _cols(self, alias: str = "") -> str:
+        prefix = f"{alias}." if alias else ""
+        return "".join(f", {prefix}{self.warehouse.quote(c)}" for c in self.columns)
+
+    # -- freeze -----------------------------------------------------------------------------
+
+    def freeze(self, session: Session, run_id: str, full_resync: bool = False) -> PlanCounts:
+        """Copy this run's changes into the plan; return the counts by op."""
+        n = names
+        sends = n.MODE_SENDS[self.sync.mode]
+        cols = self._cols()
+        key, hsh, dest = n.KEY, n.HASH, n.DESTINATION_ID
+        sources = []
+        if full_resync and "add" in sends:
+            # Every member again, as an add, keeping the ids the destination gave.
+            sources.append(
+                f"select 'add' as op, true as send, m.{key}{self._cols('m')}, m.{hsh},"
+                f" s.{dest} from {self.membership} as m"
+                f" left join {self.snapshot} as s on s.{key} = m.{key}"
+            )
+            if "remove" in sends:
+                sources.append(f"select 'remove' as op, true as send, {key}{cols}, {hsh}, {dest} from {self.removes}")
+        else:
+            sources.append(f"select {n.OP} as op, true as send, {key}{cols}, {hsh}, {dest} from {self.changes}")
+        if "add" not in sends:
+            # remove mode: new members are recorded, not sent, so they are removed once they leave.
+            sources.append(f"select 'add' as op, false as send, {key}{cols}, {hsh}, {dest} from {self.adds}")
+        union = "\n union all \n".join(sources)
+        session.execute(
+            f"insert into {self.plan} ({n.RUN_ID}, {n.SEQ}, {n.OP}, {n.SEND}, {key}{cols}, {hsh}, {dest})"
+            f" select ?, row_number() over (order by send desc, op), op, send, {key}{cols}, {hsh}, {dest}"
+            f" from ({union}) as changes order by 2",
+            (run_id,),
+        )
+        return self.plan_counts(session, run_id)
+
+    def plan_counts(self, session: Session, run_id: str) -> PlanCounts:
+        rows = session.fetchall(
+            f"select {names.OP}, {names.SEND}, count(*) from {self.plan}"
+            f" where {names.RUN_ID} = ? group by {names.OP}, {names.SEND}",
+            (run_id,),
+        )
+        return _counts(rows)
+
+    def plan_size(self, session: Session, run_id: str) -> int:
+        return int(session.scalar(
+            f"select coalesce(max({names.SEQ}), 0) from {self.plan} where {names.RUN_ID} = ?", (run_id,)
+        ))
+
+    # -- read -------------------------------------------------------------------------------
+
+    def read(self, session: Session, run_id: str, after_seq: int, upto_seq: int) -> list[tuple]:
+        """Plan rows ``after_seq < seq <= upto_seq`` in order: seq, op, send, key, columns..., id."""
+        n = names
+        return session.fetchall(
+            f"select {n.SEQ}, {n.OP}, {n.SEND}, {n.KEY}{self._cols()}, {n.DESTINATION_ID}"
+            f" from {self.plan} where {n.RUN_ID} = ? and {n.SEQ} > ? and {n.SEQ} <= ? order by {n.SEQ}",
+            (run_id, after_seq, upto_seq),
+        )
+
+    def to_changes(self, rows: list[tuple]) -> tuple[list[Change], int]:
+        """Plan rows as :class:`Change` objects (fields by destination name), and the number
+        of rows not to be sent."""
+        position = {c: 4 + i for i, c in enumerate(self.columns)}
+        by_lower = {c.lower(): c for c in self.columns}
+        field_positions = [
+            (m.destination_field, position[by_lower[m.source_column.lower()]]) for m in self.sync.mapping
+        ]
+        id_position = 4 + len(self.columns)
+        changes = []
+        unsent = 0
+        for row in rows:
+            if not row[2]:
+                unsent += 1
+                continue
+            changes.append(Change(
+                row[0], row[1], row[3], {f: row[p] for f, p in field_positions}, row[id_position]
+            ))
+        return changes, unsent
+
+    # -- commit -----------------------------------------------------------------------------
+
+    def _accepted(self) -> str:
+        """The plan rows of run ``?`` to commit (three ``?``: run id, run id, run id)."""
+        n = names
+        cols = self._cols("p")
+        select = f"p.{n.OP}, p.{n.SEND}, p.{n.KEY}{cols}, p.{n.HASH}, p.{n.DESTINATION_ID}"
+        return (
+            f"select {select} from {self.plan} as p"
+            f" inner join {self.state.batches} as b"
+            f"   on b.run_id = p.{n.RUN_ID} and p.{n.SEQ} between b.first_seq and b.last_seq"
+            f" where p.{n.RUN_ID} = ? and p.{n.SEND}"
+            f"   and not exists (select 1 from {self.state.errors} as e"
+            f"                   where e.run_id = p.{n.RUN_ID} and e.member_key = p.{n.KEY})"
+            f" union all"
+            f" select {select} from {self.plan} as p where p.{n.RUN_ID} = ? and not p.{n.SEND}"
+        )
+
+    def commit(self, session: Session, run_id: str, synced_at: dt.datetime) -> CommitCounts:
+        """Apply run ``run_id``'s accepted rows to the snapshot and drop its plan."""
+        n = names
+        accepted = self._accepted()
+        counts = _counts(session.fetchall(
+            f"select {n.OP}, {n.SEND}, count(*) from ({accepted}) as a group by {n.OP}, {n.SEND}",
+            (run_id, run_id),
+        ))
+        cols = self._cols()
+        session.execute(
+            f"delete from {self.snapshot} where {n.KEY} in (select {n.KEY} from ({accepted}) as a)",
+            (run_id, run_id),
+        )
+        session.execute(
+            f"insert into {self.snapshot} ({n.KEY}{cols}, {n.HASH}, {n.DESTINATION_ID}, {n.SYNCED_AT}, {n.RUN_ID})"
+            f" select a.{n.KEY}{self._cols('a')}, a.{n.HASH}, coalesce(i.destination_id, a.{n.DESTINATION_ID}), ?, ?"
+            f" from ({accepted}) as a"
+            f" left join {self.state.ids} as i on i.run_id = ? and i.member_key = a.{n.KEY}"
+            f" where a.{n.OP} <> 'remove'",
+            (synced_at, run_id, run_id, run_id, run_id),
+        )
+        failed, unmatched = session.fetchone(
+            f"select coalesce(sum(rows_rejected), 0), coalesce(sum(rows_unmatched), 0)"
+            f" from {self.state.batches} where run_id = ?",
+            (run_id,),
+        )
+        session.execute(f"delete from {self.plan} where {n.RUN_ID} = ?", (run_id,))
+        self.state.forget_delivery(session, run_id)
+        return CommitCounts(
+            added=counts.adds, removed=counts.removes, updated=counts.updates,
+            recorded=counts.recorded, failed=int(failed), unmatched=int(unmatched),
+        )
+
+    def discard(self, session: Session, run_id: str) -> None:
+        """Drop a run's plan without committing (a dry run)."""
+        session.execute(f"delete from {self.plan} where {names.RUN_ID} = ?", (run_id,))
+        self.state.forget_delivery(session, run_id)
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def preview(self, session: Session, sample: int = 5) -> tuple[PlanCounts, list[dict[str, Any]]]:
+        """What the next run would send: counts by op and a few rows, from ``S__changes``."""
+        n = names
+        rows = session.fetchall(f"select {n.OP}, true, count(*) from {self.changes} group by {n.OP}")
+        counts = _counts(rows)
+        if "add" not in n.MODE_SENDS[self.sync.mode]:
+            recorded = int(session.scalar(f"select count(*) from {self.adds}"))
+            counts = PlanCounts(counts.adds, counts.removes, counts.updates, recorded)
+        sample_rows = session.fetchall(
+            f"select {n.OP}, {n.KEY}{self._cols()} from {self.changes} order by {n.OP}, {n.KEY} limit ?",
+            (int(sample),),
+        )
+        by_lower = {c.lower(): i + 2 for i, c in enumerate(self.columns)}
+        out = []
+        for row in sample_rows:
+            fields = {m.destination_field: row[by_lower[m.source_column.lower()]] for m in self.sync.mapping}
+            out.append({"op": row[0], "key": row[1], "fields": fields})
+        return counts, out
+
+    def snapshot_size(self, session: Session) -> int:
+        return int(session.scalar(f"select count(*) from {self.snapshot}"))
+
+    def reset(self, session: Session) -> int:
+        """Forget the snapshot (and any uncommitted plans); return the rows forgotten."""
+        forgotten = self.snapshot_size(session)
+        session.execute(f"delete from {self.snapshot}")
+        session.execute(f"delete from {self.plan}")
+        return forgotten
+
+
+def _counts(rows: list[tuple]) -> PlanCounts:
+    adds = removes = updates = recorded = 0
+    for op, send, count in rows:
+        count = int(count)
+        if not send:
+            recorded += count
+        elif op == "add":
+            adds += count
+        elif op == "remove":
+            removes += count
+        elif op == "update":
+            updates += count
+    return PlanCounts(adds, removes, updates, recorded)

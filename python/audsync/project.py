@@ -1,0 +1,308 @@
+"""The dbt project as the runner sees it: its syncs, its state tables, its warehouse.
+
+Syncs are found in dbt's manifest, the same one ``dbt run`` writes, so a sync's relations,
+config and tags are exactly what dbt built. When the manifest is missing, older than the
+project's files, or was parsed for another target, the runner runs ``dbt parse`` itself.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from . import names
+from .errors import ConfigError
+from .warehouse import Relation, Warehouse, open_warehouse
+
+# Written beside the manifest when audsync parses, so a later call with another target
+# knows the manifest's schemas are not its own.
+PARSE_STAMP = "audsync_parse.json"
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """One ``field_mapping`` entry."""
+
+    source_column: str
+    destination_field: str
+
+
+@dataclass(frozen=True)
+class SyncModel:
+    """A dbt model with the ``audience_sync`` materialization."""
+
+    name: str
+    unique_id: str
+    relation: Relation
+    destination: str
+    mode: str
+    identifier: str
+    mapping: tuple[FieldMap, ...]
+    schedule: str
+    settings: dict[str, Any]
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    fqn: tuple[str, ...] = ()
+    path: str = ""
+
+    def relation_of(self, part: str) -> Relation:
+        """The relation ``S`` (part ``""``) or ``S__<part>`` (``snapshot``, ``plan``, ...)."""
+        return self.relation if not part else self.relation.with_suffix(names.SUFFIXES[part])
+
+
+@dataclass
+class Project:
+    """A dbt project directory with its profile, manifest and syncs."""
+
+    project_dir: Path
+    profiles_dir: Path
+    target: str | None
+    profile_name: str
+    manifest: dict[str, Any]
+    syncs: dict[str, SyncModel] = field(default_factory=dict)
+    state_relations: dict[str, Relation] = field(default_factory=dict)
+
+    # -- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        project_dir: str | os.PathLike | None = None,
+        profiles_dir: str | os.PathLike | None = None,
+        target: str | None = None,
+        parse: bool = True,
+    ) -> "Project":
+        """Read the project at ``project_dir``, parsing it with dbt when needed."""
+        project_dir = Path(project_dir or os.getcwd()).resolve()
+        project_file = project_dir / "dbt_project.yml"
+        if not project_file.exists():
+            raise ConfigError(
+                f"no dbt_project.yml in {project_dir}; run audsync from a dbt project or pass --project-dir"
+            )
+        project_yml = yaml.safe_load(project_file.read_text()) or {}
+        profiles = Path(profiles_dir).resolve() if profiles_dir else default_profiles_dir(project_dir)
+        manifest_path = project_dir / project_yml.get("target-path", os.environ.get("DBT_TARGET_PATH", "target")) / "manifest.json"
+        if parse and manifest_is_stale(manifest_path, project_dir, project_yml, target):
+            run_dbt_parse(project_dir, profiles, target, manifest_path)
+        if not manifest_path.exists():
+            raise ConfigError(f"no dbt manifest at {manifest_path}; run `dbt parse` in {project_dir}")
+        manifest = json.loads(manifest_path.read_text())
+        if parse and not _manifest_matches(manifest, profiles, project_yml, target):
+            run_dbt_parse(project_dir, profiles, target, manifest_path)
+            manifest = json.loads(manifest_path.read_text())
+        project = cls(
+            project_dir=project_dir,
+            profiles_dir=profiles,
+            target=target,
+            profile_name=project_yml.get("profile") or project_yml.get("name"),
+            manifest=manifest,
+        )
+        project._read_manifest()
+        return project
+
+    def _read_manifest(self) -> None:
+        for unique_id, node in self.manifest.get("nodes", {}).items():
+            if node.get("resource_type") != "model":
+                continue
+            config = node.get("config", {})
+            relation = Relation(node.get("database"), node["schema"], node.get("alias") or node["name"])
+            if node.get("package_name") == names.PACKAGE and node["name"] in names.STATE_TABLES:
+                self.state_relations[node["name"]] = relation
+            if config.get("materialized") != names.MATERIALIZATION or not config.get("enabled", True):
+                continue
+            mapping = tuple(
+                FieldMap(item["source_column"], item["destination_field"])
+                for item in (config.get("field_mapping") or [])
+                if isinstance(item, dict) and "source_column" in item and "destination_field" in item
+            )
+            try:
+                mode = names.normalise_mode(config.get("sync_mode", "mirror"))
+            except ValueError as error:
+                raise ConfigError(f"sync {node['name']!r} ({node.get('original_file_path')}): {error}") from None
+            self.syncs[node["name"]] = SyncModel(
+                name=node["name"],
+                unique_id=unique_id,
+                relation=relation,
+                destination=config.get("destination") or "",
+                mode=mode,
+                identifier=config.get("identifier") or "",
+                mapping=mapping,
+                schedule=config.get("schedule") or "manual",
+                settings=dict(config.get("config") or {}),
+                description=node.get("description") or "",
+                tags=tuple(node.get("tags") or config.get("tags") or ()),
+                fqn=tuple(node.get("fqn") or ()),
+                path=node.get("original_file_path") or "",
+            )
+
+    # -- the warehouse ----------------------------------------------------------------------
+
+    def open_warehouse(self) -> Warehouse:
+        """Connect with the dbt profile's credentials for the chosen target."""
+        credentials, target_name = load_credentials(self.profiles_dir, self.profile_name, self.target)
+        try:
+            return open_warehouse(credentials, target_name)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    def state_relation(self, table: str) -> Relation:
+        """The relation of one of the package's state tables."""
+        if table not in self.state_relations:
+            raise ConfigError(
+                f"the audsync package's model {table!r} is not in this project's manifest; add the "
+                "package to packages.yml and run `dbt deps`"
+            )
+        return self.state_relations[table]
+
+    # -- selection --------------------------------------------------------------------------
+
+    def get(self, name: str) -> SyncModel:
+        """The sync called ``name``, or a ConfigError listing the syncs there are."""
+        if name not in self.syncs:
+            known = ", ".join(sorted(self.syncs)) or "none"
+            raise ConfigError(f"no sync named {name!r} in this project; syncs: {known}")
+        return self.syncs[name]
+
+    def select(self, selector: str) -> list[SyncModel]:
+        """Syncs matching a dbt-style selector: space-separated terms are a union, commas
+        within a term an intersection. Terms: a name (wildcards allowed), ``tag:T``,
+        ``path:P``, ``fqn:F``, ``destination:D``, ``mode:M``."""
+        chosen: dict[str, SyncModel] = {}
+        for term in selector.split():
+            matches = None
+            for part in term.split(","):
+                found = {s.name for s in self.syncs.values() if _matches(s, part)}
+                matches = found if matches is None else matches & found
+            for name in sorted(matches or ()):
+                chosen[name] = self.syncs[name]
+        return list(chosen.values())
+
+
+def _matches(sync: SyncModel, part: str) -> bool:
+    method, _, value = part.partition(":") if ":" in part else ("name", "", part)
+    if method == "name":
+        return fnmatch.fnmatchcase(sync.name, value)
+    if method == "tag":
+        return any(fnmatch.fnmatchcase(tag, value) for tag in sync.tags)
+    if method == "path":
+        return sync.path == value or sync.path.startswith(value.rstrip("/") + "/") or fnmatch.fnmatchcase(sync.path, value)
+    if method == "fqn":
+        return fnmatch.fnmatchcase(".".join(sync.fqn), value) or ".".join(sync.fqn).startswith(value + ".")
+    if method == "destination":
+        return fnmatch.fnmatchcase(sync.destination, value)
+    if method == "mode":
+        return sync.mode == names.MODE_ALIASES.get(value, value)
+    raise ConfigError(
+        f"unknown selector method {method!r} in {part!r}; expected a name, tag:, path:, fqn:, destination: or mode:"
+    )
+
+
+# -- dbt's files ------------------------------------------------------------------------------
+
+
+def default_profiles_dir(project_dir: Path) -> Path:
+    """dbt's own order: DBT_PROFILES_DIR, the project directory, then ~/.dbt."""
+    if os.environ.get("DBT_PROFILES_DIR"):
+        return Path(os.environ["DBT_PROFILES_DIR"]).resolve()
+    if (project_dir / "profiles.yml").exists():
+        return project_dir
+    return Path.home() / ".dbt"
+
+
+def _project_files(project_dir: Path, project_yml: dict) -> Iterable[Path]:
+    yield project_dir / "dbt_project.yml"
+    for name in ("packages.yml", "dependencies.yml", "selectors.yml"):
+        yield project_dir / name
+    for key, default in (("model-paths", ["models"]), ("macro-paths", ["macros"]),
+                         ("seed-paths", ["seeds"]), ("snapshot-paths", ["snapshots"])):
+        for folder in project_yml.get(key, default):
+            root = project_dir / folder
+            if root.is_dir():
+                for dirpath, _dirs, files in os.walk(root):
+                    for f in files:
+                        yield Path(dirpath) / f
+
+
+def manifest_is_stale(manifest_path: Path, project_dir: Path, project_yml: dict, target: str | None) -> bool:
+    """True when the manifest is missing, older than a project file, or for another target."""
+    if not manifest_path.exists():
+        return True
+    built = manifest_path.stat().st_mtime
+    for path in _project_files(project_dir, project_yml):
+        try:
+            if path.stat().st_mtime > built:
+                return True
+        except FileNotFoundError:
+            continue
+    stamp_path = manifest_path.parent / PARSE_STAMP
+    stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
+    if target is not None:
+        # A manifest dbt wrote itself does not say its target: trust it only for the default.
+        return stamp is None or stamp.get("target") != target or stamp.get("manifest_mtime") != built
+    return stamp is not None and stamp.get("manifest_mtime") == built and stamp.get("target") is not None
+
+
+def _manifest_matches(manifest: dict, profiles_dir: Path, project_yml: dict, target: str | None) -> bool:
+    """False when the manifest was parsed for a warehouse other than the target's: another
+    adapter type, or (the usual case of dev and prod targets) another database."""
+    credentials, _ = load_credentials(profiles_dir, project_yml.get("profile") or project_yml.get("name"), target)
+    if manifest.get("metadata", {}).get("adapter_type") not in (None, credentials.type):
+        return False
+    databases = {
+        (node.get("database") or "").lower()
+        for node in manifest.get("nodes", {}).values()
+        if node.get("package_name") == names.PACKAGE and node.get("resource_type") == "model"
+    }
+    expected = (getattr(credentials, "database", None) or "").lower()
+    return not databases or not expected or databases == {expected}
+
+
+def run_dbt_parse(project_dir: Path, profiles_dir: Path, target: str | None, manifest_path: Path) -> None:
+    """Run ``dbt parse`` in-process, as the user would, and stamp the manifest's target."""
+    from dbt.cli.main import dbtRunner
+
+    args = ["parse", "--project-dir", str(project_dir), "--profiles-dir", str(profiles_dir), "--quiet"]
+    if target:
+        args += ["--target", target]
+    result = dbtRunner().invoke(args)
+    if not result.success:
+        detail = f": {result.exception}" if result.exception else ""
+        raise ConfigError(f"`dbt {' '.join(args)}` failed{detail}; fix the project and try again")
+    if manifest_path.exists():
+        stamp = {"target": target, "manifest_mtime": manifest_path.stat().st_mtime}
+        (manifest_path.parent / PARSE_STAMP).write_text(json.dumps(stamp))
+
+
+def load_credentials(profiles_dir: Path, profile_name: str, target: str | None):
+    """The dbt credentials object of ``profile_name`` and its target name, rendered by dbt
+    itself (``env_var`` included), so every key dbt accepts works here too."""
+    from dbt.config.profile import Profile, read_profile
+    from dbt.config.renderer import ProfileRenderer
+    from dbt_common.exceptions import DbtBaseException
+
+    profiles_file = profiles_dir / "profiles.yml"
+    if not profiles_file.exists():
+        raise ConfigError(f"no profiles.yml in {profiles_dir}; pass --profiles-dir or set DBT_PROFILES_DIR")
+    raw = read_profile(str(profiles_dir))
+    if profile_name not in raw:
+        raise ConfigError(f"profile {profile_name!r} (from dbt_project.yml) is not in {profiles_file}")
+    renderer = ProfileRenderer({})
+    profile = raw[profile_name] or {}
+    target_name = target or renderer.render_value(profile.get("target", "default"))
+    outputs = profile.get("outputs") or {}
+    if target_name not in outputs:
+        raise ConfigError(
+            f"target {target_name!r} is not in profile {profile_name!r} of {profiles_file}; "
+            f"targets: {', '.join(sorted(outputs)) or 'none'}"
+        )
+    try:
+        data = renderer.render_data(dict(outputs[target_name]))
+        return Profile._credentials_from_profile(data, profile_name, target_name), target_name
+    except DbtBaseException as error:
+        raise ConfigError(f"profile {profile_name!r}, target {target_name!r}: {error}") from None

@@ -1,0 +1,134 @@
+"""What the runner needs from a warehouse: sessions, quoting, and a few bulk operations.
+
+The runner's SQL is plain ANSI written once in :mod:`audsync.state` and
+:mod:`audsync.plan`. A warehouse contributes only what really differs between engines: how to
+connect with the dbt profile's credentials, how identifiers are quoted (through sqlglot's
+dialects, so a BigQuery or Spark warehouse later quotes with backticks), the driver's
+placeholder style, and the statement that serialises lock-takers on the state table.
+Values always travel as bind parameters; SQL text never contains a value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+from sqlglot import exp
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A table or view, as dbt's manifest names it."""
+
+    database: str | None
+    schema: str
+    identifier: str
+
+    def with_suffix(self, suffix: str) -> "Relation":
+        """The sibling relation ``identifier + suffix`` in the same schema."""
+        return Relation(self.database, self.schema, self.identifier + suffix)
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.database, self.schema, self.identifier) if p]
+        return ".".join(parts)
+
+
+class Session:
+    """One connection in one transaction: committed when the block ends, rolled back on error."""
+
+    def __init__(self, warehouse: "Warehouse", connection: Any):
+        self.warehouse = warehouse
+        self.connection = connection
+        self._cursor = connection.cursor()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run ``sql`` with ``?`` placeholders bound to ``params``; return the cursor."""
+        self._cursor.execute(self.warehouse.placeholders(sql), tuple(params))
+        return self._cursor
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self.execute(sql, params).fetchall()
+
+    def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
+        return self.execute(sql, params).fetchone()
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run ``sql`` once per row (small inserts: row errors, batches, ids)."""
+        rows = [tuple(r) for r in rows]
+        if rows:
+            self._cursor.executemany(self.warehouse.placeholders(sql), rows)
+
+    def columns(self, relation: Relation) -> list[str] | None:
+        """Column names of ``relation``, or None when it does not exist."""
+        return self.warehouse.columns(self, relation)
+
+    def execute_count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a DML statement; return how many rows it changed."""
+        return self.warehouse.rows_changed(self.execute(sql, params))
+
+
+class Warehouse:
+    """Base class: one per dbt adapter type the runner supports."""
+
+    adapter_type: str = ""
+    dialect: str = ""
+    """sqlglot dialect name, for quoting."""
+    paramstyle: str = "qmark"
+
+    def __init__(self, credentials: Any, target_name: str):
+        self.credentials = credentials
+        self.target_name = target_name
+
+    # -- naming ---------------------------------------------------------------------------
+
+    def quote(self, identifier: str) -> str:
+        """``identifier`` quoted as this engine wants it."""
+        return exp.to_identifier(identifier, quoted=True).sql(dialect=self.dialect)
+
+    def relation_sql(self, relation: Relation) -> str:
+        """A fully qualified, quoted relation name."""
+        parts = [p for p in (relation.database, relation.schema, relation.identifier) if p]
+        return ".".join(self.quote(p) for p in parts)
+
+    def placeholders(self, sql: str) -> str:
+        """Translate the runner's ``?`` placeholders into the driver's style."""
+        if self.paramstyle == "qmark":
+            return sql
+        if self.paramstyle in ("format", "pyformat"):
+            return sql.replace("%", "%%").replace("?", "%s")
+        raise NotImplementedError(self.paramstyle)
+
+    # -- sessions -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: commit at the end of the block, roll back on an exception."""
+        raise NotImplementedError
+
+    def rows_changed(self, cursor: Any) -> int:
+        """Rows changed by the DML statement just run on ``cursor`` (DB-API rowcount)."""
+        return cursor.rowcount
+
+    def lock_state_table(self, session: Session, relation: Relation) -> None:
+        """Serialise the lock-takers of ``relation`` until the session's transaction ends."""
+
+    def columns(self, session: Session, relation: Relation) -> list[str] | None:
+        """Column names of ``relation`` in order, or None when it does not exist."""
+        rows = session.fetchall(
+            "select column_name from information_schema.columns"
+            " where table_schema = ? and table_name = ? order by ordinal_position",
+            (relation.schema, relation.identifier),
+        )
+        return [r[0] for r in rows] or None
+
+    def close(self) -> None:
+        """Release whatever the warehouse holds open."""
+
+    def describe(self) -> str:
+        """Where this warehouse is, without secrets (for messages)."""
+        return f"{self.adapter_type} target {self.target_name!r}"

@@ -1,0 +1,91 @@
+"""DuckDB: the embedded default.
+
+A DuckDB file admits one writing process at a time, so the runner never holds it for long:
+every session opens the file, does its work and closes it, and a session that finds the file
+busy (a ``dbt run``, another ``audsync``) waits for it. That lets a second run read the lock
+table and name the run that holds the sync, and lets ``dbt run`` build while a run delivers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from typing import Any, Iterator
+
+from .base import Relation, Session, Warehouse
+
+# How long a session waits for a DuckDB file that another process holds.
+LOCK_WAIT_ENV = "AUDSYNC_DUCKDB_LOCK_WAIT_S"
+DEFAULT_LOCK_WAIT_S = 120.0
+
+
+class DuckDBWarehouse(Warehouse):
+    """A DuckDB file named by a dbt-duckdb profile."""
+
+    adapter_type = "duckdb"
+    dialect = "duckdb"
+    paramstyle = "qmark"
+
+    def __init__(self, credentials: Any, target_name: str):
+        super().__init__(credentials, target_name)
+        self.path = credentials.path
+        if self.path in (":memory:", "") or self.path.startswith("md:"):
+            raise ValueError(
+                f"the dbt target {target_name!r} uses DuckDB path {self.path!r}; audsync needs "
+                "a database file that outlives one process (set `path:` in profiles.yml)"
+            )
+        self.settings = dict(credentials.settings or {})
+        self.lock_wait_s = float(os.environ.get(LOCK_WAIT_ENV, DEFAULT_LOCK_WAIT_S))
+
+    def _connect(self):
+        import duckdb
+
+        config = dict(self.settings)
+        deadline = time.monotonic() + self.lock_wait_s
+        delay = 0.02
+        while True:
+            try:
+                connection = duckdb.connect(self.path, config=config)
+                # The progress bar would write to the runner's stderr on long queries.
+                connection.execute("set enable_progress_bar = false")
+                return connection
+            except duckdb.IOException as error:
+                if "lock" not in str(error).lower() or time.monotonic() > deadline:
+                    raise
+                # Another process holds the file for a moment (dbt, another audsync run).
+                time.sleep(delay + random.random() * delay)
+                delay = min(delay * 2, 0.5)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        connection = self._connect()
+        try:
+            connection.execute("begin transaction")
+            session = Session(self, connection)
+            try:
+                yield session
+            except BaseException:
+                connection.execute("rollback")
+                raise
+            connection.execute("commit")
+        finally:
+            connection.close()
+
+    def rows_changed(self, cursor: Any) -> int:
+        # DuckDB answers a DML statement with one row holding the count.
+        row = cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    def columns(self, session: Session, relation: Relation) -> list[str] | None:
+        rows = session.fetchall(
+            "select column_name from information_schema.columns"
+            " where table_catalog = ? and table_schema = ? and table_name = ?"
+            " order by ordinal_position",
+            (relation.database or self.credentials.database, relation.schema, relation.identifier),
+        )
+        return [r[0] for r in rows] or None
+
+    def describe(self) -> str:
+        return f"duckdb file {self.path} (target {self.target_name!r})"

@@ -1,0 +1,85 @@
+"""PostgreSQL: one connection for the run, a transaction per session."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator
+
+from .base import Relation, Session, Warehouse
+
+
+class PostgresWarehouse(Warehouse):
+    """A PostgreSQL database named by a dbt-postgres profile."""
+
+    adapter_type = "postgres"
+    dialect = "postgres"
+    paramstyle = "format"
+
+    def __init__(self, credentials: Any, target_name: str):
+        super().__init__(credentials, target_name)
+        self._local = threading.local()
+
+    def _connection(self):
+        connection = getattr(self._local, "connection", None)
+        if connection is None or connection.closed:
+            import psycopg2
+
+            c = self.credentials
+            options = {}
+            if c.search_path:
+                options["options"] = f"-c search_path={c.search_path}"
+            connection = psycopg2.connect(
+                host=c.host,
+                port=c.port,
+                user=c.user,
+                password=c.password,
+                dbname=c.database,
+                connect_timeout=c.connect_timeout or 10,
+                sslmode=c.sslmode,
+                sslcert=c.sslcert,
+                sslkey=c.sslkey,
+                sslrootcert=c.sslrootcert,
+                application_name="audsync",
+                **options,
+            )
+            if c.role:
+                with connection.cursor() as cursor:
+                    cursor.execute("set role %s", (c.role,))
+                connection.commit()
+            self._local.connection = connection
+        return connection
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        # One connection per thread: the heartbeat thread gets its own.
+        connection = self._connection()
+        session = Session(self, connection)
+        try:
+            yield session
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()
+
+    def lock_state_table(self, session: Session, relation: Relation) -> None:
+        # Two runs that both find no lock row must not both insert one: take a table lock
+        # that conflicts with itself until the transaction ends.
+        session.execute(f"lock table {self.relation_sql(relation)} in share row exclusive mode")
+
+    def columns(self, session: Session, relation: Relation) -> list[str] | None:
+        rows = session.fetchall(
+            "select column_name from information_schema.columns"
+            " where table_schema = ? and table_name = ? order by ordinal_position",
+            (relation.schema, relation.identifier),
+        )
+        return [r[0] for r in rows] or None
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and not connection.closed:
+            connection.close()
+
+    def describe(self) -> str:
+        c = self.credentials
+        return f"postgres {c.user}@{c.host}:{c.port}/{c.database} (target {self.target_name!r})"
