@@ -442,27 +442,36 @@ def _config_error(message: str):
     return ConfigError(message)
 
 
-def main() -> None:
-    """The console script: unexpected errors exit 1 with one line (the traceback with -v)."""
+def run_cli(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv``; return the exit code. Unexpected errors exit 1 with one line
+    (the traceback with -v), never a traceback on an orchestrator's log."""
     import logging
 
     from .redact import redact
 
     try:
-        cli(prog_name="audsync", standalone_mode=False)
+        cli.main(args=argv, prog_name="audsync", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted!", err=True)
-        sys.exit(1)
+        return 1
     except click.ClickException as error:
         error.show()
-        sys.exit(error.exit_code)
+        return error.exit_code
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
-        sys.exit(1)
+        return 1
     except Exception as error:  # noqa: BLE001 - the last line of defence of the CLI
         logging.getLogger("audsync").debug("unexpected error", exc_info=True)
         click.echo(redact(f"Error: {type(error).__name__}: {error}"), err=True)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def main() -> None:
+    """The console script."""
+    sys.exit(run_cli())
 
 
 if __name__ == "__main__":

@@ -217,6 +217,7 @@ class SyncRunner:
                     recorder.flush()
                     self.reporter.progress_stop()
                 connector.close(True)
+                http.close()
         except FatalDestinationError as error:
             fatal = redact(str(error))
             status, error_message = "error", f"destination {sync.destination!r}: {fatal}"
@@ -231,6 +232,7 @@ class SyncRunner:
             if connector is not None and status != "success":
                 try:
                     connector.close(False)
+                    http.close()
                 except Exception:  # noqa: BLE001 - the first failure is the one to report
                     logger.debug("connector close failed", exc_info=True)
             heartbeat.stop()

@@ -1,0 +1,1 @@
+"""Tests of audsync: the dbt package and the runner, against real warehouses."""

@@ -1,0 +1,1 @@
+"""Fake destination servers on loopback, for tests and benchmarks."""

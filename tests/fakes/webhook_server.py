@@ -1,0 +1,631 @@
+"""A fake webhook receiver that checks every request against the contract (section 7).
+
+:class:`FakeWebhook` is a real HTTP server on 127.0.0.1 (a ``ThreadingHTTPServer`` in a
+background thread). It keeps the destination's state (``members``: key -> fields; ``add`` and
+``update`` set, ``remove`` deletes), counts what it receives, and can be told to fail:
+
+    with FakeWebhook(secret="s3cret") as hook:
+        hook.fail_next(2, 429, retry_after=1)
+        ...  # point a webhook destination at hook.url
+        assert hook.violations == [] and hook.bad_signatures == 0
+
+Every request is checked: ``POST`` to the hook path, ``Content-Type: application/json``, the
+body's shape, ``Idempotency-Key`` equal to the body's ``batch_id``, and, with a secret, the
+HMAC signature (401 and :attr:`FakeWebhook.bad_signatures` counted on a bad one). A breach of
+the contract answers 400 and is listed in :attr:`FakeWebhook.violations`.
+
+For an audsync run in another process, run the server as a program::
+
+    python tests/fakes/webhook_server.py --port 0 --secret S --state-file state.json
+
+It prints ``READY <url>`` once listening, serves ``GET /_fake/state`` (the state as JSON),
+``POST /_fake/inject`` and ``POST /_fake/reset``, and writes the state to ``--state-file`` when
+it stops (SIGTERM or SIGINT). :class:`FakeWebhookProcess` wraps all that.
+
+Speed: bodies are parsed with orjson and each operation costs a few dictionary operations, so
+the server absorbs well over 500,000 rows a second and is never the bottleneck of a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from operator import itemgetter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.request import Request, urlopen
+
+import orjson
+
+OPS = frozenset({"add", "remove", "update"})
+ENVELOPE_KEYS = ("sync", "run_id", "batch_id", "sent_at")
+SENT_AT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+CONTROL_PREFIX = "/_fake/"
+
+
+class _Action:
+    """One injected behaviour for the next request: a status to answer, or a delay first."""
+
+    __slots__ = ("status", "retry_after", "body", "delay_s")
+
+    def __init__(
+        self,
+        status: int | None = None,
+        retry_after: Any = None,
+        body: bytes | None = None,
+        delay_s: float = 0.0,
+    ):
+        self.status = status
+        self.retry_after = retry_after
+        self.body = body
+        self.delay_s = delay_s
+
+
+class FakeWebhook:
+    """A contract-checking webhook receiver on loopback; state and counters are thread-safe.
+
+    Args:
+        secret: the signing secret; ``None`` takes requests without checking signatures.
+        path: the hook's path.
+        port: the port (0: any free one).
+        latency_s: seconds every hook request waits before it is handled (to make
+            concurrency observable).
+        timestamp_tolerance_s: how old (or new) ``X-Audsync-Timestamp`` may be.
+    """
+
+    def __init__(
+        self,
+        secret: str | None = None,
+        *,
+        path: str = "/hook",
+        port: int = 0,
+        latency_s: float = 0.0,
+        timestamp_tolerance_s: float = 300.0,
+    ):
+        self.secret = secret.encode() if secret else None
+        self.path = path
+        self.latency_s = latency_s
+        self.timestamp_tolerance_s = timestamp_tolerance_s
+        self._port = port
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.reset()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> "FakeWebhook":
+        """Start listening (in a daemon thread); return self."""
+        server = _Server(("127.0.0.1", self._port), _Handler)
+        server.fake = self
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "FakeWebhook":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The port listened on."""
+        assert self._server is not None, "the fake is not started"
+        return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The hook's URL."""
+        return self.base_url + self.path
+
+    # -- state ----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget state, counters and injected failures."""
+        with self._lock:
+            self._members: dict[str, Any] = {}
+            # Applied bodies not yet replayed into _members: (body, keys rejected in it).
+            self._pending: list[tuple[bytes, frozenset[str]]] = []
+            self.requests = 0
+            """Hook requests received (failed ones included)."""
+            self.accepted_requests = 0
+            """Requests answered 2xx and applied."""
+            self.rows = 0
+            """Operations applied (a batch applied twice counts twice)."""
+            self.rows_rejected = 0
+            self.bad_signatures = 0
+            self.violations: list[str] = []
+            self.max_concurrent = 0
+            self._concurrent = 0
+            self.request_times: list[float] = []
+            """``time.monotonic()`` at each hook request's arrival."""
+            self.idempotency_keys: list[str] = []
+            """Each hook request's ``Idempotency-Key``, in arrival order."""
+            self.applied_batches: Counter[str] = Counter()
+            """Times each ``batch_id`` was applied."""
+            self.ops: Counter[str] = Counter()
+            self.last_request: tuple[dict[str, str], bytes] | None = None
+            """The headers and raw body of the latest hook request."""
+            self.reject_keys: set[str] = set()
+            """Keys listed as rejected (and not applied) in every 200 answer."""
+            self._actions: deque[_Action] = deque()
+
+    def fail_next(
+        self,
+        n: int,
+        status: int,
+        *,
+        retry_after: Any = None,
+        body: str | bytes | None = None,
+    ) -> None:
+        """Answer the next ``n`` hook requests with ``status`` (and ``Retry-After``) unapplied."""
+        data = body.encode() if isinstance(body, str) else body
+        with self._lock:
+            self._actions.extend(_Action(status, retry_after, data) for _ in range(n))
+
+    def delay_next(self, n: int, seconds: float) -> None:
+        """Hold the next ``n`` hook requests ``seconds`` before handling them normally.
+
+        A client that times out first still has the request applied, as with a real server
+        whose answer was lost: the retry applies it again (under the same idempotency key).
+        """
+        with self._lock:
+            self._actions.extend(_Action(delay_s=seconds) for _ in range(n))
+
+    def duplicate_batches(self) -> dict[str, int]:
+        """Batch ids applied more than once."""
+        with self._lock:
+            return {k: v for k, v in self.applied_batches.items() if v > 1}
+
+    def snapshot(self, members: bool = True) -> dict[str, Any]:
+        """The state as plain JSON-able data."""
+        with self._lock:
+            state = {
+                "requests": self.requests,
+                "accepted_requests": self.accepted_requests,
+                "rows": self.rows,
+                "rows_rejected": self.rows_rejected,
+                "bad_signatures": self.bad_signatures,
+                "violations": list(self.violations),
+                "max_concurrent": self.max_concurrent,
+                "idempotency_keys": list(self.idempotency_keys),
+                "applied_batches": dict(self.applied_batches),
+                "ops": dict(self.ops),
+                "member_count": len(self._replay()),
+            }
+            if members:
+                state["members"] = dict(self._members)
+        return state
+
+    def inject(self, spec: dict[str, Any]) -> None:
+        """Apply a control request: ``{"fail": {...}, "delay": {...}, "reject_keys": [...],
+        "latency_s": x}`` (the body of ``POST /_fake/inject``)."""
+        if "fail" in spec:
+            fail = spec["fail"]
+            self.fail_next(
+                int(fail.get("n", 1)),
+                int(fail["status"]),
+                retry_after=fail.get("retry_after"),
+                body=fail.get("body"),
+            )
+        if "delay" in spec:
+            self.delay_next(int(spec["delay"].get("n", 1)), float(spec["delay"]["seconds"]))
+        if "reject_keys" in spec:
+            with self._lock:
+                self.reject_keys = set(spec["reject_keys"])
+        if "latency_s" in spec:
+            self.latency_s = float(spec["latency_s"])
+
+    # -- handling (called by the handler threads) -------------------------------------------
+
+    def _arrive(self, key: str) -> _Action | None:
+        with self._lock:
+            self.requests += 1
+            self._concurrent += 1
+            if self._concurrent > self.max_concurrent:
+                self.max_concurrent = self._concurrent
+            self.request_times.append(time.monotonic())
+            self.idempotency_keys.append(key)
+            return self._actions.popleft() if self._actions else None
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._concurrent -= 1
+
+    def _violation(self, message: str) -> tuple[int, bytes]:
+        with self._lock:
+            self.violations.append(message)
+        return 400, orjson.dumps({"error": message})
+
+    def _check_signature(self, headers: Any, body: bytes) -> str | None:
+        """Why the signature is bad, or ``None`` when it is good."""
+        timestamp = headers.get("X-Audsync-Timestamp")
+        signature = headers.get("X-Audsync-Signature")
+        if not timestamp or not signature:
+            return "missing X-Audsync-Timestamp or X-Audsync-Signature"
+        if not timestamp.isdigit():
+            return f"X-Audsync-Timestamp is not unix seconds: {timestamp!r}"
+        if abs(time.time() - int(timestamp)) > self.timestamp_tolerance_s:
+            return "X-Audsync-Timestamp is too old or in the future"
+        assert self.secret is not None
+        expected = hmac.new(
+            self.secret, timestamp.encode() + b"." + body, hashlib.sha256
+        ).hexdigest()
+        if not hmac.compare_digest(signature, "sha256=" + expected):
+            return "bad X-Audsync-Signature"
+        return None
+
+    def handle_hook(self, headers: Any, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """Check and apply one hook request; return status, body and extra headers."""
+        action = self._arrive(headers.get("Idempotency-Key") or "")
+        self.last_request = (dict(headers.items()), body)
+        try:
+            delay = self.latency_s + (action.delay_s if action else 0.0)
+            if delay:
+                time.sleep(delay)
+            # The checks come first, as a real receiver's would: a request that breaks the
+            # contract is recorded even when a failure is injected for it.
+            content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                return (*self._violation(f"Content-Type is {content_type!r}"), {})
+            if self.secret is not None:
+                problem = self._check_signature(headers, body)
+                if problem is not None:
+                    with self._lock:
+                        self.bad_signatures += 1
+                    return 401, orjson.dumps({"error": problem}), {}
+            try:
+                document = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                return (*self._violation(f"body is not JSON: {exc}"), {})
+            problem = _check_envelope(document)
+            if problem is None and headers.get("Idempotency-Key") != document["batch_id"]:
+                problem = (
+                    f"Idempotency-Key {headers.get('Idempotency-Key')!r} is not the"
+                    f" batch_id {document['batch_id']!r}"
+                )
+            if problem is not None:
+                return (*self._violation(problem), {})
+            operations = document["operations"]
+            problem = _check_operations(operations)
+            if problem is not None:
+                return (*self._violation(problem), {})
+
+            if action is not None and action.status is not None:
+                extra = {}
+                if action.retry_after is not None:
+                    extra["Retry-After"] = str(action.retry_after)
+                text = action.body or orjson.dumps({"error": f"injected {action.status}"})
+                return action.status, text, extra
+            return 200, self._apply(document["batch_id"], body, operations), {}
+        finally:
+            self._leave()
+
+    def _apply(self, batch_id: str, body: bytes, operations: list[dict[str, Any]]) -> bytes:
+        """Record an accepted request; answer with the rows of ``reject_keys`` it holds.
+
+        The body is kept as bytes and replayed into :attr:`members` when they are read. A
+        dictionary of millions of members, each a dictionary of fields, is millions of objects
+        the garbage collector walks again and again, halving the fake's speed; bytes it skips.
+        """
+        rejected: list[dict[str, str]] = []
+        counts = Counter(map(_op, operations))
+        with self._lock:
+            reject = self.reject_keys
+            if reject:
+                for operation in operations:
+                    if operation["key"] in reject:
+                        rejected.append({"key": operation["key"], "error": "rejected by the fake"})
+                        counts[operation["op"]] -= 1
+            self._pending.append((body, frozenset(r["key"] for r in rejected)))
+            self.ops.update(counts)
+            self.rows += len(operations) - len(rejected)
+            self.rows_rejected += len(rejected)
+            self.accepted_requests += 1
+            self.applied_batches[batch_id] += 1
+        answer: dict[str, Any] = {"accepted": len(operations) - len(rejected)}
+        if rejected:
+            answer["rejected"] = rejected
+        return orjson.dumps(answer)
+
+    @property
+    def members(self) -> dict[str, Any]:
+        """The destination's members: key -> fields, every accepted request applied in order."""
+        with self._lock:
+            return self._replay()
+
+    def seed_members(self, members: dict[str, Any]) -> None:
+        """Members the destination holds before any sync (for the ``remove`` mode)."""
+        with self._lock:
+            self._replay().update(members)
+
+    def _replay(self) -> dict[str, Any]:
+        members = self._members
+        for body, rejected in self._pending:
+            operations = orjson.loads(body)["operations"]
+            if not rejected and all(op["op"] != "remove" for op in operations):
+                members.update(zip(map(_key, operations), map(_fields, operations)))
+                continue
+            for operation in operations:
+                key = operation["key"]
+                if key in rejected:
+                    continue
+                if operation["op"] == "remove":
+                    members.pop(key, None)
+                else:
+                    members[key] = operation["fields"]
+        self._pending = []
+        return members
+
+
+def _check_envelope(document: Any) -> str | None:
+    """What is wrong with the body's envelope, or ``None``."""
+    if not isinstance(document, dict):
+        return "body is not a JSON object"
+    for key in ENVELOPE_KEYS:
+        if not isinstance(document.get(key), str) or not document[key]:
+            return f"body key {key!r} is missing or not a non-empty string"
+    if not SENT_AT.match(document["sent_at"]):
+        return f"sent_at {document['sent_at']!r} is not ISO 8601 with a time zone"
+    operations = document.get("operations")
+    if not isinstance(operations, list) or not operations:
+        return "body key 'operations' is missing or not a non-empty list"
+    extra = set(document) - set(ENVELOPE_KEYS) - {"operations"}
+    if extra:
+        return f"body has unexpected keys {sorted(extra)}"
+    return None
+
+
+def _check_operations(operations: list[Any]) -> str | None:
+    """What is wrong with the first bad operation, or ``None``.
+
+    It runs for every row, so the common case is checked in C-level passes (``map`` over the
+    list); the slow loop that names the bad operation runs only when one is wrong.
+    """
+    try:
+        good = (
+            set(map(type, operations)) == _DICT
+            and set(map(len, operations)) == _THREE
+            and set(map(_op, operations)) <= OPS
+            and set(map(type, map(_key, operations))) == _STR
+            and set(map(type, map(_fields, operations))) == _DICT
+        )
+    except (KeyError, TypeError):
+        good = False
+    if good:
+        return None
+    for index, operation in enumerate(operations):
+        if (
+            type(operation) is not dict
+            or len(operation) != 3
+            or operation.get("op") not in OPS
+            or type(operation.get("key")) is not str
+            or type(operation.get("fields")) is not dict
+        ):
+            return (
+                f"operation {index} is not {{'op': add|remove|update, 'key': str, 'fields':"
+                f" object}}: {str(operation)[:200]}"
+            )
+    return "operations are malformed"
+
+
+_op, _key, _fields = itemgetter("op"), itemgetter("key"), itemgetter("fields")
+_DICT, _STR, _THREE = {dict}, {str}, {3}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    fake: FakeWebhook
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out has closed its socket: writing the late answer fails.
+        # That is expected in timeout tests and not worth a traceback.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections, as in production
+    # Without TCP_NODELAY, a small answer written after its headers waits for the client's
+    # delayed ACK (Nagle): 40 ms a request, which would make the fake the bottleneck.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        """Silence the per-request log line."""
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        # Headers and body in one write (end_headers would send the headers alone).
+        self._headers_buffer.append(b"\r\n" + body)
+        self.flush_headers()
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        fake = self.server.fake
+        body = self._body()
+        path = self.path.split("?", 1)[0]
+        if path.startswith(CONTROL_PREFIX):
+            self._control(path, body)
+            return
+        if path != fake.path:
+            self._answer(*fake._violation(f"POST to {path!r}, not the hook path {fake.path!r}"))
+            return
+        self._answer(*fake.handle_hook(self.headers, body))
+
+    def do_GET(self) -> None:  # noqa: N802
+        fake = self.server.fake
+        path = self.path.split("?", 1)[0]
+        if path == CONTROL_PREFIX + "state":
+            members = "members=0" not in self.path
+            self._answer(200, orjson.dumps(fake.snapshot(members=members)))
+            return
+        self._wrong_method()
+
+    def _wrong_method(self) -> None:
+        self._body()
+        self._answer(*self.server.fake._violation(f"{self.command} {self.path}: only POST"))
+
+    do_PUT = do_DELETE = do_PATCH = _wrong_method
+
+    def _control(self, path: str, body: bytes) -> None:
+        fake = self.server.fake
+        if path == CONTROL_PREFIX + "inject":
+            fake.inject(orjson.loads(body or b"{}"))
+        elif path == CONTROL_PREFIX + "reset":
+            fake.reset()
+        else:
+            self._answer(404, b'{"error": "unknown control path"}')
+            return
+        self._answer(200, b"{}")
+
+
+# ----------------------------------------------------------------------------------------
+# Another process
+# ----------------------------------------------------------------------------------------
+
+
+class FakeWebhookProcess:
+    """:class:`FakeWebhook` in a child process, for an audsync run in a subprocess of its own.
+
+    Args:
+        secret: the signing secret, or ``None``.
+        state_file: where the child writes its state when it stops.
+        latency_s: as for :class:`FakeWebhook`.
+    """
+
+    def __init__(
+        self,
+        secret: str | None = None,
+        *,
+        state_file: str | os.PathLike[str] | None = None,
+        latency_s: float = 0.0,
+    ):
+        self.secret = secret
+        self.state_file = Path(state_file) if state_file else None
+        self.latency_s = latency_s
+        self.url = ""
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> "FakeWebhookProcess":
+        command = [sys.executable, str(Path(__file__).resolve()), "--port", "0"]
+        if self.secret:
+            command += ["--secret", self.secret]
+        if self.state_file:
+            command += ["--state-file", str(self.state_file)]
+        if self.latency_s:
+            command += ["--latency", str(self.latency_s)]
+        self._process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline().strip()
+        if not line.startswith("READY "):
+            self._process.kill()
+            raise RuntimeError(f"the fake webhook did not start: {line!r}")
+        self.url = line.split(" ", 1)[1]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the child (it writes the state file first)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return self.url.rsplit("/", 1)[0]
+
+    def _call(self, path: str, payload: Any = None) -> Any:
+        data = None if payload is None else orjson.dumps(payload)
+        request = Request(self.base_url + path, data=data, method="GET" if data is None else "POST")
+        with urlopen(request, timeout=30) as answer:  # noqa: S310 - loopback only
+            return orjson.loads(answer.read())
+
+    def state(self, members: bool = True) -> dict[str, Any]:
+        """The child's state (:meth:`FakeWebhook.snapshot`)."""
+        return self._call(CONTROL_PREFIX + "state" + ("" if members else "?members=0"))
+
+    def inject(self, **spec: Any) -> None:
+        """Inject failures (:meth:`FakeWebhook.inject`), e.g. ``fail={"n": 2, "status": 503}``."""
+        self._call(CONTROL_PREFIX + "inject", spec)
+
+    def reset(self) -> None:
+        """Forget the child's state."""
+        self._call(CONTROL_PREFIX + "reset", {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a fake webhook until SIGTERM or SIGINT; print ``READY <url>`` once listening."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--secret", default=None)
+    parser.add_argument("--path", default="/hook")
+    parser.add_argument("--state-file", default=None)
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    fake = FakeWebhook(args.secret, path=args.path, port=args.port, latency_s=args.latency)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with fake:
+        print(f"READY {fake.url}", flush=True)
+        # Wait in short steps: the signal handler runs between them.
+        while not stop.wait(0.2):
+            pass
+    if args.state_file:
+        target = Path(args.state_file)
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_bytes(orjson.dumps(fake.snapshot()))
+        os.replace(temporary, target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

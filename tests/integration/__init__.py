@@ -1,0 +1,1 @@
+"""Integration tests: real dbt runs against DuckDB and PostgreSQL."""
