@@ -166,15 +166,18 @@ class SyncTables:
             (m.destination_field, position[by_lower[m.source_column.lower()]]) for m in self.sync.mapping
         ]
         id_position = 4 + len(self.columns)
+        # tuple.__new__ skips Change's argument handling: about half the cost per row, in
+        # the loop that runs once per member sent.
+        make = tuple.__new__
         changes = []
         unsent = 0
         for row in rows:
             if not row[2]:
                 unsent += 1
                 continue
-            changes.append(Change(
+            changes.append(make(Change, (
                 row[0], row[1], row[3], {f: row[p] for f, p in field_positions}, row[id_position]
-            ))
+            )))
         return changes, unsent
 
     # -- commit -----------------------------------------------------------------------------

@@ -197,6 +197,9 @@ class SyncRunner:
                 )
                 http = delivery.http_client(secrets=destination.secret_values())
                 connector = destination.create_connector(info, http)
+                # Secrets a connector derives (a signed proof, a refreshed token) are masked too.
+                http.add_secrets(connector.secret_values())
+                register_secrets(connector.secret_values())
                 http.classify = getattr(connector, "classify", None) or http.classify
                 opened = connector.open()
                 if opened:

@@ -1,0 +1,771 @@
+"""Salesforce campaign members: audience members become CampaignMembers of one campaign.
+
+Each batch (at most 200 rows, the sObject Collections limit) runs, under
+``{instance_url}/services/data/{api_version}`` with ``Authorization: Bearer <token>``:
+
+1. **Contacts.** Adds and updates need a Contact id. By default contacts are found, not
+   created: a SOQL query ``SELECT Id, <match field> FROM Contact WHERE <match field> IN (...)``
+   (values escaped as SOQL string literals, the ``IN`` list cut so that the URL stays short); a
+   member with no contact fails alone with ``contact_not_found``. With ``upsert_contacts: true``
+   the contacts are upserted instead by an external id field
+   (``PATCH /composite/sobjects/Contact/{field}``), mapped fields as Contact fields.
+2. **Members.** ``POST /composite/sobjects`` with ``allOrNone: false`` creates the
+   CampaignMembers. Create is not idempotent: a member that exists fails with
+   ``DUPLICATE_VALUE``, which counts as success, and its id is looked up
+   (``SELECT Id, ContactId FROM CampaignMember WHERE CampaignId = ... AND ContactId IN (...)``).
+   The member ids are returned as ``destination_ids``.
+3. **Removals.** ``DELETE /composite/sobjects?ids=...&allOrNone=false`` with the member ids the
+   snapshot kept; for a member without one, the contact and then the member are looked up
+   first. A member already deleted counts as removed (at-least-once delivery repeats deletes).
+
+Failures: 401 ``INVALID_SESSION_ID`` and 403 ``REQUEST_LIMIT_EXCEEDED`` stop the run; 503 and
+``UNABLE_TO_LOCK_ROW`` (for a whole request, or for records inside a collection answer) are
+retried; other per-record errors fail their rows with Salesforce's ``statusCode``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import orjson
+import requests
+
+from audsync.delivery.http import Verdict, dumps
+from audsync.destinations.base import (
+    BatchResult,
+    Change,
+    ConfigKey,
+    Connector,
+    FatalDestinationError,
+    RowError,
+)
+from audsync.identifiers import InvalidIdentifier, normalize_email
+
+logger = logging.getLogger("audsync.destinations.salesforce")
+
+# -- the API ------------------------------------------------------------------------------
+
+DEFAULT_API_VERSION = "v62.0"
+COLLECTION_LIMIT = 200
+"""Records of one sObject Collections request (create, upsert, delete)."""
+QUERY_URL_BUDGET = 6000
+"""Most characters of an encoded SOQL query in one URL. Salesforce refuses URIs over 16,384
+bytes; staying far below leaves room for the host, path and a proxy's own limits."""
+LOCK_RETRIES = 3
+"""Resends of records failing with ``UNABLE_TO_LOCK_ROW`` inside one collection answer."""
+LOCK_BACKOFF_S = 0.25
+USAGE_WARNING = 0.9
+"""Share of the daily API allocation (``Sforce-Limit-Info``) over which a warning is logged."""
+
+DUPLICATE_MEMBER = "DUPLICATE_VALUE"
+ALREADY_DELETED = frozenset({"ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY"})
+"""Delete answers meaning the record is gone already. Which code a delete of a deleted or
+unknown id gets is **unconfirmed** (ENTITY_IS_DELETED for a record in the recycle bin is
+documented); both are taken as "removed", the safe reading for a repeated delete."""
+RETRIABLE_RECORD_ERRORS = frozenset({"UNABLE_TO_LOCK_ROW"})
+
+# -- identifiers and names -----------------------------------------------------------------
+
+EMAIL_FIELD = "Email"
+_API_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_SALESFORCE_ID = re.compile(r"^[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?$")
+_API_VERSION = re.compile(r"^v?(\d{2,3})(?:\.(\d))?$")
+# SOQL string literal escapes (the SOQL reference's "Quoted String Escape Sequences"; the same
+# table simple-salesforce uses).
+_SOQL_ESCAPES = str.maketrans(
+    {
+        "\\": "\\\\",
+        "'": "\\'",
+        '"': '\\"',
+        "\n": "\\n",
+        "\r": "\\r",
+        "\t": "\\t",
+        "\b": "\\b",
+        "\f": "\\f",
+    }
+)
+
+
+def soql_quote(value: str) -> str:
+    """``value`` as a SOQL string literal: quoted, with backslash escapes."""
+    return "'" + value.translate(_SOQL_ESCAPES) + "'"
+
+
+def api_version(value: Any) -> str:
+    """``62``, ``"62.0"`` or ``"v62.0"`` as ``"v62.0"``.
+
+    Raises:
+        ValueError: anything else.
+    """
+    match = _API_VERSION.match(str(value).strip())
+    if not match:
+        raise ValueError(f"api_version must look like v62.0, got {value!r}")
+    return f"v{match.group(1)}.{match.group(2) or '0'}"
+
+
+def _json(response: requests.Response) -> Any:
+    try:
+        return orjson.loads(response.content) if response.content else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _errors_of(answer: Any) -> list[tuple[str, str]]:
+    """``(errorCode, message)`` of a request-level error answer (a JSON array of errors)."""
+    items = answer if isinstance(answer, list) else [answer] if isinstance(answer, dict) else []
+    found = []
+    for item in items:
+        if isinstance(item, dict) and (item.get("errorCode") or item.get("message")):
+            found.append((str(item.get("errorCode") or ""), str(item.get("message") or "")))
+    return found
+
+
+def _record_error(result: Any) -> tuple[str, str]:
+    """The first ``(statusCode, message)`` of a collection result that did not succeed."""
+    errors = result.get("errors") if isinstance(result, dict) else None
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        first = errors[0]
+        message = str(first.get("message") or first.get("statusCode") or "error")
+        fields = first.get("fields")
+        if fields:
+            message += f" (fields: {', '.join(map(str, fields))})"
+        return str(first.get("statusCode") or "ERROR"), message[:500]
+    return "ERROR", "Salesforce reported a failure without an error"
+
+
+def _retriable(result: Any) -> bool:
+    """Whether a collection result failed with an error worth sending again (a lock)."""
+    if isinstance(result, dict) and result.get("success"):
+        return False
+    return _record_error(result)[0] in RETRIABLE_RECORD_ERRORS
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on", "y")
+    return bool(value)
+
+
+def _accept_not_found(response: requests.Response) -> Verdict | None:
+    """Per-request hook: Salesforce's own 404 (``NOT_FOUND``) is an answer to read; another
+    404 (a proxy, a wrong ``base_url``) is left to the default policy."""
+    if response.status_code != 404:
+        return None
+    codes = {code for code, _ in _errors_of(_json(response))}
+    return Verdict.ok() if "NOT_FOUND" in codes else None
+
+
+def _invalid_number(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Decimal):
+        return not value.is_finite()
+    return False
+
+
+class SalesforceCampaignConnector(Connector):
+    """Keep the members of a Salesforce campaign in step with an audience (by Contact).
+
+    Mapped fields are written only with ``upsert_contacts`` (as Contact fields); without it the
+    connector sets membership alone, and an update re-adds the member (idempotently). Removal
+    deletes the CampaignMember, never the Contact.
+    """
+
+    type: ClassVar[str] = "salesforce_campaign"
+    description: ClassVar[str] = (
+        "Salesforce campaign members: contacts found (or upserted) by email or an external id"
+    )
+    config_keys: ClassVar[tuple[ConfigKey, ...]] = (
+        ConfigKey(
+            "instance_url", "the org's URL, e.g. https://yourorg.my.salesforce.com", required=True
+        ),
+        ConfigKey("access_token", "an OAuth access token (session id)", required=True, secret=True),
+        ConfigKey("campaign_id", "the campaign whose members the audience sets"),
+        ConfigKey(
+            "create_if_missing",
+            "create an active campaign named campaign_name when no campaign_id is set (once)",
+            default=False,
+        ),
+        ConfigKey("campaign_name", "the name of the campaign to create (default: the sync's name)"),
+        ConfigKey("api_version", "the REST API version", default=DEFAULT_API_VERSION),
+        ConfigKey(
+            "contact_match_field",
+            "the Contact field the audience key matches: Email, or an external id field",
+            default=EMAIL_FIELD,
+        ),
+        ConfigKey(
+            "upsert_contacts",
+            "create or update contacts by contact_match_field (an external id field), mapped"
+            " fields as Contact fields; otherwise a member without a contact fails",
+            default=False,
+        ),
+        ConfigKey(
+            "identifier_type",
+            "email (keys trimmed and lowercased, invalid ones refused) or text (trimmed)",
+            default="email",
+        ),
+        ConfigKey("member_status", "the CampaignMember Status to set (default: the campaign's)"),
+    )
+    max_batch_size: ClassVar[int] = COLLECTION_LIMIT
+    default_batch_size: ClassVar[int | None] = COLLECTION_LIMIT
+    # Members of one campaign contend for the campaign's row lock (its member counts), so
+    # parallel inserts mostly buy UNABLE_TO_LOCK_ROW; two threads overlap a query with a write.
+    max_concurrency: ClassVar[int] = 8
+    default_concurrency: ClassVar[int] = 2
+    # Salesforce meters a daily allocation, not a rate: no pacing by default.
+    default_rate_limit: ClassVar[float | None] = None
+    returns_destination_ids: ClassVar[bool] = True
+
+    def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
+        super().__init__(name, settings, sync, http)
+        where = f"destination {name!r}"
+        self._token = str(self.setting("access_token") or "")
+        if not self._token:
+            raise FatalDestinationError(f"{where}: key 'access_token' is not set")
+        instance = str(self.setting("instance_url") or self.settings.get("base_url") or "")
+        if not instance.startswith(("https://", "http://")):
+            raise FatalDestinationError(
+                f"{where}: key 'instance_url' must be the org's https URL, got {instance!r}"
+            )
+        self._instance = instance.rstrip("/")
+        try:
+            self._version = api_version(self.setting("api_version") or DEFAULT_API_VERSION)
+        except ValueError as exc:
+            raise FatalDestinationError(f"{where}: {exc}") from None
+        self._match_field = str(self.setting("contact_match_field") or EMAIL_FIELD).strip()
+        if not _API_NAME.match(self._match_field):
+            raise FatalDestinationError(
+                f"{where}: contact_match_field {self._match_field!r} is not a field API name"
+            )
+        self._upsert = _flag(self.setting("upsert_contacts", False))
+        if self._upsert and self._match_field.lower() == EMAIL_FIELD.lower():
+            # Salesforce upserts only by an External ID field, and Email cannot be one.
+            raise FatalDestinationError(
+                f"{where}: upsert_contacts needs contact_match_field set to an External ID"
+                " field of Contact (Email cannot be one)"
+            )
+        kind = str(self.setting("identifier_type") or "email").strip().lower()
+        if kind not in ("email", "text"):
+            raise FatalDestinationError(
+                f"{where}: identifier_type must be email or text, got {kind!r}"
+            )
+        # Matching on Email always means emails.
+        self._emails = kind == "email" or self._match_field.lower() == EMAIL_FIELD.lower()
+        status = self.setting("member_status")
+        self._member_status = str(status) if status not in (None, "") else None
+        self._headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        self._campaign_id: str | None = None
+        self._usage_lock = threading.Lock()
+        self._usage_warned = False
+
+    def secret_values(self) -> list[str]:
+        """The access token, wherever it was set."""
+        return [v for v in {*super().secret_values(), self._token} if v]
+
+    def _api(self, path: str) -> str:
+        """A URL under ``/services/data/{version}`` of the org (or of ``base_url``)."""
+        return self.url(f"/services/data/{self._version}/{path.lstrip('/')}", self._instance)
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def classify(self, response: requests.Response) -> Verdict | None:
+        """Sort Salesforce's error codes; warn once when the daily allocation runs low."""
+        self._watch_usage(response)
+        status = response.status_code
+        if status < 400:
+            return None
+        errors = _errors_of(_json(response))
+        codes = {code for code, _ in errors}
+        if status == 401 or "INVALID_SESSION_ID" in codes:
+            return Verdict.fatal(
+                "Salesforce refused the access token (INVALID_SESSION_ID): the session expired"
+                " or is invalid; set a fresh access_token"
+            )
+        if "REQUEST_LIMIT_EXCEEDED" in codes:
+            message = " ".join(m for c, m in errors if c == "REQUEST_LIMIT_EXCEEDED")
+            if "concurrent" in message.lower():
+                # ConcurrentPerOrgLongTxn: too many long requests in flight at this moment, a
+                # condition of seconds, unlike the daily allocation below.
+                return Verdict.retry(code="REQUEST_LIMIT_EXCEEDED", message=message[:300])
+            return Verdict.fatal(
+                "Salesforce's API request allocation for this org is used up"
+                " (REQUEST_LIMIT_EXCEEDED); the next run sends the rest"
+            )
+        if codes & {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"}:
+            code = min(codes & {"UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"})
+            return Verdict.retry(code=code, message=" ".join(m for _, m in errors)[:300])
+        if status == 403:
+            text = "; ".join(f"{c}: {m}" for c, m in errors) or "403 Forbidden"
+            return Verdict.fatal(f"Salesforce refused the request: {text[:300]}")
+        return None
+
+    def _watch_usage(self, response: requests.Response) -> None:
+        info = response.headers.get("Sforce-Limit-Info") or ""
+        match = re.search(r"api-usage=(\d+)/(\d+)", info)
+        if not match or self._usage_warned:
+            return
+        used, limit = int(match.group(1)), int(match.group(2))
+        if limit and used / limit >= USAGE_WARNING:
+            with self._usage_lock:
+                if self._usage_warned:
+                    return
+                self._usage_warned = True
+            logger.warning(
+                "destination %r: %d of the org's %d daily API requests are used",
+                self.name,
+                used,
+                limit,
+            )
+
+    # -- the campaign -----------------------------------------------------------------------
+
+    def open(self) -> dict[str, Any] | None:
+        """Check the campaign exists (``campaign_id``, else the one created earlier), or
+        create it when ``create_if_missing`` is on.
+
+        Raises:
+            FatalDestinationError: no campaign configured and ``create_if_missing`` off, or
+                the campaign does not exist.
+        """
+        configured = self.setting("campaign_id")
+        remembered = self.sync.state.get("campaign_id") if self.sync.state else None
+        create = _flag(self.setting("create_if_missing", False))
+        if configured not in (None, ""):
+            if not self._campaign_exists(str(configured)):
+                raise FatalDestinationError(
+                    f"destination {self.name!r}: Salesforce has no campaign {configured}"
+                    " (campaign_id)"
+                )
+            self._campaign_id = str(configured)
+        elif remembered not in (None, "") and self._campaign_exists(str(remembered)):
+            self._campaign_id = str(remembered)
+        elif create:
+            if remembered:
+                logger.warning(
+                    "destination %r: the campaign %s created by an earlier run is gone;"
+                    " creating another",
+                    self.name,
+                    remembered,
+                )
+            self._campaign_id = self._find_or_create_campaign()
+        elif remembered not in (None, ""):
+            raise FatalDestinationError(
+                f"destination {self.name!r}: the campaign {remembered} created by an earlier run"
+                " no longer exists; set create_if_missing: true to create another, or set"
+                " campaign_id"
+            )
+        else:
+            raise FatalDestinationError(
+                f"destination {self.name!r}: set campaign_id, or create_if_missing: true to"
+                " create a campaign"
+            )
+        return {"campaign_id": self._campaign_id}
+
+    def _campaign_exists(self, campaign_id: str) -> bool:
+        if not _SALESFORCE_ID.match(campaign_id):
+            raise FatalDestinationError(
+                f"destination {self.name!r}: {campaign_id!r} is not a Salesforce id"
+            )
+        response = self.http.request(
+            "GET",
+            self._api(f"sobjects/Campaign/{campaign_id}") + "?fields=Id",
+            headers=self._headers,
+            classify=_accept_not_found,
+        )
+        return response.status_code != 404
+
+    def _find_or_create_campaign(self) -> str:
+        """The id of the campaign named ``campaign_name``, created if there is none.
+
+        The name is looked up first, so a run that died after creating the campaign, before
+        its id was stored, finds it again instead of making a second one.
+        """
+        name = str(self.setting("campaign_name") or self.sync.name)
+        records = self._query(f"SELECT Id FROM Campaign WHERE Name = {soql_quote(name)}")
+        ids = sorted(str(r["Id"]) for r in records if r.get("Id"))
+        if ids:
+            logger.info("destination %r: using the existing campaign %s", self.name, ids[0])
+            return ids[0]
+        response = self.http.request(
+            "POST",
+            self._api("sobjects/Campaign"),
+            json={"Name": name, "IsActive": True},
+            headers=self._headers,
+        )
+        answer = _json(response)
+        created = answer.get("id") if isinstance(answer, dict) else None
+        if not created:
+            raise FatalDestinationError(
+                f"destination {self.name!r}: Salesforce's answer to creating campaign"
+                f" {name!r} has no id"
+            )
+        logger.info("destination %r: created the campaign %s", self.name, created)
+        return str(created)
+
+    def _require_campaign(self) -> str:
+        if self._campaign_id is None:
+            raise FatalDestinationError(
+                f"destination {self.name!r}: the connector was not opened (no campaign id)"
+            )
+        return self._campaign_id
+
+    # -- identifiers ------------------------------------------------------------------------
+
+    def _normalise(self, value: Any) -> str:
+        """The key as matched against the Contact field.
+
+        Raises:
+            InvalidIdentifier: not an email (when keys are emails), or empty.
+        """
+        if self._emails:
+            return normalize_email(value)
+        text = str(value).strip() if value is not None else ""
+        if not text:
+            raise InvalidIdentifier("invalid_identifier", "the identifier is empty")
+        return text
+
+    def _known(self, value: Any) -> str | None:
+        """A value from an answer in normal form, or ``None`` when it has none."""
+        try:
+            return self._normalise(value) if value is not None else None
+        except InvalidIdentifier:
+            return None
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send_batch(self, batch: Sequence[Change]) -> BatchResult:
+        """Find or upsert contacts, create members, delete departed members."""
+        campaign_id = self._require_campaign()
+        rejected: list[RowError] = []
+        joining: dict[str, list[Change]] = {}
+        fields: dict[str, dict[str, Any]] = {}
+        leaving: list[tuple[Change, str]] = []
+        for change in batch:
+            try:
+                normalised = self._normalise(change.key)
+            except InvalidIdentifier as exc:
+                # Never sent raw; the message does not quote the value (personal data).
+                rejected.append(
+                    RowError(change.key, change.op, exc.code, f"{exc.message}: not sent")
+                )
+                continue
+            if change.op == "remove":
+                leaving.append((change, normalised))
+                continue
+            if change.op not in ("add", "update"):
+                rejected.append(
+                    RowError(change.key, change.op, "unknown_op", f"unknown op {change.op!r}")
+                )
+                continue
+            if self._upsert:
+                problem = self._field_problem(change.fields or {})
+                if problem:
+                    rejected.append(RowError(change.key, change.op, "invalid_value", problem))
+                    continue
+                fields[normalised] = dict(change.fields or {})
+            joining.setdefault(normalised, []).append(change)
+
+        def fail(normalised: str, code: str, message: str, retryable: bool = False) -> None:
+            for change in joining.pop(normalised, []):
+                rejected.append(RowError(change.key, change.op, code, message, retryable))
+
+        # 1. Contacts of the joining members.
+        if self._upsert:
+            contacts, errors = self._upsert_contacts(fields)
+        else:
+            contacts, errors = self._find_contacts(list(joining)), {}
+        for normalised, (code, message, retryable) in errors.items():
+            fail(normalised, code, message, retryable)
+        for normalised in list(joining):
+            if normalised not in contacts:
+                fail(
+                    normalised,
+                    "contact_not_found",
+                    f"no Contact has {self._match_field} = this key (set upsert_contacts to"
+                    " create contacts)",
+                )
+
+        # 2. Members.
+        by_contact: dict[str, list[str]] = {}
+        for normalised in joining:
+            by_contact.setdefault(contacts[normalised], []).append(normalised)
+        members, member_errors = self._create_members(campaign_id, list(by_contact))
+        destination_ids: dict[str, str] = {}
+        for contact_id, normalised_keys in by_contact.items():
+            for normalised in normalised_keys:
+                if contact_id in member_errors:
+                    fail(normalised, *member_errors[contact_id])
+                    continue
+                for change in joining.get(normalised, []):
+                    destination_ids[change.key] = members[contact_id]
+
+        # 3. Removals.
+        rejected.extend(self._remove(campaign_id, leaving, keep=set(members.values())))
+        return BatchResult(rejected=rejected, destination_ids=destination_ids)
+
+    def _field_problem(self, values: Mapping[str, Any]) -> str | None:
+        """Why these mapped values cannot be sent as Contact fields, or ``None``."""
+        for name, value in values.items():
+            if not _API_NAME.match(str(name)):
+                return f"{name!r} is not a Salesforce field API name"
+            if _invalid_number(value):
+                return f"field {name!r}: {value} is not a finite number"
+            try:
+                dumps(value)
+            except TypeError:
+                return f"field {name!r}: a {type(value).__name__} value cannot be sent as JSON"
+        return None
+
+    # -- contacts ---------------------------------------------------------------------------
+
+    def _find_contacts(self, keys: Sequence[str]) -> dict[str, str]:
+        """Contact ids by normalised key; keys without a contact are left out.
+
+        Several contacts may share an email: the one with the smallest id is taken, the same
+        one every run, so that a member is never added twice under two contacts.
+        """
+        found: dict[str, str] = {}
+        if not keys:
+            return found
+        field = self._match_field
+        for values in self._in_chunks(keys, f"SELECT Id, {field} FROM Contact WHERE {field} IN "):
+            soql = f"SELECT Id, {field} FROM Contact WHERE {field} IN ({values})"
+            for record in self._query(soql):
+                key = self._known(record.get(field))
+                contact_id = record.get("Id")
+                if key is None or not contact_id:
+                    continue
+                if key not in found or str(contact_id) < found[key]:
+                    found[key] = str(contact_id)
+        return found
+
+    def _upsert_contacts(
+        self, fields: Mapping[str, dict[str, Any]]
+    ) -> tuple[dict[str, str], dict[str, tuple[str, str, bool]]]:
+        """Upsert contacts by the external id field; return ids and errors by normalised key."""
+        keys = list(fields)
+        records = []
+        for normalised in keys:
+            record = {"attributes": {"type": "Contact"}}
+            record.update(
+                {k: v for k, v in fields[normalised].items() if k not in ("Id", "attributes")}
+            )
+            record[self._match_field] = normalised
+            records.append(record)
+        results = self._collection(
+            "PATCH", f"composite/sobjects/Contact/{self._match_field}", records
+        )
+        contacts: dict[str, str] = {}
+        errors: dict[str, tuple[str, str, bool]] = {}
+        for normalised, result in zip(keys, results):
+            if isinstance(result, dict) and result.get("success") and result.get("id"):
+                contacts[normalised] = str(result["id"])
+            else:
+                code, message = _record_error(result)
+                errors[normalised] = (code, message, code in RETRIABLE_RECORD_ERRORS)
+        return contacts, errors
+
+    # -- members ----------------------------------------------------------------------------
+
+    def _create_members(
+        self, campaign_id: str, contact_ids: Sequence[str]
+    ) -> tuple[dict[str, str], dict[str, tuple[str, str, bool]]]:
+        """Member ids and errors by contact id; an existing member (DUPLICATE_VALUE) succeeds."""
+        members: dict[str, str] = {}
+        errors: dict[str, tuple[str, str, bool]] = {}
+        if not contact_ids:
+            return members, errors
+        records = []
+        for contact_id in contact_ids:
+            record: dict[str, Any] = {
+                "attributes": {"type": "CampaignMember"},
+                "CampaignId": campaign_id,
+                "ContactId": contact_id,
+            }
+            if self._member_status:
+                record["Status"] = self._member_status
+            records.append(record)
+        results = self._collection("POST", "composite/sobjects", records)
+        duplicates = []
+        for contact_id, result in zip(contact_ids, results):
+            if isinstance(result, dict) and result.get("success") and result.get("id"):
+                members[contact_id] = str(result["id"])
+                continue
+            code, message = _record_error(result)
+            if code == DUPLICATE_MEMBER:
+                duplicates.append(contact_id)
+            else:
+                errors[contact_id] = (code, message, code in RETRIABLE_RECORD_ERRORS)
+        if duplicates:
+            existing = self._find_members(campaign_id, duplicates)
+            for contact_id in duplicates:
+                if contact_id in existing:
+                    members[contact_id] = existing[contact_id]
+                else:
+                    # Reported a member, yet none found: deleted in between; the next run
+                    # plans the row again.
+                    errors[contact_id] = (
+                        "member_not_found",
+                        "Salesforce reported a duplicate member but no member was found",
+                        True,
+                    )
+        return members, errors
+
+    def _find_members(self, campaign_id: str, contact_ids: Sequence[str]) -> dict[str, str]:
+        """CampaignMember ids of the campaign by contact id."""
+        found: dict[str, str] = {}
+        prefix = (
+            f"SELECT Id, ContactId FROM CampaignMember WHERE CampaignId = "
+            f"{soql_quote(campaign_id)} AND ContactId IN "
+        )
+        for values in self._in_chunks(contact_ids, prefix):
+            for record in self._query(f"{prefix}({values})"):
+                if record.get("ContactId") and record.get("Id"):
+                    found[str(record["ContactId"])] = str(record["Id"])
+        return found
+
+    def _remove(
+        self, campaign_id: str, leaving: Sequence[tuple[Change, str]], keep: set[str]
+    ) -> list[RowError]:
+        """Delete the members of ``leaving``; return the rows that failed."""
+        if not leaving:
+            return []
+        by_member: dict[str, list[Change]] = {}
+        unknown: list[tuple[Change, str]] = []
+        for change, normalised in leaving:
+            member_id = str(change.destination_id or "")
+            if _SALESFORCE_ID.match(member_id):
+                by_member.setdefault(member_id, []).append(change)
+            else:
+                unknown.append((change, normalised))
+        if unknown:
+            contacts = self._find_contacts([n for _, n in unknown])
+            members = self._find_members(campaign_id, sorted(set(contacts.values())))
+            for change, normalised in unknown:
+                member_id = members.get(contacts.get(normalised, ""))
+                # No contact, or no member: nothing to remove, the row succeeds.
+                if member_id:
+                    by_member.setdefault(member_id, []).append(change)
+        # A member that another key of this batch joins stays (two keys, one contact).
+        for member_id in keep:
+            by_member.pop(member_id, None)
+        rejected: list[RowError] = []
+        ids = sorted(by_member)
+        for start in range(0, len(ids), COLLECTION_LIMIT):
+            chunk = ids[start : start + COLLECTION_LIMIT]
+            results = self._delete(chunk)
+            for member_id, result in zip(chunk, results):
+                if isinstance(result, dict) and result.get("success"):
+                    continue
+                code, message = _record_error(result)
+                if code in ALREADY_DELETED:
+                    continue
+                for change in by_member[member_id]:
+                    rejected.append(
+                        RowError(
+                            change.key, change.op, code, message, code in RETRIABLE_RECORD_ERRORS
+                        )
+                    )
+        return rejected
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _collection(self, method: str, path: str, records: list[dict[str, Any]]) -> list[Any]:
+        """Send records in collection requests of at most 200; results in record order.
+
+        Records failing with ``UNABLE_TO_LOCK_ROW`` are sent again, alone, a few times with a
+        short pause: another transaction holds the row (the campaign, usually) for a moment.
+        """
+        results: list[Any] = [None] * len(records)
+        pending = list(range(len(records)))
+        for attempt in range(LOCK_RETRIES + 1):
+            if attempt:
+                time.sleep(LOCK_BACKOFF_S * 2 ** (attempt - 1))
+            retry: list[int] = []
+            for start in range(0, len(pending), COLLECTION_LIMIT):
+                chunk = pending[start : start + COLLECTION_LIMIT]
+                response = self.http.request(
+                    method,
+                    self._api(path),
+                    json={"allOrNone": False, "records": [records[i] for i in chunk]},
+                    headers=self._headers,
+                )
+                answer = _json(response)
+                answer = answer if isinstance(answer, list) else []
+                for position, index in enumerate(chunk):
+                    result = answer[position] if position < len(answer) else None
+                    results[index] = result
+                    if _retriable(result):
+                        retry.append(index)
+            pending = retry
+            if not pending:
+                break
+        return results
+
+    def _delete(self, ids: Sequence[str]) -> list[Any]:
+        """Delete records by id (at most 200), resending those locked; results in id order."""
+        results: list[Any] = [None] * len(ids)
+        pending = list(range(len(ids)))
+        for attempt in range(LOCK_RETRIES + 1):
+            if attempt:
+                time.sleep(LOCK_BACKOFF_S * 2 ** (attempt - 1))
+            # Ids are checked alphanumeric: the commas stay literal, as the API documents.
+            url = (
+                self._api("composite/sobjects")
+                + "?ids="
+                + ",".join(ids[i] for i in pending)
+                + "&allOrNone=false"
+            )
+            response = self.http.request("DELETE", url, headers=self._headers)
+            answer = _json(response)
+            answer = answer if isinstance(answer, list) else []
+            retry = []
+            for position, index in enumerate(pending):
+                result = answer[position] if position < len(answer) else None
+                results[index] = result
+                if _retriable(result):
+                    retry.append(index)
+            pending = retry
+            if not pending:
+                break
+        return results
+
+    def _in_chunks(self, values: Iterable[str], prefix: str) -> Iterable[str]:
+        """Comma-separated SOQL literals of ``values``, cut so each query's URL stays short."""
+        budget = QUERY_URL_BUDGET - len(quote(prefix, safe="")) - 10
+        chunk: list[str] = []
+        used = 0
+        for value in dict.fromkeys(values):
+            literal = soql_quote(value)
+            cost = len(quote(literal, safe="")) + len(quote(", ", safe=""))
+            if chunk and used + cost > budget:
+                yield ", ".join(chunk)
+                chunk, used = [], 0
+            chunk.append(literal)
+            used += cost
+        if chunk:
+            yield ", ".join(chunk)
+
+    def _query(self, soql: str) -> list[dict[str, Any]]:
+        """Every record a SOQL query returns, following ``nextRecordsUrl``."""
+        records: list[dict[str, Any]] = []
+        url = self._api("query") + "?q=" + quote(soql, safe="")
+        while url:
+            response = self.http.request("GET", url, headers=self._headers)
+            answer = _json(response)
+            if not isinstance(answer, dict):
+                break
+            records.extend(r for r in answer.get("records") or [] if isinstance(r, dict))
+            next_url = answer.get("nextRecordsUrl")
+            if answer.get("done", True) or not next_url:
+                break
+            url = self.url(str(next_url), self._instance)
+        return records
