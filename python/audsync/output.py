@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from decimal import Decimal
 from typing import Any, Iterable, Sequence
 
 from .redact import RedactingFilter, redact
@@ -21,7 +22,20 @@ from .runner import Reporter, RunResult
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (dt.datetime, dt.date)):
         return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
     return value
+
+
+def _cell(value: Any) -> str:
+    """A value as a table cell: short timestamps, fields as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=_jsonable, ensure_ascii=False)
+    return str(value)
 
 
 def setup_logging(log_format: str, verbose: bool) -> None:
@@ -187,10 +201,14 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], title: st
 
     table = Table(title=title, title_justify="left", show_lines=False)
     for header in headers:
-        table.add_column(header, overflow="fold")
+        # Ids and timestamps are copied into other commands: never wrap them.
+        compact = header in ("run_id", "last run", "locked by", "started_at", "last synced", "sync")
+        table.add_column(header, no_wrap=compact, overflow="ellipsis" if compact else "fold")
     for row in rows:
-        table.add_row(*[redact("" if v is None else str(_jsonable(v))) for v in row])
-    Console(width=max(Console().width, 120)).print(table)
+        table.add_row(*[redact(_cell(v)) for v in row])
+    console = Console()
+    # Off a terminal (logs, pipes) rich assumes 80 columns; history tables need more.
+    Console(width=console.width if console.is_terminal else 200).print(table)
 
 
 def print_json(value: Any) -> None:

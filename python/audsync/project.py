@@ -284,7 +284,12 @@ def load_credentials(profiles_dir: Path, profile_name: str, target: str | None):
     itself (``env_var`` included), so every key dbt accepts works here too."""
     from dbt.config.profile import Profile, read_profile
     from dbt.config.renderer import ProfileRenderer
+    from dbt_common.context import set_invocation_context
     from dbt_common.exceptions import DbtBaseException
+
+    # dbt's env_var() reads the environment of the current invocation, which only a dbt
+    # command sets up: set it as dbt would.
+    set_invocation_context(dict(os.environ))
 
     profiles_file = profiles_dir / "profiles.yml"
     if not profiles_file.exists():
