@@ -14,6 +14,7 @@ Nothing is skipped quietly: without PostgreSQL the postgres tests fail with the 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -67,6 +68,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def _restore_audsync_logger():
+    """Undo the CLI's logging setup after each test.
+
+    ``audsync`` configures its logger once per process (handler, level, ``propagate=False``);
+    tests invoke the CLI in this one process, and without this a later test's ``caplog``
+    would see nothing.
+    """
+    logger = logging.getLogger("audsync")
+    saved = (logger.handlers[:], logger.filters[:], logger.level, logger.propagate, logger.disabled)
+    yield
+    logger.handlers[:], logger.filters[:], logger.level, logger.propagate, logger.disabled = saved
 
 
 @pytest.fixture(scope="session")

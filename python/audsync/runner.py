@@ -194,6 +194,7 @@ class SyncRunner:
                     name=sync.name, mode=sync.mode, run_id=run_id, identifier=sync.identifier,
                     fields=tuple(m.destination_field for m in sync.mapping),
                     settings=dict(sync.settings), state=destination_state,
+                    project_dir=str(self.project.project_dir),
                 )
                 http = delivery.http_client(secrets=destination.secret_values())
                 connector = destination.create_connector(info, http)

@@ -83,6 +83,8 @@ class SyncInfo:
     """The sync's ``config`` over the destination's own settings."""
     state: Mapping[str, Any] = field(default_factory=dict)
     """What :meth:`Connector.open` returned on an earlier run (a created list's id)."""
+    project_dir: str | None = None
+    """The dbt project's folder: relative paths in settings are relative to it."""
 
 
 class DestinationError(Exception):

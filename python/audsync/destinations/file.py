@@ -65,7 +65,7 @@ class FileConnector(Connector):
     type: ClassVar[str] = "file"
     description: ClassVar[str] = "write each run's operations to a JSONL or CSV file in a folder"
     config_keys: ClassVar[tuple[ConfigKey, ...]] = (
-        ConfigKey("path", "the folder files are written to (created if missing)", required=True),
+        ConfigKey("path", "the folder files are written to (created if missing; relative to the dbt project)", required=True),
         ConfigKey("format", "jsonl or csv", default="jsonl"),
     )
     # Batches only bound memory here: no API limits them.
@@ -88,6 +88,9 @@ class FileConnector(Connector):
             raise FatalDestinationError(f"destination {name!r}: key 'path' is missing")
         self.format = fmt
         self.folder = Path(str(folder)).expanduser()
+        if not self.folder.is_absolute() and sync.project_dir:
+            # Like destinations.yml itself, a relative folder belongs to the dbt project.
+            self.folder = Path(sync.project_dir) / self.folder
         self.path = self.folder / file_name(sync.name, sync.run_id, fmt)
         """Where the file is once the run closes it."""
         self.temp_path = self.folder / f".{self.path.name}.tmp"
