@@ -326,3 +326,58 @@ def test_select_by_tag_and_due_schedules(dbt_project, one_hook):
     tagged = audsync(dbt_project, "run", "--select", "tag:nightly")
     assert "daily_sync" in tagged.stdout and "manual_sync" in tagged.stdout
     audsync(dbt_project, "run", "--select", "tag:nothing", expect=2)
+
+
+def run_in_pty(project, *args: str, env=None, timeout_s: float = 120) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as stdout and stderr; return (exit code, output)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    argv = [sys.executable, "-m", "audsync.cli", "--project-dir", str(project.root),
+            "--profiles-dir", str(project.root), *args]
+    process = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower,
+                               env={**os.environ, "COLUMNS": "120", **(env or {})}, close_fds=True)
+    os.close(follower)
+    chunks = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif process.poll() is not None:
+            break
+    os.close(leader)
+    return process.wait(timeout=30), b"".join(chunks).decode(errors="replace")
+
+
+def test_a_progress_bar_on_a_terminal_and_none_in_a_pipe(dbt_project):
+    fake = FakeWebhook(secret="progress-secret", latency_s=0.05).start()
+    try:
+        write_sync(dbt_project, "s", mode="mirror", destination="hook")
+        write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url, "secret": "progress-secret",
+                                                  "batch_size": 5, "max_concurrency": 1}})
+        write_audience(dbt_project, [(f"p{i:03d}@example.com", "n", 1.0) for i in range(60)])
+        dbt_project.dbt("run")
+        code, output = run_in_pty(dbt_project, "run", "s")
+        assert code == 0, output
+        assert "rows/s" in output and "60/60" in output  # the bar: rows sent of planned, rate
+        assert "audsync run summary" in output
+        # Not a terminal: no bar, only the summary.
+        audsync(dbt_project, "reset", "s", "--yes")
+        piped = audsync_process(dbt_project, "run", "s")
+        out, err = piped.communicate(timeout=120)
+        assert piped.returncode == 0, out + err
+        assert "rows/s" in out  # the summary's column header
+        assert "/60" not in out + err and "\r" not in err
+    finally:
+        fake.stop()
