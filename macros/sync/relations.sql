@@ -109,17 +109,62 @@ where snapshot.{{ n.hash }} is null
    or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
 {%- endmacro %}
 
-{#- S__changes: what the sync's mode sends, one op per row. -#}
-{% macro changes_sql(diff_relations, sync) %}
+{#- S__changes: what the sync's mode sends, one op per row. One join per mode (rather
+    than a union of the three diff views), so the audience and the snapshot are each read
+    once: the run's plan is frozen from this view, at every run, whatever the audience's size. -#}
+{% macro changes_sql(membership, snapshot, sync) %}
   {%- set n = audsync.audsync_names() -%}
-  {%- set ops = n.mode_sends[sync.mode] -%}
-  {%- for op in ops %}
+  {%- set sends = n.mode_sends[sync.mode] -%}
+  {%- set op_text = dbt.type_string() -%}
+  {%- if sync.mode == 'remove' %}
 select
-    cast({{ dbt.string_literal(op) }} as {{ dbt.type_string() }}) as {{ n.op }},
-    {{ audsync._diff_columns(sync, 'diff', 'diff.' ~ n.destination_id) | indent(4) }}
-from {{ diff_relations[op] }} as diff
-{% if not loop.last %}union all{% endif %}
-  {%- endfor %}
+    cast('remove' as {{ op_text }}) as {{ n.op }},
+    {{ audsync._diff_columns(sync, 'snapshot', 'snapshot.' ~ n.destination_id) | indent(4) }}
+from {{ snapshot }} as snapshot
+where not exists (
+    select 1 from {{ membership }} as audience
+    where audience.{{ n.key }} = snapshot.{{ n.key }}
+)
+  {%- elif sync.mode == 'add' %}
+select
+    cast('add' as {{ op_text }}) as {{ n.op }},
+    {{ audsync._diff_columns(sync, 'audience', 'cast(null as ' ~ op_text ~ ')') | indent(4) }}
+from {{ membership }} as audience
+where not exists (
+    select 1 from {{ snapshot }} as snapshot
+    where snapshot.{{ n.key }} = audience.{{ n.key }}
+)
+  {%- elif sync.mode == 'upsert' %}
+select
+    cast(case when snapshot.{{ n.key }} is null then 'add' else 'update' end as {{ op_text }}) as {{ n.op }},
+    {{ audsync._diff_columns(sync, 'audience', 'snapshot.' ~ n.destination_id) | indent(4) }}
+from {{ membership }} as audience
+left join {{ snapshot }} as snapshot
+    on snapshot.{{ n.key }} = audience.{{ n.key }}
+where snapshot.{{ n.key }} is null
+   or snapshot.{{ n.hash }} is null
+   or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
+  {%- else %}
+select
+    cast(case when audience.{{ n.key }} is null then 'remove'
+              when snapshot.{{ n.key }} is null then 'add'
+              else 'update' end as {{ op_text }}) as {{ n.op }},
+    coalesce(audience.{{ n.key }}, snapshot.{{ n.key }}) as {{ n.key }}
+    {%- for column in sync.columns %},
+    case when audience.{{ n.key }} is null then snapshot.{{ adapter.quote(column) }}
+         else audience.{{ adapter.quote(column) }} end as {{ adapter.quote(column) }}
+    {%- endfor %},
+    case when audience.{{ n.key }} is null then snapshot.{{ n.hash }}
+         else audience.{{ n.hash }} end as {{ n.hash }},
+    snapshot.{{ n.destination_id }} as {{ n.destination_id }}
+from {{ membership }} as audience
+full outer join {{ snapshot }} as snapshot
+    on snapshot.{{ n.key }} = audience.{{ n.key }}
+where audience.{{ n.key }} is null
+   or snapshot.{{ n.key }} is null
+   or snapshot.{{ n.hash }} is null
+   or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
+  {%- endif %}
 {%- endmacro %}
 
 

@@ -127,8 +127,10 @@ class SyncTables:
         union = "\n union all \n".join(sources)
         session.execute(
             f"insert into {self.plan} ({n.RUN_ID}, {n.SEQ}, {n.OP}, {n.SEND}, {key}{cols}, {hsh}, {dest})"
-            f" select ?, row_number() over (order by send desc, op), op, send, {key}{cols}, {hsh}, {dest}"
-            f" from ({union}) as changes order by 2",
+            # No order in the window: a sort of the whole plan would cost more than mixed
+            # batches do (connectors split a batch by op when their API needs it).
+            f" select ?, row_number() over (), op, send, {key}{cols}, {hsh}, {dest}"
+            f" from ({union}) as changes",
             (run_id,),
         )
         return self.plan_counts(session, run_id)
@@ -182,11 +184,21 @@ class SyncTables:
 
     # -- commit -----------------------------------------------------------------------------
 
-    def _accepted(self) -> str:
-        """The plan rows of run ``?`` to commit (three ``?``: run id, run id, run id)."""
+    def _accepted(self, every_batch_answered: bool) -> str:
+        """The plan rows of run ``?`` to commit (two ``?``, both the run id).
+
+        When every batch was answered, that is the plan less its rejected rows; otherwise
+        (an abandoned run, a fatal answer) only rows of answered batches count.
+        """
         n = names
         cols = self._cols("p")
         select = f"p.{n.OP}, p.{n.SEND}, p.{n.KEY}{cols}, p.{n.HASH}, p.{n.DESTINATION_ID}"
+        if every_batch_answered:
+            return (
+                f"select {select} from {self.plan} as p where p.{n.RUN_ID} = ?"
+                f" and not exists (select 1 from {self.state.errors} as e"
+                f"                 where e.run_id = ? and e.member_key = p.{n.KEY})"
+            )
         return (
             f"select {select} from {self.plan} as p"
             f" inner join {self.state.batches} as b"
@@ -198,10 +210,12 @@ class SyncTables:
             f" select {select} from {self.plan} as p where p.{n.RUN_ID} = ? and not p.{n.SEND}"
         )
 
-    def commit(self, session: Session, run_id: str, synced_at: dt.datetime) -> CommitCounts:
+    def commit(
+        self, session: Session, run_id: str, synced_at: dt.datetime, every_batch_answered: bool = False
+    ) -> CommitCounts:
         """Apply run ``run_id``'s accepted rows to the snapshot and drop its plan."""
         n = names
-        accepted = self._accepted()
+        accepted = self._accepted(every_batch_answered)
         counts = _counts(session.fetchall(
             f"select {n.OP}, {n.SEND}, count(*) from ({accepted}) as a group by {n.OP}, {n.SEND}",
             (run_id, run_id),

@@ -244,7 +244,10 @@ class SyncRunner:
         # 4. Commit what the destination accepted, and 5. record the run.
         if not heartbeat.lost:
             try:
-                result.committed = self._commit(tables, run_id, status, error_message, clock)
+                # A run that ended normally had every batch answered: commit it without
+                # matching plan rows to batch ranges.
+                result.committed = self._commit(tables, run_id, status, error_message, clock,
+                                                every_batch_answered=status == "success")
             except Exception as error:  # noqa: BLE001
                 status = "error"
                 error_message = redact(f"commit failed: {type(error).__name__}: {error}")
@@ -291,9 +294,12 @@ class SyncRunner:
                 yield batch_no, changes[start:start + batch_size]
                 batch_no += 1
 
-    def _commit(self, tables: SyncTables, run_id: str, status: str, error_message: str | None, clock: float) -> CommitCounts:
+    def _commit(
+        self, tables: SyncTables, run_id: str, status: str, error_message: str | None, clock: float,
+        every_batch_answered: bool = False,
+    ) -> CommitCounts:
         with self.warehouse.session() as session:
-            committed = tables.commit(session, run_id, utcnow())
+            committed = tables.commit(session, run_id, utcnow(), every_batch_answered)
             final = status
             if status == "success" and committed.failed:
                 final = "partial_failure"

@@ -24,15 +24,13 @@ come back in ``errors[]`` with their ``index``.
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+
+from ._http import Answer, Failure, FakeServer, hold, json_answer, media_type, target
 
 API_KEY = "braze-rest-key-0123456789abcdef"
 MAX_OBJECTS = 75
@@ -41,7 +39,7 @@ MEMBERSHIP_VALUE = "audsync_fake_audience"
 FAILURE_KINDS = ("rate_limit", "server_error", "expired_token", "timeout")
 
 
-class FakeBraze:
+class FakeBraze(FakeServer):
     """A fake Braze cluster on loopback; state and counters are thread-safe.
 
     Args:
@@ -53,6 +51,8 @@ class FakeBraze:
         membership_value: the array value marking members (``array`` only).
     """
 
+    failure_kinds = FAILURE_KINDS
+
     def __init__(
         self,
         *,
@@ -62,51 +62,20 @@ class FakeBraze:
         membership_attribute: str = MEMBERSHIP_ATTRIBUTE,
         membership_value: str = MEMBERSHIP_VALUE,
     ):
+        super().__init__()
         self.api_key = api_key
         self.identify_by = identify_by
         self.membership = membership
         self.membership_attribute = membership_attribute
         self.membership_value = membership_value
-        self._lock = threading.RLock()
-        self._server: _Server | None = None
         self.reset()
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> FakeBraze:
-        """Listen on a free port of 127.0.0.1; return self."""
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeBraze:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``: the connector's ``base_url``."""
-        assert self._server is not None, "the fake is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def reset(self) -> None:
         """Forget users, requests, violations and injected failures."""
+        super().reset()
         with self._lock:
             self.users: list[dict[str, Any]] = []
             """Each user's attributes (identifiers included)."""
-            self.violations: list[str] = []
             self.requests: list[tuple[str, str]] = []
             """``(method, path)`` of every request, in arrival order."""
             self.bodies: list[Any] = []
@@ -115,9 +84,6 @@ class FakeBraze:
             """Objects in each accepted ``/users/track`` request."""
             self.auth_failures = 0
             self.rejected: set[str] = set()
-            self._actions: deque[tuple[str, float]] = deque()
-            self.max_concurrent = 0
-            self._concurrent = 0
 
     # -- the generic surface --------------------------------------------------------------
 
@@ -135,10 +101,6 @@ class FakeBraze:
             config["membership_value"] = self.membership_value
         config.update(overrides)
         return config
-
-    def sync_config(self) -> dict[str, Any]:
-        """The sync-level ``config``: nothing beyond the destination's."""
-        return {}
 
     @staticmethod
     def field_mapping() -> list[dict[str, str]]:
@@ -196,13 +158,6 @@ class FakeBraze:
                 else:
                     user[self.membership_attribute] = True
 
-    def fail_next(self, kind: str, n: int = 1, *, delay_s: float = 1.0) -> None:
-        """Answer the next ``n`` requests with a failure of ``kind`` (see the module doc)."""
-        if kind not in FAILURE_KINDS:
-            raise ValueError(f"unknown failure kind {kind!r}; known: {FAILURE_KINDS}")
-        with self._lock:
-            self._actions.extend((kind, delay_s) for _ in range(n))
-
     def reject_keys(self, keys: Iterable[str]) -> None:
         """Objects for these users (email or external_id) come back in ``errors[]``."""
         with self._lock:
@@ -228,72 +183,63 @@ class FakeBraze:
             return isinstance(value, list) and self.membership_value in value
         return value is True
 
-    def _violation(self, message: str) -> None:
-        with self._lock:
-            self.violations.append(message)
-
-    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, bytes, dict]:
+    def handle(self, method: str, route: str, query: str, headers: Any, body: bytes) -> Answer:
         """Check and apply one request; return status, body and headers."""
+        path = target(route, query)
         with self._lock:
             self.requests.append((method, path))
-            self._concurrent += 1
-            self.max_concurrent = max(self.max_concurrent, self._concurrent)
-            action = self._actions.popleft() if self._actions else None
-        try:
-            if action is not None and action[0] == "timeout":
-                time.sleep(action[1])
-                action = None
-            return self._handle(method, path, headers, body, action)
-        finally:
-            with self._lock:
-                self._concurrent -= 1
+        action = self._failures.take()
+        with self._in_flight():
+            action = hold(action, "delay_s", 1.0)
+            return self._handle(method, route, path, headers, body, action)
 
     def _handle(
-        self, method: str, path: str, headers: Any, body: bytes, action: Any
-    ) -> tuple[int, bytes, dict]:
-        route = path.split("?", 1)[0]
+        self, method: str, route: str, path: str, headers: Any, body: bytes, action: Failure | None
+    ) -> Answer:
         if route == "/users/delete":
-            self._violation(f"{method} /users/delete: an audience removal must not delete users")
-            return _json(400, {"message": "not allowed in this fake"})
+            self._record_violation(
+                f"{method} /users/delete: an audience removal must not delete users"
+            )
+            return json_answer(400, {"message": "not allowed in this fake"})
         if route != "/users/track":
-            self._violation(f"{method} {path}: not an endpoint the connector may call")
-            return _json(404, {"message": "Not Found"})
+            self._record_violation(f"{method} {path}: not an endpoint the connector may call")
+            return json_answer(404, {"message": "Not Found"})
         if method != "POST":
-            self._violation(f"{method} /users/track: only POST")
-            return _json(405, {"message": "Method Not Allowed"})
+            self._record_violation(f"{method} /users/track: only POST")
+            return json_answer(405, {"message": "Method Not Allowed"})
         auth = headers.get("Authorization") or ""
         if auth != f"Bearer {self.api_key}":
             with self._lock:
                 self.auth_failures += 1
-            self._violation("Authorization is not 'Bearer <the REST key>'")
-            return _json(401, {"message": "Invalid API key: " + auth.removeprefix("Bearer ")})
-        content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            self._record_violation("Authorization is not 'Bearer <the REST key>'")
+            return json_answer(401, {"message": "Invalid API key: " + auth.removeprefix("Bearer ")})
+        content_type = media_type(headers)
         if content_type != "application/json":
-            self._violation(f"Content-Type is {content_type!r}, not application/json")
-            return _json(400, {"message": "Invalid Content-Type"})
+            self._record_violation(f"Content-Type is {content_type!r}, not application/json")
+            return json_answer(400, {"message": "Invalid Content-Type"})
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
-            self._violation("body is not JSON")
-            return _json(400, {"message": "Received unparseable request body"})
+            self._record_violation("body is not JSON")
+            return json_answer(400, {"message": "Received unparseable request body"})
         problem = _check_body(document)
         if problem is not None:
-            self._violation(problem)
-            return _json(400, {"message": problem})
+            self._record_violation(problem)
+            return json_answer(400, {"message": problem})
         with self._lock:
             self.bodies.append(document)
 
         # Injected failures come after the checks, as a real server checks auth and shape
         # before it decides it is busy.
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
 
         errors = []
         with self._lock:
             for index, obj in enumerate(document["attributes"]):
                 problem = _check_object(obj)
                 if problem is not None:
-                    self._violation(f"attributes[{index}]: {problem}")
+                    self._record_violation(f"attributes[{index}]: {problem}")
                     errors.append(_error(problem, index))
                     continue
                 id_key = _identifier(obj)
@@ -309,7 +255,7 @@ class FakeBraze:
         }
         if errors:
             answer["errors"] = errors
-        return _json(201, answer, _rate_headers(remaining=2999))
+        return json_answer(201, answer, _rate_headers(remaining=2999))
 
     def _apply(self, id_key: str, value: Any, obj: dict[str, Any]) -> None:
         user = self._find(id_key, value)
@@ -335,15 +281,15 @@ class FakeBraze:
             else:
                 user[name] = attribute
 
-    def _failure(self, kind: str) -> tuple[int, bytes, dict]:
+    def _failure(self, kind: str) -> Answer:
         if kind == "rate_limit":
             reset = int(time.time()) + 1
             headers = {**_rate_headers(remaining=0, reset=reset), "X-Ratelimit-Retry-After": "1"}
-            return _json(429, {"message": "API rate limit exceeded"}, headers)
+            return json_answer(429, {"message": "API rate limit exceeded"}, headers)
         if kind == "server_error":
-            return _json(503, {"message": "Service Unavailable"})
+            return json_answer(503, {"message": "Service Unavailable"})
         if kind == "expired_token":
-            return _json(401, {"message": f"Invalid API key: {self.api_key}"})
+            return json_answer(401, {"message": f"Invalid API key: {self.api_key}"})
         raise AssertionError(kind)
 
 
@@ -413,44 +359,3 @@ def _rate_headers(remaining: int, reset: int | None = None) -> dict[str, str]:
         "X-RateLimit-Remaining": str(remaining),
         "X-RateLimit-Reset": str(reset if reset is not None else int(time.time()) + 3),
     }
-
-
-def _json(status: int, payload: Any, headers: dict[str, str] | None = None):
-    return status, orjson.dumps(payload), {"Content-Type": "application/json", **(headers or {})}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    fake: FakeBraze
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out has closed its socket: the late answer cannot be written.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence the per-request log line."""
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        status, payload, headers = self.server.fake.handle(
-            self.command, self.path, self.headers, body
-        )
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if payload:
-            self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve

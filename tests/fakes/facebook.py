@@ -18,7 +18,8 @@ sequence number reused with other data). A breach answers Meta's error shape (co
 and is listed in :attr:`FakeFacebook.violations`.
 
 Failures are injected in Meta's own shapes with :meth:`FakeFacebook.fail_next`: ``rate_limit``
-(a 400 with code 80003 (or ``code=17``, 4, 613) and ``X-Business-Use-Case-Usage``),
+(a 400 with code 80003 (or ``code=17``, 4, 613) and ``X-Business-Use-Case-Usage``, whose
+``estimated_time_to_regain_access`` is option ``regain_minutes``),
 ``server_error`` (500, code 2, transient), ``expired_token`` (code 190, subcode 463),
 ``permission`` (code 200), ``invalid_parameter`` (code 100), ``timeout`` (the answer comes
 after ``seconds``, the request is still applied, as when an answer is lost).
@@ -31,15 +32,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import sys
-import threading
-import time
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable, Mapping
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import orjson
+
+from ._http import Answer, Failure, FakeServer, drop_none, hold, media_type, target
 
 API_VERSION = "v25.0"
 TOKEN = "EAAfakeMetaToken0123456789"
@@ -102,15 +100,7 @@ def meta_error(code: int, message: str, subcode: int | None = None, **extra: Any
     return orjson.dumps({"error": error})
 
 
-class _Action:
-    __slots__ = ("kind", "options")
-
-    def __init__(self, kind: str, options: dict[str, Any]):
-        self.kind = kind
-        self.options = options
-
-
-class FakeFacebook:
+class FakeFacebook(FakeServer):
     """Meta's Custom Audiences API on loopback; state and counters are thread-safe.
 
     Args:
@@ -119,7 +109,18 @@ class FakeFacebook:
         ad_account_id: the ad account audiences are created in.
         audience_id: an audience that exists from the start.
         latency_s: seconds each request waits before it is handled.
+        port: the port (0: any free one).
     """
+
+    content_type = "application/json; charset=UTF-8"
+    failure_kinds = (
+        "rate_limit",
+        "server_error",
+        "expired_token",
+        "permission",
+        "invalid_parameter",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -132,60 +133,24 @@ class FakeFacebook:
         latency_s: float = 0.0,
         port: int = 0,
     ):
+        super().__init__(port=port)
         self.access_token = access_token
         self.app_secret = app_secret
         self.ad_account_id = ad_account_id
         self.audience_id = audience_id
         self.version = version
         self.latency_s = latency_s
-        self._port = port
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
         self.reset()
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> "FakeFacebook":
-        """Listen on 127.0.0.1 in a daemon thread; return self."""
-        server = _Server(("127.0.0.1", self._port), _Handler)
-        server.fake = self
-        self._server = server
-        threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "FakeFacebook":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``: the connector's ``base_url``."""
-        assert self._server is not None, "the fake is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def reset(self) -> None:
         """Forget audiences, counters, injected failures and violations."""
+        super().reset()
         with self._lock:
             self._audiences: dict[str, _Audience] = {self.audience_id: _Audience()}
             self.created: list[dict[str, Any]] = []
             """Bodies of the audiences created, in order."""
             self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
             """Every request: method, path with query, headers, body."""
-            self.violations: list[str] = []
-            self.max_concurrent = 0
-            self._concurrent = 0
-            self._actions: deque[_Action] = deque()
             self._rejected_hashes: set[str] = set()
             self._session_rows: dict[tuple[int, int], bytes] = {}
             self.sessions: dict[int, list[int]] = {}
@@ -205,12 +170,7 @@ class FakeFacebook:
         }
         if self.app_secret:
             config["app_secret"] = self.app_secret
-        config.update(overrides)
-        return {k: v for k, v in config.items() if v is not None}
-
-    def sync_config(self) -> dict[str, Any]:
-        """The sync-level ``config``: nothing beyond the destination's."""
-        return {}
+        return drop_none(config, overrides)
 
     def field_mapping(self) -> list[dict[str, str]]:
         """email -> EMAIL and first_name -> FN; ltv has no Meta key and is not sent."""
@@ -250,25 +210,6 @@ class FakeFacebook:
             for email in emails_to_fields:
                 audience.add({"EMAIL": email_hash(email)})
 
-    def fail_next(self, kind: str, n: int = 1, **options: Any) -> None:
-        """Answer the next ``n`` API requests with a failure of ``kind`` (see the module doc).
-
-        Options: ``code`` (rate_limit), ``regain_minutes`` (rate_limit's usage header),
-        ``seconds`` (timeout).
-        """
-        kinds = {
-            "rate_limit",
-            "server_error",
-            "expired_token",
-            "permission",
-            "invalid_parameter",
-            "timeout",
-        }
-        if kind not in kinds:
-            raise ValueError(f"unknown failure kind {kind!r}; known: {sorted(kinds)}")
-        with self._lock:
-            self._actions.extend(_Action(kind, dict(options)) for _ in range(n))
-
     def reject_keys(self, emails: Iterable[str]) -> None:
         """Rows with these emails come back as invalid entries and are not applied."""
         with self._lock:
@@ -281,40 +222,26 @@ class FakeFacebook:
 
     # -- handling (called on the server's threads) -------------------------------------------
 
-    def _violation(
-        self, message: str, code: int = 100, subcode: int | None = None
-    ) -> tuple[int, bytes, dict]:
-        with self._lock:
-            self.violations.append(message)
+    def _violation(self, message: str, code: int = 100, subcode: int | None = None) -> Answer:
+        self._record_violation(message)
         return 400, meta_error(code, f"(#{code}) {message}", subcode), {}
 
-    def handle(
-        self, method: str, target: str, headers: Any, body: bytes
-    ) -> tuple[int, bytes, dict]:
+    def handle(self, method: str, path: str, query: str, headers: Any, body: bytes) -> Answer:
         """Check and apply one request; return status, body and extra headers."""
         with self._lock:
-            self.requests.append((method, target, dict(headers.items()), body))
-            self._concurrent += 1
-            self.max_concurrent = max(self.max_concurrent, self._concurrent)
-            action = self._actions.popleft() if self._actions else None
-        try:
-            delay = self.latency_s
-            if action is not None and action.kind == "timeout":
-                delay += float(action.options.get("seconds", 2.0))
-                action = None  # the request is then handled (and applied) normally
-            if delay:
-                time.sleep(delay)
-            return self._handle(method, target, headers, body, action)
-        finally:
-            with self._lock:
-                self._concurrent -= 1
+            self.requests.append((method, target(path, query), dict(headers.items()), body))
+        action = self._failures.take()
+        with self._in_flight():
+            action = hold(action, "seconds", 2.0, self.latency_s)
+            return self._handle(method, path, query, headers, body, action)
 
-    def _handle(self, method: str, target: str, headers: Any, body: bytes, action: _Action | None):
-        parts = urlsplit(target)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        match = re.match(r"^/(v\d+\.\d+)/(.+)$", parts.path)
+    def _handle(
+        self, method: str, path: str, query: str, headers: Any, body: bytes, action: Failure | None
+    ) -> Answer:
+        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        match = re.match(r"^/(v\d+\.\d+)/(.+)$", path)
         if match is None:
-            return self._violation(f"no version prefix in {parts.path!r}", code=2500)
+            return self._violation(f"no version prefix in {path!r}", code=2500)
         if match.group(1) != self.version:
             return self._violation(f"version {match.group(1)} is not {self.version}", code=2635)
         path = match.group(2)
@@ -322,7 +249,7 @@ class FakeFacebook:
         # The token, then the proof: Meta checks credentials before anything else.
         authorization = headers.get("Authorization") or ""
         token = (
-            authorization[7:] if authorization.startswith("Bearer ") else query.get("access_token")
+            authorization[7:] if authorization.startswith("Bearer ") else params.get("access_token")
         )
         if not token:
             return self._violation("An active access token must be used", code=2500)
@@ -333,7 +260,7 @@ class FakeFacebook:
                 {},
             )
         if self.app_secret:
-            proof = query.get("appsecret_proof")
+            proof = params.get("appsecret_proof")
             expected = hmac.new(
                 self.app_secret.encode(), token.encode(), hashlib.sha256
             ).hexdigest()
@@ -354,7 +281,7 @@ class FakeFacebook:
                 {},
             )
 
-        content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        content_type = media_type(headers)
         if content_type != "application/json":
             return self._violation(f"Content-Type is {content_type!r}, not application/json")
         try:
@@ -372,7 +299,7 @@ class FakeFacebook:
             return self._users(method, users.group(1), document, action)
         return self._violation(f"Unknown path components: {method} /{path}", code=2500)
 
-    def _failure(self, action: _Action) -> tuple[int, bytes, dict]:
+    def _failure(self, action: Failure) -> Answer:
         """The injected failure's answer (after the request passed every check)."""
         kind, options = action.kind, action.options
         if kind == "rate_limit":
@@ -402,7 +329,7 @@ class FakeFacebook:
             return 400, meta_error(100, "(#100) Invalid parameter", 1870034), {}
         raise AssertionError(kind)
 
-    def _create(self, account: str, document: dict, action: _Action | None):
+    def _create(self, account: str, document: dict, action: Failure | None) -> Answer:
         if account != self.ad_account_id:
             return 400, meta_error(100, f"(#100) Unknown ad account act_{account}", 33), {}
         name = document.get("name")
@@ -423,7 +350,9 @@ class FakeFacebook:
             self.created.append(dict(document))
         return 200, orjson.dumps({"id": new_id}), {}
 
-    def _users(self, method: str, audience_id: str, document: dict, action: _Action | None):
+    def _users(
+        self, method: str, audience_id: str, document: dict, action: Failure | None
+    ) -> Answer:
         extra = set(document) - BODY_KEYS
         if extra:
             return self._violation(f"unexpected parameters {sorted(extra)}")
@@ -588,38 +517,3 @@ def _check_session(session: Any) -> str | None:
     if total is not None and (not isinstance(total, int) or total < 0):
         return "session.estimated_num_total must be a non-negative integer"
     return None
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-    fake: FakeFacebook
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out closed its socket; writing the late answer fails. Expected.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-        """Silence the per-request log line."""
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        status, answer, extra = self.server.fake.handle(self.command, self.path, self.headers, body)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(answer)))
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(answer)
-
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve

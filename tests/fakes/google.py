@@ -33,15 +33,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
-import threading
-import time
 import uuid
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable, Mapping
 
 import orjson
+
+from ._http import Answer, Failure, FakeServer, drop_none, hold, media_type, target
 
 TOKEN = "ya29.fake-google-token-0123456789"
 CUSTOMER_ID = "1234567890"
@@ -109,15 +106,7 @@ def status_body(
     )
 
 
-class _Action:
-    __slots__ = ("kind", "options")
-
-    def __init__(self, kind: str, options: dict[str, Any]):
-        self.kind = kind
-        self.options = options
-
-
-class FakeGoogle:
+class FakeGoogle(FakeServer):
     """Google's Data Manager API for Customer Match on loopback; thread-safe.
 
     Args:
@@ -125,7 +114,11 @@ class FakeGoogle:
         customer_id: the operating account.
         user_list_id: a user list that exists from the start.
         latency_s: seconds each request waits before it is handled.
+        port: the port (0: any free one).
     """
+
+    content_type = "application/json; charset=UTF-8"
+    failure_kinds = ("rate_limit", "server_error", "expired_token", "permission", "timeout")
 
     def __init__(
         self,
@@ -136,58 +129,22 @@ class FakeGoogle:
         latency_s: float = 0.0,
         port: int = 0,
     ):
+        super().__init__(port=port)
         self.access_token = access_token
         self.customer_id = customer_id
         self.user_list_id = user_list_id
         self.latency_s = latency_s
-        self._port = port
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
         self.reset()
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> "FakeGoogle":
-        """Listen on 127.0.0.1 in a daemon thread; return self."""
-        server = _Server(("127.0.0.1", self._port), _Handler)
-        server.fake = self
-        self._server = server
-        threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "FakeGoogle":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``: the connector's ``base_url``."""
-        assert self._server is not None, "the fake is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def reset(self) -> None:
         """Forget lists, counters, injected failures and violations."""
+        super().reset()
         with self._lock:
             self._lists: dict[str, _UserList] = {self.user_list_id: _UserList()}
             self.created: list[dict[str, Any]] = []
             """Bodies of the user lists created, in order."""
             self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
             """Every request: method, path, headers, body."""
-            self.violations: list[str] = []
-            self.max_concurrent = 0
-            self._concurrent = 0
-            self._actions: deque[_Action] = deque()
             self._rejected_hashes: set[str] = set()
             self.fast_failed = 0
             """Requests refused whole because of named members."""
@@ -203,12 +160,7 @@ class FakeGoogle:
             "user_list_id": self.user_list_id,
             "base_url": self.base_url,
         }
-        config.update(overrides)
-        return {k: v for k, v in config.items() if v is not None}
-
-    def sync_config(self) -> dict[str, Any]:
-        """The sync-level ``config``: nothing beyond the destination's."""
-        return {}
+        return drop_none(config, overrides)
 
     def field_mapping(self) -> list[dict[str, str]]:
         """email -> email_address, first_name -> given_name (no address without the other
@@ -243,14 +195,6 @@ class FakeGoogle:
             for email in emails_to_fields:
                 self._lists[self.user_list_id].ingest({("emailAddress", email_hash(email))})
 
-    def fail_next(self, kind: str, n: int = 1, **options: Any) -> None:
-        """Answer the next ``n`` API requests with a failure of ``kind`` (see the module doc)."""
-        kinds = {"rate_limit", "server_error", "expired_token", "permission", "timeout"}
-        if kind not in kinds:
-            raise ValueError(f"unknown failure kind {kind!r}; known: {sorted(kinds)}")
-        with self._lock:
-            self._actions.extend(_Action(kind, dict(options)) for _ in range(n))
-
     def reject_keys(self, emails: Iterable[str]) -> None:
         """Requests holding these emails fail fast, naming each of those members."""
         with self._lock:
@@ -263,9 +207,8 @@ class FakeGoogle:
 
     # -- handling -------------------------------------------------------------------------
 
-    def _violation(self, message: str, reason: str = "INVALID_ARGUMENT", field: str = "") -> tuple:
-        with self._lock:
-            self.violations.append(message)
+    def _violation(self, message: str, reason: str = "INVALID_ARGUMENT", field: str = "") -> Answer:
+        self._record_violation(message)
         violations = [{"field": field, "description": message, "reason": reason}] if field else None
         return (
             400,
@@ -273,18 +216,14 @@ class FakeGoogle:
             {},
         )
 
-    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, bytes, dict]:
+    def handle(self, method: str, path: str, query: str, headers: Any, body: bytes) -> Answer:
         """Check and apply one request; return status, body and extra headers."""
         with self._lock:
-            self.requests.append((method, path, dict(headers.items()), body))
-            self._concurrent += 1
-            self.max_concurrent = max(self.max_concurrent, self._concurrent)
-            too_many = self._concurrent > MAX_IN_FLIGHT
-            action = self._actions.popleft() if self._actions else None
-        try:
-            if too_many:
-                with self._lock:
-                    self.violations.append(f"more than {MAX_IN_FLIGHT} requests in flight")
+            self.requests.append((method, target(path, query), dict(headers.items()), body))
+        action = self._failures.take()
+        with self._in_flight() as in_flight:
+            if in_flight > MAX_IN_FLIGHT:
+                self._record_violation(f"more than {MAX_IN_FLIGHT} requests in flight")
                 return (
                     429,
                     status_body(
@@ -292,23 +231,15 @@ class FakeGoogle:
                     ),
                     {},
                 )
-            delay = self.latency_s
-            if action is not None and action.kind == "timeout":
-                delay += float(action.options.get("seconds", 2.0))
-                action = None
-            if delay:
-                time.sleep(delay)
+            action = hold(action, "seconds", 2.0, self.latency_s)
             return self._handle(method, path, headers, body, action)
-        finally:
-            with self._lock:
-                self._concurrent -= 1
 
-    def _handle(self, method: str, path: str, headers: Any, body: bytes, action: _Action | None):
-        path = path.split("?", 1)[0]
+    def _handle(
+        self, method: str, path: str, headers: Any, body: bytes, action: Failure | None
+    ) -> Answer:
         authorization = headers.get("Authorization") or ""
         if not authorization.startswith("Bearer "):
-            with self._lock:
-                self.violations.append(f"{method} {path} without a bearer token")
+            self._record_violation(f"{method} {path} without a bearer token")
             return (
                 401,
                 status_body(
@@ -344,7 +275,7 @@ class FakeGoogle:
             )
         if method != "POST":
             return self._violation(f"{method} {path}: only POST is served")
-        content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        content_type = media_type(headers)
         if content_type != "application/json":
             return self._violation(f"Content-Type is {content_type!r}, not application/json")
         try:
@@ -360,11 +291,10 @@ class FakeGoogle:
             return self._members("remove", document, action)
         if lists:
             return self._create(lists.group(1), lists.group(2), document, action)
-        with self._lock:
-            self.violations.append(f"POST {path}: no such method")
+        self._record_violation(f"POST {path}: no such method")
         return 404, status_body(404, "NOT_FOUND", f"The requested URL {path} was not found."), {}
 
-    def _failure(self, action: _Action) -> tuple[int, bytes, dict]:
+    def _failure(self, action: Failure) -> Answer:
         kind = action.kind
         if kind == "rate_limit":
             delay = f"{float(action.options.get('retry_delay_s', 0)):g}s"
@@ -388,7 +318,9 @@ class FakeGoogle:
             )
         raise AssertionError(kind)
 
-    def _create(self, account_type: str, account: str, document: dict, action: _Action | None):
+    def _create(
+        self, account_type: str, account: str, document: dict, action: Failure | None
+    ) -> Answer:
         if account_type not in ACCOUNT_TYPES:
             return self._violation(f"unknown account type {account_type}")
         extra = set(document) - {
@@ -441,7 +373,7 @@ class FakeGoogle:
         }
         return 200, orjson.dumps(answer), {}
 
-    def _members(self, kind: str, document: dict, action: _Action | None):
+    def _members(self, kind: str, document: dict, action: Failure | None) -> Answer:
         allowed = INGEST_KEYS if kind == "ingest" else REMOVE_KEYS
         extra = set(document) - allowed
         if extra:
@@ -506,21 +438,14 @@ class FakeGoogle:
                 {},
             )
         if user_list is None:
-            return (
-                400,
-                status_body(
-                    400,
-                    "INVALID_ARGUMENT",
-                    "There was a problem with the request.",
-                    violations=[
-                        {
-                            "field": "destinations[0].product_destination_id",
-                            "description": "The user list does not exist.",
-                            "reason": "INVALID_USER_LIST_ID",
-                        }
-                    ],
-                ),
-                {},
+            return _bad_request(
+                [
+                    {
+                        "field": "destinations[0].product_destination_id",
+                        "description": "The user list does not exist.",
+                        "reason": "INVALID_USER_LIST_ID",
+                    }
+                ]
             )
         if action is not None:
             return self._failure(action)
@@ -538,16 +463,7 @@ class FakeGoogle:
                 }
                 for i in bad
             ]
-            return (
-                400,
-                status_body(
-                    400,
-                    "INVALID_ARGUMENT",
-                    "There was a problem with the request.",
-                    violations=violations,
-                ),
-                {},
-            )
+            return _bad_request(violations)
         with self._lock:
             for identifiers in parsed:
                 (user_list.ingest if kind == "ingest" else user_list.remove)(identifiers)
@@ -609,6 +525,14 @@ class FakeGoogle:
                     where,
                 )
         return None
+
+
+def _bad_request(violations: list[dict[str, str]]) -> Answer:
+    """Google's 400 for a request whose fields ``violations`` name are at fault."""
+    status = status_body(
+        400, "INVALID_ARGUMENT", "There was a problem with the request.", violations=violations
+    )
+    return 400, status, {}
 
 
 def _parse_member(member: Any) -> tuple[str | None, set[tuple[str, str]]]:
@@ -690,38 +614,3 @@ class _UserList:
 
     def emails(self) -> set[str]:
         return {v for m in self.members.values() for k, v in m if k == "emailAddress"}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-    fake: FakeGoogle
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out closed its socket; writing the late answer fails. Expected.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-        """Silence the per-request log line."""
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        status, answer, extra = self.server.fake.handle(self.command, self.path, self.headers, body)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(answer)))
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(answer)
-
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve

@@ -30,17 +30,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-import sys
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import orjson
+
+from ._http import Answer, FakeServer, drop_none, media_type, seed_items
 
 TOKEN = "pat-na1-fake-hubspot-token"
 CONTACT_TYPE = "0-1"
@@ -81,16 +79,12 @@ def _error(message: str, category: str = "VALIDATION_ERROR", **extra: Any) -> by
     )
 
 
-class _Failure:
-    __slots__ = ("kind", "method", "path")
-
-    def __init__(self, kind: str, path: str | None, method: str | None):
-        self.kind = kind
-        self.path = path
-        self.method = method
+def _no_list(list_id: str) -> Answer:
+    """HubSpot's answer for a list id it does not know."""
+    return 404, _error(f"List does not exist with ID {list_id}.", "OBJECT_NOT_FOUND"), {}
 
 
-class FakeHubSpot:
+class FakeHubSpot(FakeServer):
     """A HubSpot CRM API on loopback; state and counters are thread-safe.
 
     Args:
@@ -103,6 +97,9 @@ class FakeHubSpot:
             ``batch_400`` (the whole upsert refused with a 400 quoting the emails).
     """
 
+    content_type = "application/json;charset=utf-8"
+    failure_kinds = KINDS
+
     def __init__(
         self,
         token: str = TOKEN,
@@ -112,19 +109,18 @@ class FakeHubSpot:
         membership_limit: int = 10_000,
         reject_mode: str = "multi_status",
     ):
+        super().__init__(port=port)
         self.token = token
         self.timeout_s = timeout_s
         self.membership_limit = membership_limit
         self.reject_mode = reject_mode
-        self._port = port
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
         self.reset()
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget contacts, lists, counters and injected failures; make the default list."""
+        super().reset()
         with self._lock:
             self.contacts: dict[str, dict[str, Any]] = {}
             """Record id -> {"id", "properties", "createdAt", "updatedAt"}."""
@@ -133,44 +129,11 @@ class FakeHubSpot:
             """List id -> the list's description plus ``members`` (record id -> joined at)."""
             self._next_contact = 1001
             self._next_list = 11
-            self.violations: list[str] = []
             self.calls: list[tuple[str, str, Any]] = []
             """(method, path, JSON body) of every request, in arrival order."""
             self.requests = 0
-            self.max_concurrent = 0
-            self._concurrent = 0
-            self._failures: deque[_Failure] = deque()
             self._reject: set[str] = set()
         self.default_list_id = self.add_list(DEFAULT_LIST_NAME, "MANUAL")
-
-    def start(self) -> FakeHubSpot:
-        """Listen in a daemon thread; return self."""
-        server = _Server(("127.0.0.1", self._port), _Handler)
-        server.fake = self
-        self._server = server
-        threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeHubSpot:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``: the ``base_url`` of a destination using this fake."""
-        assert self._server is not None, "the fake is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # -- the common surface -----------------------------------------------------------------
 
@@ -183,12 +146,7 @@ class FakeHubSpot:
             "list_id": self.default_list_id,
             "base_url": self.base_url,
         }
-        config.update(overrides)
-        return {k: v for k, v in config.items() if v is not None}
-
-    def sync_config(self) -> dict[str, Any]:
-        """The sync-level ``config``: nothing beyond the destination's."""
-        return {}
+        return drop_none(config, overrides)
 
     def field_mapping(self) -> list[dict[str, str]]:
         """``email``, ``first_name`` and ``ltv`` mapped to contact properties."""
@@ -223,30 +181,15 @@ class FakeHubSpot:
         list_id: str | None = None,
     ) -> dict[str, str]:
         """Create contacts (fields by property name) in the list; return email -> record id."""
-        items = (
-            emails_to_fields.items()
-            if isinstance(emails_to_fields, Mapping)
-            else ((e, {}) for e in emails_to_fields)
-        )
         ids = {}
         with self._lock:
             the_list = self.lists[str(list_id or self.default_list_id)]
-            for email, fields in items:
+            for email, fields in seed_items(emails_to_fields):
                 properties = {k: "" if v is None else str(v) for k, v in (fields or {}).items()}
                 record_id, _ = self._upsert_contact(email.strip().lower(), properties)
                 the_list["members"].setdefault(record_id, _now())
                 ids[email] = record_id
         return ids
-
-    def fail_next(
-        self, kind: str, n: int = 1, *, path: str | None = None, method: str | None = None
-    ) -> None:
-        """Fail the next ``n`` requests (whose path contains ``path`` and whose method is
-        ``method``, if given) with ``kind``."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown failure kind {kind!r}; known: {', '.join(KINDS)}")
-        with self._lock:
-            self._failures.extend(_Failure(kind, path, method) for _ in range(n))
 
     def reject_keys(self, emails: Iterable[str]) -> None:
         """Fail the upserts of these emails from now on (HubSpot's per-input error shape)."""
@@ -291,82 +234,67 @@ class FakeHubSpot:
 
     # -- handling ---------------------------------------------------------------------------
 
-    def _violation(self, message: str, status: int = 400) -> tuple[int, bytes, dict[str, str]]:
-        with self._lock:
-            self.violations.append(message)
+    def _violation(self, message: str, status: int = 400) -> Answer:
+        self._record_violation(message)
         category = "OBJECT_NOT_FOUND" if status == 404 else "VALIDATION_ERROR"
         return status, _error(message, category), {}
 
-    def _take_failure(self, method: str, path: str) -> _Failure | None:
-        with self._lock:
-            for index, failure in enumerate(self._failures):
-                if (failure.path is None or failure.path in path) and (
-                    failure.method is None or failure.method == method
-                ):
-                    del self._failures[index]
-                    return failure
-        return None
-
-    def handle(
-        self, method: str, target: str, headers: Any, raw: bytes
-    ) -> tuple[int, bytes, dict[str, str]]:
+    def handle(self, method: str, path: str, query: str, headers: Any, raw: bytes) -> Answer:
         """Check and serve one request; return status, body and extra headers."""
-        path = unquote(urlsplit(target).path)
-        body: Any = None
+        path = unquote(path)
         with self._lock:
             self.requests += 1
-            self._concurrent += 1
-            self.max_concurrent = max(self.max_concurrent, self._concurrent)
-        try:
-            authorization = headers.get("Authorization") or ""
-            if not authorization.startswith("Bearer "):
-                self._violation(f"{method} {path}: no 'Authorization: Bearer' header")
-                return (
-                    401,
-                    _error("Authentication credentials not found.", "INVALID_AUTHENTICATION"),
-                    {},
-                )
-            if authorization != f"Bearer {self.token}":
-                return (
-                    401,
-                    _error(
-                        "Authentication credentials not found. This API supports OAuth 2.0"
-                        " authentication",
-                        "INVALID_AUTHENTICATION",
-                    ),
-                    {},
-                )
-            if method in ("POST", "PUT", "PATCH"):
-                content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
-                if content_type != "application/json":
-                    return self._violation(f"{method} {path}: Content-Type {content_type!r}")
-                try:
-                    body = orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    return self._violation(f"{method} {path}: body is not JSON ({exc})")
-            with self._lock:
-                self.calls.append((method, path, body))
-            route = self._route(method, path)
-            if route is None:
-                return self._violation(f"no such endpoint: {method} {path}", 404)
-            handler, args = route
-            # Shape checks come first, as a real API's validation does: a broken request is
-            # recorded even when a failure is injected for it.
-            problem = self._check(handler, body)
-            if problem is not None:
-                return problem
-            failure = self._take_failure(method, path)
-            if failure is not None:
-                if failure.kind == "timeout":
-                    time.sleep(self.timeout_s)
-                else:
-                    return self._failure_answer(failure.kind)
-            return handler(body, *args)
-        finally:
-            with self._lock:
-                self._concurrent -= 1
+        with self._in_flight():
+            return self._handle(method, path, headers, raw)
 
-    def _failure_answer(self, kind: str) -> tuple[int, bytes, dict[str, str]]:
+    def _handle(self, method: str, path: str, headers: Any, raw: bytes) -> Answer:
+        body: Any = None
+        authorization = headers.get("Authorization") or ""
+        if not authorization.startswith("Bearer "):
+            self._violation(f"{method} {path}: no 'Authorization: Bearer' header")
+            return (
+                401,
+                _error("Authentication credentials not found.", "INVALID_AUTHENTICATION"),
+                {},
+            )
+        if authorization != f"Bearer {self.token}":
+            return (
+                401,
+                _error(
+                    "Authentication credentials not found. This API supports OAuth 2.0"
+                    " authentication",
+                    "INVALID_AUTHENTICATION",
+                ),
+                {},
+            )
+        if method in ("POST", "PUT", "PATCH"):
+            content_type = media_type(headers)
+            if content_type != "application/json":
+                return self._violation(f"{method} {path}: Content-Type {content_type!r}")
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                return self._violation(f"{method} {path}: body is not JSON ({exc})")
+        with self._lock:
+            self.calls.append((method, path, body))
+        route = self._route(method, path)
+        if route is None:
+            return self._violation(f"no such endpoint: {method} {path}", 404)
+        handler, args = route
+        # Shape checks come first, as a real API's validation does: a broken request is
+        # recorded even when a failure is injected for it.
+        problem = self._check(handler, body)
+        if problem is not None:
+            return problem
+        failure = self._failures.take(method, path)
+        if failure is not None:
+            if failure.kind == "timeout":
+                time.sleep(self.timeout_s)
+            else:
+                return self._failure_answer(failure.kind)
+        return handler(body, *args)
+
+    def _failure_answer(self, kind: str) -> Answer:
         limits = {
             "X-HubSpot-RateLimit-Max": "100",
             "X-HubSpot-RateLimit-Remaining": "0",
@@ -573,14 +501,7 @@ class FakeHubSpot:
         if id_property == "email":
             record_id = self._by_email.get(email_or_id)
         else:
-            record_id = next(
-                (
-                    c["id"]
-                    for c in self.contacts.values()
-                    if c["properties"].get(id_property) == email_or_id
-                ),
-                None,
-            )
+            record_id = self._find_by(id_property, email_or_id)
         now = _now()
         if record_id is None:
             record_id = str(self._next_contact)
@@ -605,6 +526,14 @@ class FakeHubSpot:
         if email:
             self._by_email[email] = record_id
         return record_id, new
+
+    def _find_by(self, id_property: str, value: str) -> str | None:
+        """The id of a contact whose ``id_property`` is ``value`` (lock held): emails have an
+        index, the other unique properties (``customer_id``) are looked for in every contact."""
+        return next(
+            (c["id"] for c in self.contacts.values() if c["properties"].get(id_property) == value),
+            None,
+        )
 
     def _upsert(self, body: dict[str, Any]) -> tuple[int, bytes, dict[str, str]]:
         started = _now()
@@ -688,14 +617,7 @@ class FakeHubSpot:
                 elif id_property == "hs_object_id":
                     record_id = value if value in self.contacts else None
                 else:
-                    record_id = next(
-                        (
-                            c["id"]
-                            for c in self.contacts.values()
-                            if c["properties"].get(id_property) == value
-                        ),
-                        None,
-                    )
+                    record_id = self._find_by(id_property, value)
                 if record_id is None:
                     missing.append(value)
                     continue
@@ -759,11 +681,7 @@ class FakeHubSpot:
         with self._lock:
             the_list = self.lists.get(list_id)
             if the_list is None:
-                return (
-                    404,
-                    _error(f"List does not exist with ID {list_id}.", "OBJECT_NOT_FOUND"),
-                    {},
-                )
+                return _no_list(list_id)
             return 200, orjson.dumps({"list": self._public(the_list)}), {}
 
     def _get_list_by_name(
@@ -779,11 +697,7 @@ class FakeHubSpot:
         with self._lock:
             the_list = self.lists.get(list_id)
             if the_list is None:
-                return (
-                    404,
-                    _error(f"List does not exist with ID {list_id}.", "OBJECT_NOT_FOUND"),
-                    {},
-                )
+                return _no_list(list_id)
             results = [
                 {"recordId": r, "membershipTimestamp": t}
                 for r, t in sorted(the_list["members"].items(), key=lambda x: int(x[0]))
@@ -796,11 +710,7 @@ class FakeHubSpot:
         with self._lock:
             the_list = self.lists.get(list_id)
             if the_list is None:
-                return (
-                    404,
-                    _error(f"List does not exist with ID {list_id}.", "OBJECT_NOT_FOUND"),
-                    {},
-                )
+                return _no_list(list_id)
             if the_list["processingType"] not in ("MANUAL", "SNAPSHOT"):
                 return (
                     400,
@@ -831,38 +741,3 @@ class FakeHubSpot:
             ),
             {},
         )
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-    fake: FakeHubSpot
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out has closed its socket; the late answer cannot be written.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence the per-request log line."""
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        status, body, extra = self.server.fake.handle(self.command, self.path, self.headers, raw)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json;charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve

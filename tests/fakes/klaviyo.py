@@ -29,17 +29,14 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import sys
-import threading
-import time
 import uuid
-from collections import deque
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import orjson
+
+from ._http import Answer, FakeServer, drop_none, hold, json_answer, media_type
 
 API_KEY = "pk_fake_0123456789abcdef0123456789abcdef"
 LIST_ID = "Xk9Lm2"
@@ -85,53 +82,28 @@ def _new_id(length: int = 26) -> str:
     return "".join(secrets.choice(_ULID) for _ in range(length))
 
 
-class FakeKlaviyo:
+class FakeKlaviyo(FakeServer):
     """A fake Klaviyo account on loopback; state and counters are thread-safe.
 
     Args:
         api_key: the private key it accepts.
         list_id: the id of the list that exists from the start (the generic tests' list).
+
+    The connector adds ``/api`` to :attr:`base_url`.
     """
 
+    content_type = JSON_API
+    failure_kinds = FAILURE_KINDS
+
     def __init__(self, *, api_key: str = API_KEY, list_id: str = LIST_ID):
+        super().__init__()
         self.api_key = api_key
         self.list_id = list_id
-        self._lock = threading.RLock()
-        self._server: _Server | None = None
         self.reset()
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> FakeKlaviyo:
-        """Listen on a free port of 127.0.0.1; return self."""
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeKlaviyo:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>`` (the connector adds ``/api``)."""
-        assert self._server is not None, "the fake is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def reset(self) -> None:
         """Forget profiles, lists (but the first), requests, violations and failures."""
+        super().reset()
         with self._lock:
             self.profiles: dict[str, dict[str, Any]] = {}
             """Profiles by id: their attributes (``properties`` and ``location`` nested)."""
@@ -139,7 +111,6 @@ class FakeKlaviyo:
                 self.list_id: {"name": "Fake list", "members": set()}
             }
             self.lists_created = 0
-            self.violations: list[str] = []
             self.requests: list[tuple[str, str]] = []
             """``(method, path without query)`` of every request, in arrival order."""
             self.relationship_sizes: list[int] = []
@@ -147,7 +118,6 @@ class FakeKlaviyo:
             """``(method, path, parsed body)`` of every request with a JSON body."""
             self.revisions: set[str] = set()
             self.rejected: set[str] = set()
-            self._actions: deque[tuple[str, float]] = deque()
 
     # -- the generic surface --------------------------------------------------------------
 
@@ -159,12 +129,7 @@ class FakeKlaviyo:
             "list_id": self.list_id,
             "base_url": self.base_url,
         }
-        config.update(overrides)
-        return {k: v for k, v in config.items() if v is not None}
-
-    def sync_config(self) -> dict[str, Any]:
-        """The sync-level ``config``: nothing beyond the destination's."""
-        return {}
+        return drop_none(config, overrides)
 
     @staticmethod
     def field_mapping() -> list[dict[str, str]]:
@@ -209,13 +174,6 @@ class FakeKlaviyo:
                     else:
                         self.profiles[profile_id].setdefault("properties", {})[name] = value
                 self.lists[self.list_id]["members"].add(profile_id)
-
-    def fail_next(self, kind: str, n: int = 1, *, delay_s: float = 1.0) -> None:
-        """Answer the next ``n`` requests with a failure of ``kind`` (see the module doc)."""
-        if kind not in FAILURE_KINDS:
-            raise ValueError(f"unknown failure kind {kind!r}; known: {FAILURE_KINDS}")
-        with self._lock:
-            self._actions.extend((kind, delay_s) for _ in range(n))
 
     def reject_keys(self, emails: Iterable[str]) -> None:
         """Creating or updating profiles with these addresses fails with a 400."""
@@ -270,53 +228,44 @@ class FakeKlaviyo:
             else:
                 profile[name] = value
 
-    def _violation(self, message: str) -> None:
-        with self._lock:
-            self.violations.append(message)
-
-    def handle(
-        self, method: str, target: str, headers: Any, body: bytes
-    ) -> tuple[int, bytes, dict]:
+    def handle(self, method: str, path: str, query: str, headers: Any, body: bytes) -> Answer:
         """Check and apply one request; return status, body and headers."""
-        parts = urlsplit(target)
-        path = parts.path
         with self._lock:
             self.requests.append((method, path))
-            action = self._actions.popleft() if self._actions else None
-        if action is not None and action[0] == "timeout":
-            time.sleep(action[1])
-            action = None
-        return self._handle(method, path.rstrip("/"), parse_qs(parts.query), headers, body, action)
+        action = self._failures.take()
+        with self._in_flight():
+            action = hold(action, "delay_s", 1.0)
+            return self._handle(method, path.rstrip("/"), parse_qs(query), headers, body, action)
 
     def _handle(
         self, method: str, path: str, query: dict, headers: Any, body: bytes, action: Any
-    ) -> tuple[int, bytes, dict]:
+    ) -> Answer:
         if headers.get("Authorization") != f"Klaviyo-API-Key {self.api_key}":
-            self._violation("Authorization is not 'Klaviyo-API-Key <key>'")
+            self._record_violation("Authorization is not 'Klaviyo-API-Key <key>'")
             return self._failure("expired_token")
         revision = headers.get("revision") or ""
         if not _REVISION.match(revision):
-            self._violation(f"revision header {revision!r} is not a date revision")
+            self._record_violation(f"revision header {revision!r} is not a date revision")
             return _error(
                 400, "invalid", "Invalid revision header.", f"{revision!r} is not a valid revision"
             )
         with self._lock:
             self.revisions.add(revision)
         if JSON_API not in (headers.get("Accept") or ""):
-            self._violation(f"Accept {headers.get('Accept')!r} does not take {JSON_API}")
+            self._record_violation(f"Accept {headers.get('Accept')!r} does not take {JSON_API}")
             return _error(406, "not_acceptable", "Could not satisfy the request Accept header.", "")
         document = None
         if method in ("POST", "PATCH") or (method == "DELETE" and body):
-            content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            content_type = media_type(headers)
             if content_type != JSON_API:
-                self._violation(
+                self._record_violation(
                     f"{method} {path}: Content-Type is {content_type!r}, not {JSON_API}"
                 )
                 return _error(415, "unsupported_media_type", "Unsupported media type.", "")
             try:
                 document = orjson.loads(body)
             except orjson.JSONDecodeError:
-                self._violation(f"{method} {path}: body is not JSON")
+                self._record_violation(f"{method} {path}: body is not JSON")
                 return _error(400, "parse_error", "Malformed request.", "JSON parse error")
             with self._lock:
                 self.bodies.append((method, path, document))
@@ -346,8 +295,8 @@ class FakeKlaviyo:
             return self._unknown(method, path)
         return handler(method, segments, query, document, action)
 
-    def _unknown(self, method: str, path: str) -> tuple[int, bytes, dict]:
-        self._violation(f"{method} {path}: not an endpoint the connector may call")
+    def _unknown(self, method: str, path: str) -> Answer:
+        self._record_violation(f"{method} {path}: not an endpoint the connector may call")
         return _error(404, "not_found", "Not found.", f"{path} was not found")
 
     def _filter(self, query: dict, field: str) -> tuple[str | None, tuple | None]:
@@ -357,7 +306,7 @@ class FakeKlaviyo:
             return None, None
         match = _FILTER.match(values[0])
         if not match or match.group(1) != field:
-            self._violation(f'filter {values[0]!r} is not equals({field},"...")')
+            self._record_violation(f'filter {values[0]!r} is not equals({field},"...")')
             return None, _error(
                 400,
                 "invalid",
@@ -399,10 +348,10 @@ class FakeKlaviyo:
         data = document.get("data") if isinstance(document, dict) else None
         problem = self._check_profile(data)
         if problem is not None:
-            self._violation(f"POST /api/profiles: {problem}")
+            self._record_violation(f"POST /api/profiles: {problem}")
             return _error(400, "invalid", "Invalid input.", problem, pointer="/data")
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         attributes = data["attributes"]
         with self._lock:
             if attributes.get("email") in self.rejected:
@@ -418,17 +367,17 @@ class FakeKlaviyo:
                     meta={"duplicate_profile_id": existing},
                 )
             profile_id = self._create(attributes)
-            return _json(201, {"data": _profile_json(profile_id, self.profiles[profile_id])})
+            return json_answer(201, {"data": _profile_json(profile_id, self.profiles[profile_id])})
 
     def _patch_profile(self, method, segments, query, document, action):
         profile_id = segments[1]
         data = document.get("data") if isinstance(document, dict) else None
         problem = self._check_profile(data, with_id=profile_id)
         if problem is not None:
-            self._violation(f"PATCH /api/profiles/{profile_id}: {problem}")
+            self._record_violation(f"PATCH /api/profiles/{profile_id}: {problem}")
             return _error(400, "invalid", "Invalid input.", problem, pointer="/data")
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         with self._lock:
             if profile_id not in self.profiles:
                 return _error(
@@ -450,43 +399,43 @@ class FakeKlaviyo:
                     meta={"duplicate_profile_id": other},
                 )
             self._set(profile_id, data["attributes"])
-            return _json(200, {"data": _profile_json(profile_id, self.profiles[profile_id])})
+            return json_answer(200, {"data": _profile_json(profile_id, self.profiles[profile_id])})
 
     def _get_profiles(self, method, segments, query, document, action):
         email, failure = self._filter(query, "email")
         if failure is not None:
             return failure
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         with self._lock:
             ids = [self._by_email(email)] if email is not None else list(self.profiles)
             data = [_profile_json(i, self.profiles[i]) for i in ids if i is not None]
-        return _json(200, {"data": data, "links": {"self": "", "next": None, "prev": None}})
+        return json_answer(200, {"data": data, "links": {"self": "", "next": None, "prev": None}})
 
     def _get_lists(self, method, segments, query, document, action):
         name, failure = self._filter(query, "name")
         if failure is not None:
             return failure
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         with self._lock:
             data = [
                 _list_json(i, entry)
                 for i, entry in self.lists.items()
                 if name is None or entry["name"] == name
             ]
-        return _json(200, {"data": data, "links": {"self": "", "next": None, "prev": None}})
+        return json_answer(200, {"data": data, "links": {"self": "", "next": None, "prev": None}})
 
     def _get_list(self, method, segments, query, document, action):
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         with self._lock:
             entry = self.lists.get(segments[1])
             if entry is None:
                 return _error(
                     404, "not_found", "Not found.", f"A list with id {segments[1]} does not exist."
                 )
-            return _json(200, {"data": _list_json(segments[1], entry)})
+            return json_answer(200, {"data": _list_json(segments[1], entry)})
 
     def _create_list(self, method, segments, query, document, action):
         data = document.get("data") if isinstance(document, dict) else None
@@ -496,17 +445,17 @@ class FakeKlaviyo:
             or set(data.get("attributes") or {}) != {"name"}
             or not str(data["attributes"]["name"]).strip()
         ):
-            self._violation(
+            self._record_violation(
                 "POST /api/lists: data must be {'type': 'list', 'attributes': {'name'}}"
             )
             return _error(400, "invalid", "Invalid input.", "a list needs a name", pointer="/data")
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         with self._lock:
             list_id = _new_id(6)
             self.lists[list_id] = {"name": data["attributes"]["name"], "members": set()}
             self.lists_created += 1
-            return _json(201, {"data": _list_json(list_id, self.lists[list_id])})
+            return json_answer(201, {"data": _list_json(list_id, self.lists[list_id])})
 
     def _relationships(self, method, segments, query, document, action):
         list_id = segments[1]
@@ -525,10 +474,10 @@ class FakeKlaviyo:
         ):
             problem = "each item must be exactly {'type': 'profile', 'id': str}"
         if problem is not None:
-            self._violation(f"{method} lists/{list_id}/relationships/profiles: {problem}")
+            self._record_violation(f"{method} lists/{list_id}/relationships/profiles: {problem}")
             return _error(400, "invalid", "Invalid input.", problem, pointer="/data")
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         with self._lock:
             entry = self.lists.get(list_id)
             if entry is None:
@@ -552,7 +501,7 @@ class FakeKlaviyo:
             self.relationship_sizes.append(len(ids))
         return 204, b"", {}
 
-    def _failure(self, kind: str) -> tuple[int, bytes, dict]:
+    def _failure(self, kind: str) -> Answer:
         if kind == "rate_limit":
             status, body, headers = _error(
                 429,
@@ -581,7 +530,7 @@ class FakeKlaviyo:
         raise AssertionError(kind)
 
 
-def _rejected() -> tuple[int, bytes, dict]:
+def _rejected() -> Answer:
     return _error(
         400, "invalid", "Invalid input.", "Invalid email address", pointer="/data/attributes/email"
     )
@@ -609,7 +558,7 @@ def _error(
     pointer: str | None = None,
     parameter: str | None = None,
     meta: dict[str, Any] | None = None,
-) -> tuple[int, bytes, dict]:
+) -> Answer:
     error: dict[str, Any] = {
         "id": str(uuid.uuid4()),
         "status": status,
@@ -621,44 +570,3 @@ def _error(
         error["source"] = {"pointer": pointer} if pointer else {"parameter": parameter}
     error["meta"] = meta or {}
     return status, orjson.dumps({"errors": [error]}), {"Content-Type": JSON_API}
-
-
-def _json(status: int, payload: Any) -> tuple[int, bytes, dict]:
-    return status, orjson.dumps(payload), {"Content-Type": JSON_API}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    fake: FakeKlaviyo
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out has closed its socket: the late answer cannot be written.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence the per-request log line."""
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        status, payload, headers = self.server.fake.handle(
-            self.command, self.path, self.headers, body
-        )
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if payload:
-            self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve

@@ -23,7 +23,8 @@ correct connector never sends (an unknown path, a bad shape, a batch over 500, a
 unnormalised email, an unknown merge field) is answered as Mailchimp would and listed in
 :attr:`FakeMailchimp.violations`.
 
-Failures: ``fail_next("rate_limit" | "server_error" | "expired_token" | "timeout")`` and
+Failures: ``fail_next("rate_limit" | "server_error" | "expired_token" | "timeout")`` (a
+timeout holds the request ``delay_s``, default 1, then applies it) and
 :meth:`FakeMailchimp.reject_keys` (those addresses come back in the upsert's ``errors[]`` as a
 permanently deleted contact does).
 """
@@ -33,16 +34,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import sys
-import threading
-import time
 import uuid
-from collections import deque
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+
+from ._http import Answer, Failure, FakeServer, hold, json_answer, media_type, target
 
 API_KEY = "0123456789abcdef0123456789abcdef-us21"
 LIST_ID = "a1b2c3d4e5"
@@ -80,7 +78,7 @@ def subscriber_hash(email: str) -> str:
     return hashlib.md5(email.lower().encode()).hexdigest()
 
 
-class FakeMailchimp:
+class FakeMailchimp(FakeServer):
     """A fake Mailchimp data centre on loopback; state and counters are thread-safe.
 
     Args:
@@ -88,7 +86,12 @@ class FakeMailchimp:
         list_id: the one audience it holds.
         tag: the tag :meth:`members` reads as membership (and :meth:`destination_config` sets).
         latency_s: seconds each API request waits first (to make concurrency observable).
+
+    The connector adds ``/3.0`` to :attr:`base_url`.
     """
+
+    content_type = "application/json; charset=utf-8"
+    failure_kinds = FAILURE_KINDS
 
     def __init__(
         self,
@@ -98,58 +101,24 @@ class FakeMailchimp:
         tag: str = TAG,
         latency_s: float = 0.0,
     ):
+        super().__init__()
         self.api_key = api_key
         self.list_id = list_id
         self.tag = tag
         self.latency_s = latency_s
-        self._lock = threading.RLock()
-        self._server: _Server | None = None
         self.reset()
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> FakeMailchimp:
-        """Listen on a free port of 127.0.0.1; return self."""
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeMailchimp:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>`` (the connector adds ``/3.0``)."""
-        assert self._server is not None, "the fake is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def reset(self) -> None:
         """Forget members, requests, violations and injected failures."""
+        super().reset()
         with self._lock:
             self.list_members: dict[str, dict[str, Any]] = {}
             """Members by subscriber hash: ``email_address``, ``status``, ``merge_fields``,
             ``tags`` (a set of active tag names)."""
-            self.violations: list[str] = []
             self.requests: list[tuple[str, str]] = []
             self.upserts: list[dict[str, Any]] = []
             """The body of every batch upsert that passed the checks."""
             self.rejected: set[str] = set()
-            self._actions: deque[tuple[str, float]] = deque()
-            self.max_concurrent = 0
-            self._concurrent = 0
 
     # -- the generic surface --------------------------------------------------------------
 
@@ -164,10 +133,6 @@ class FakeMailchimp:
         }
         config.update(overrides)
         return config
-
-    def sync_config(self) -> dict[str, Any]:
-        """The sync-level ``config``: nothing beyond the destination's."""
-        return {}
 
     @staticmethod
     def field_mapping() -> list[dict[str, str]]:
@@ -209,13 +174,6 @@ class FakeMailchimp:
                         member["merge_fields"][name] = "" if value is None else value
                 member["tags"].add(self.tag)
 
-    def fail_next(self, kind: str, n: int = 1, *, delay_s: float = 1.0) -> None:
-        """Answer the next ``n`` requests with a failure of ``kind`` (see the module doc)."""
-        if kind not in FAILURE_KINDS:
-            raise ValueError(f"unknown failure kind {kind!r}; known: {FAILURE_KINDS}")
-        with self._lock:
-            self._actions.extend((kind, delay_s) for _ in range(n))
-
     def reject_keys(self, emails: Iterable[str]) -> None:
         """These addresses come back in the batch upsert's ``errors[]``."""
         with self._lock:
@@ -234,34 +192,21 @@ class FakeMailchimp:
         self.list_members[subscriber_hash(email)] = member
         return member
 
-    def _violation(self, message: str) -> None:
-        with self._lock:
-            self.violations.append(message)
-
-    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, bytes, dict]:
+    def handle(self, method: str, route: str, query: str, headers: Any, body: bytes) -> Answer:
         """Check and apply one request; return status, body and headers."""
+        path = target(route, query)
         with self._lock:
             self.requests.append((method, path))
-            self._concurrent += 1
-            self.max_concurrent = max(self.max_concurrent, self._concurrent)
-            over = self._concurrent > MAX_CONNECTIONS
-            action = self._actions.popleft() if self._actions else None
-        try:
-            if self.latency_s:
-                time.sleep(self.latency_s)
-            if action is not None and action[0] == "timeout":
-                time.sleep(action[1])
-                action = None
-            if over:
+        action = self._failures.take()
+        with self._in_flight() as in_flight:
+            action = hold(action, "delay_s", 1.0, self.latency_s)
+            if in_flight > MAX_CONNECTIONS:
                 return _problem(
                     429,
                     "Too Many Requests",
                     "You have exceeded the limit of 10 simultaneous connections.",
                 )
-            return self._handle(method, path, headers, body, action)
-        finally:
-            with self._lock:
-                self._concurrent -= 1
+            return self._handle(method, route, path, headers, body, action)
 
     def _authorised(self, headers: Any) -> bool:
         auth = headers.get("Authorization") or ""
@@ -276,26 +221,26 @@ class FakeMailchimp:
         return False
 
     def _handle(
-        self, method: str, path: str, headers: Any, body: bytes, action: Any
-    ) -> tuple[int, bytes, dict]:
-        route = path.split("?", 1)[0].rstrip("/")
+        self, method: str, route: str, path: str, headers: Any, body: bytes, action: Failure | None
+    ) -> Answer:
+        route = route.rstrip("/")
         parts = route.split("/")[1:]  # "3.0", "lists", id, ...
         if len(parts) < 3 or parts[0] != "3.0" or parts[1] != "lists":
-            self._violation(f"{method} {path}: not an endpoint the connector may call")
+            self._record_violation(f"{method} {path}: not an endpoint the connector may call")
             return _problem(404, "Resource Not Found", "The requested resource could not be found.")
         if not self._authorised(headers):
-            self._violation("Authorization is not Basic auth with the API key (or Bearer)")
+            self._record_violation("Authorization is not Basic auth with the API key (or Bearer)")
             return self._failure("expired_token")
         document = None
         if method in ("POST", "PUT", "PATCH"):
-            content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            content_type = media_type(headers)
             if content_type != "application/json":
-                self._violation(f"{method} {route}: Content-Type is {content_type!r}")
+                self._record_violation(f"{method} {route}: Content-Type is {content_type!r}")
                 return _problem(400, "Invalid Resource", "The request body is not JSON.")
             try:
                 document = orjson.loads(body)
             except orjson.JSONDecodeError:
-                self._violation(f"{method} {route}: body is not JSON")
+                self._record_violation(f"{method} {route}: body is not JSON")
                 return _problem(
                     400, "JSON Parse Error", "We encountered an unspecified JSON parsing error."
                 )
@@ -311,19 +256,19 @@ class FakeMailchimp:
         elif len(rest) == 3 and rest[0] == "members" and rest[2] == "tags" and method == "POST":
             handler = self._tags
         else:
-            self._violation(f"{method} {path}: not an endpoint the connector may call")
+            self._record_violation(f"{method} {path}: not an endpoint the connector may call")
             return _problem(
                 405, "Method Not Allowed", "The requested method and resource are not compatible."
             )
         if len(rest) >= 2 and not _HASH.match(rest[1]):
-            self._violation(f"{rest[1]!r} is not a lowercase MD5 subscriber hash")
+            self._record_violation(f"{rest[1]!r} is not a lowercase MD5 subscriber hash")
             return _problem(404, "Resource Not Found", "The requested resource could not be found.")
         return handler(rest, document, action)
 
-    def _get_list(self, rest: list[str], document: Any, action: Any) -> tuple[int, bytes, dict]:
+    def _get_list(self, rest: list[str], document: Any, action: Failure | None) -> Answer:
         if action is not None:
-            return self._failure(action[0])
-        return _json(
+            return self._failure(action.kind)
+        return json_answer(
             200,
             {
                 "id": self.list_id,
@@ -332,24 +277,24 @@ class FakeMailchimp:
             },
         )
 
-    def _member_get(self, rest: list[str], document: Any, action: Any) -> tuple[int, bytes, dict]:
+    def _member_get(self, rest: list[str], document: Any, action: Failure | None) -> Answer:
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         with self._lock:
             member = self.list_members.get(rest[1])
             if member is None:
                 return _problem(
                     404, "Resource Not Found", "The requested resource could not be found."
                 )
-            return _json(200, _member_json(rest[1], member))
+            return json_answer(200, _member_json(rest[1], member))
 
-    def _batch(self, rest: list[str], document: Any, action: Any) -> tuple[int, bytes, dict]:
+    def _batch(self, rest: list[str], document: Any, action: Failure | None) -> Answer:
         problem = _check_batch(document)
         if problem is not None:
-            self._violation(f"batch upsert: {problem}")
+            self._record_violation(f"batch upsert: {problem}")
             return _problem(400, "Invalid Resource", problem)
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         update_existing = document.get("update_existing", False)
         new, updated, errors = [], [], []
         seen: set[str] = set()
@@ -358,7 +303,7 @@ class FakeMailchimp:
             for index, item in enumerate(document["members"]):
                 email = item["email_address"]
                 if not _EMAIL.match(email) or email != email.strip().lower():
-                    self._violation(
+                    self._record_violation(
                         f"members[{index}]: email {email!r} is not a normalised address"
                     )
                     errors.append(
@@ -369,13 +314,15 @@ class FakeMailchimp:
                     )
                     continue
                 if email in seen:
-                    self._violation(f"members[{index}]: {email} twice in one batch")
+                    self._record_violation(f"members[{index}]: {email} twice in one batch")
                     errors.append(_member_error(email, f"{email} is a duplicate in this request."))
                     continue
                 seen.add(email)
                 unknown = set(item.get("merge_fields") or {}) - set(MERGE_FIELDS)
                 if unknown:
-                    self._violation(f"members[{index}]: unknown merge fields {sorted(unknown)}")
+                    self._record_violation(
+                        f"members[{index}]: unknown merge fields {sorted(unknown)}"
+                    )
                     errors.append(
                         _member_error(email, "Your merge fields were invalid.", field=min(unknown))
                     )
@@ -410,7 +357,7 @@ class FakeMailchimp:
                 member["merge_fields"].update(item.get("merge_fields") or {})
                 member["tags"].update(item.get("tags") or [])
                 new.append(_member_json(subscriber_hash(email), member))
-        return _json(
+        return json_answer(
             200,
             {
                 "new_members": new,
@@ -423,13 +370,13 @@ class FakeMailchimp:
             },
         )
 
-    def _tags(self, rest: list[str], document: Any, action: Any) -> tuple[int, bytes, dict]:
+    def _tags(self, rest: list[str], document: Any, action: Failure | None) -> Answer:
         problem = _check_tags(document)
         if problem is not None:
-            self._violation(f"tags: {problem}")
+            self._record_violation(f"tags: {problem}")
             return _problem(400, "Invalid Resource", problem)
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         with self._lock:
             member = self.list_members.get(rest[1])
             if member is None or member["status"] == "archived":
@@ -443,9 +390,9 @@ class FakeMailchimp:
                     member["tags"].discard(tag["name"])
         return 204, b"", {}
 
-    def _archive(self, rest: list[str], document: Any, action: Any) -> tuple[int, bytes, dict]:
+    def _archive(self, rest: list[str], document: Any, action: Failure | None) -> Answer:
         if action is not None:
-            return self._failure(action[0])
+            return self._failure(action.kind)
         with self._lock:
             member = self.list_members.get(rest[1])
             if member is None or member["status"] == "archived":
@@ -455,7 +402,7 @@ class FakeMailchimp:
             member["status"] = "archived"
         return 204, b"", {}
 
-    def _failure(self, kind: str) -> tuple[int, bytes, dict]:
+    def _failure(self, kind: str) -> Answer:
         if kind == "rate_limit":
             return _problem(
                 429,
@@ -544,7 +491,7 @@ def _member_error(email: str, error: str, *, code: str = "ERROR_GENERIC", field:
     }
 
 
-def _problem(status: int, title: str, detail: str) -> tuple[int, bytes, dict]:
+def _problem(status: int, title: str, detail: str) -> Answer:
     body = {
         "type": _ERRORS_DOC,
         "title": title,
@@ -553,44 +500,3 @@ def _problem(status: int, title: str, detail: str) -> tuple[int, bytes, dict]:
         "instance": str(uuid.uuid4()),
     }
     return status, orjson.dumps(body), {"Content-Type": "application/problem+json; charset=utf-8"}
-
-
-def _json(status: int, payload: Any) -> tuple[int, bytes, dict]:
-    return status, orjson.dumps(payload), {"Content-Type": "application/json; charset=utf-8"}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    fake: FakeMailchimp
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out has closed its socket: the late answer cannot be written.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence the per-request log line."""
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        status, payload, headers = self.server.fake.handle(
-            self.command, self.path, self.headers, body
-        )
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if payload:
-            self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve

@@ -35,16 +35,14 @@ deletes per record with ``FIELD_CUSTOM_VALIDATION_EXCEPTION``.
 from __future__ import annotations
 
 import re
-import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 import orjson
+
+from ._http import Answer, FakeServer, drop_none, media_type, seed_items, target
 
 TOKEN = "00Dfake!AQcAQFakeSalesforceSessionToken"
 API_VERSION = "v62.0"
@@ -228,16 +226,7 @@ def parse_soql(soql: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------
 
 
-class _Failure:
-    __slots__ = ("kind", "method", "path")
-
-    def __init__(self, kind: str, path: str | None, method: str | None):
-        self.kind = kind
-        self.path = path
-        self.method = method
-
-
-class FakeSalesforce:
+class FakeSalesforce(FakeServer):
     """A Salesforce org's REST API on loopback; state and counters are thread-safe.
 
     Args:
@@ -248,6 +237,9 @@ class FakeSalesforce:
         page_size: records in one query answer before ``nextRecordsUrl``.
     """
 
+    content_type = "application/json;charset=UTF-8"
+    failure_kinds = KINDS
+
     def __init__(
         self,
         token: str = TOKEN,
@@ -257,66 +249,32 @@ class FakeSalesforce:
         timeout_s: float = 2.0,
         page_size: int = 2000,
     ):
+        super().__init__(port=port)
         self.token = token
         self.api_version = api_version
         self.timeout_s = timeout_s
         self.page_size = page_size
-        self._port = port
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
         self.reset()
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget the org's records, counters and failures; make the default campaign."""
+        super().reset()
         with self._lock:
             self.records: dict[str, dict[str, dict[str, Any]]] = {o: {} for o in SCHEMA}
             """Object -> id -> fields (``Id`` included)."""
             self._counters = {o: 0 for o in SCHEMA}
-            self.violations: list[str] = []
             self.calls: list[tuple[str, str, Any]] = []
             """(method, path with query, JSON body) of every request."""
             self.queries: list[str] = []
             """Every SOQL query received, decoded."""
             self.requests = 0
-            self.max_concurrent = 0
-            self._concurrent = 0
-            self._failures: deque[_Failure] = deque()
             self._reject: set[str] = set()
             self._pages: dict[str, list[dict[str, Any]]] = {}
         self.default_campaign_id = self.add_record(
             "Campaign", Name="audsync fake campaign", IsActive=True
         )
-
-    def start(self) -> FakeSalesforce:
-        """Listen in a daemon thread; return self."""
-        server = _Server(("127.0.0.1", self._port), _Handler)
-        server.fake = self
-        self._server = server
-        threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeSalesforce:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``: the instance URL of this fake org."""
-        assert self._server is not None, "the fake is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # -- the common surface -----------------------------------------------------------------
 
@@ -330,8 +288,7 @@ class FakeSalesforce:
             "api_version": self.api_version,
             "base_url": self.base_url,
         }
-        config.update(overrides)
-        return {k: v for k, v in config.items() if v is not None}
+        return drop_none(config, overrides)
 
     def sync_config(self) -> dict[str, Any]:
         """Contacts upserted by the external id field ``Audsync_Key__c`` (the email), so that
@@ -376,13 +333,8 @@ class FakeSalesforce:
     ) -> dict[str, str]:
         """Make contacts (key and ``Email`` = the email, plus the fields) members of the
         campaign; return email -> CampaignMember id."""
-        items = (
-            emails_to_fields.items()
-            if isinstance(emails_to_fields, Mapping)
-            else ((e, {}) for e in emails_to_fields)
-        )
         members = {}
-        for email, fields in items:
+        for email, fields in seed_items(emails_to_fields):
             contact_id = self.add_contact(email, **dict(fields or {}))
             members[email] = self.add_record(
                 "CampaignMember",
@@ -391,16 +343,6 @@ class FakeSalesforce:
                 Status="Sent",
             )
         return members
-
-    def fail_next(
-        self, kind: str, n: int = 1, *, path: str | None = None, method: str | None = None
-    ) -> None:
-        """Fail the next ``n`` requests (whose path contains ``path`` and whose method is
-        ``method``, if given) with ``kind``."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown failure kind {kind!r}; known: {', '.join(KINDS)}")
-        with self._lock:
-            self._failures.extend(_Failure(kind, path, method) for _ in range(n))
 
     def reject_keys(self, emails: Iterable[str]) -> None:
         """Fail these members' records from now on (a validation rule's per-record error)."""
@@ -452,52 +394,32 @@ class FakeSalesforce:
         self.records[obj][record_id] = {"Id": record_id, **fields}
         return record_id
 
-    def _violation(
-        self, message: str, status: int = 400, code: str = "INVALID_REQUEST"
-    ) -> tuple[int, bytes, dict[str, str]]:
-        with self._lock:
-            self.violations.append(message)
+    def _violation(self, message: str, status: int = 400, code: str = "INVALID_REQUEST") -> Answer:
+        self._record_violation(message)
         return status, _errors(code, message), {}
-
-    def _take_failure(self, method: str, path: str) -> _Failure | None:
-        with self._lock:
-            for index, failure in enumerate(self._failures):
-                if (failure.path is None or failure.path in path) and (
-                    failure.method is None or failure.method == method
-                ):
-                    del self._failures[index]
-                    return failure
-        return None
 
     def _limit_header(self) -> dict[str, str]:
         with self._lock:
             return {"Sforce-Limit-Info": f"api-usage={self.requests}/{API_LIMIT}"}
 
-    def handle(
-        self, method: str, target: str, headers: Any, raw: bytes
-    ) -> tuple[int, bytes, dict[str, str]]:
+    def handle(self, method: str, path: str, query: str, headers: Any, raw: bytes) -> Answer:
         """Check and serve one request; return status, body and extra headers."""
         with self._lock:
             self.requests += 1
-            self._concurrent += 1
-            self.max_concurrent = max(self.max_concurrent, self._concurrent)
-        try:
-            status, body, extra = self._handle(method, target, headers, raw)
+        with self._in_flight():
+            status, body, extra = self._handle(method, path, query, headers, raw)
             return status, body, {**self._limit_header(), **extra}
-        finally:
-            with self._lock:
-                self._concurrent -= 1
 
     def _handle(
-        self, method: str, target: str, headers: Any, raw: bytes
-    ) -> tuple[int, bytes, dict[str, str]]:
-        if len(target) > URI_LIMIT:
+        self, method: str, raw_path: str, raw_query: str, headers: Any, raw: bytes
+    ) -> Answer:
+        uri = target(raw_path, raw_query)
+        if len(uri) > URI_LIMIT:
             return self._violation(
-                f"URI of {len(target)} bytes is over {URI_LIMIT}", 414, "URI_TOO_LONG"
+                f"URI of {len(uri)} bytes is over {URI_LIMIT}", 414, "URI_TOO_LONG"
             )
-        parts = urlsplit(target)
-        path = unquote(parts.path)
-        query = parse_qs(parts.query, keep_blank_values=True)
+        path = unquote(raw_path)
+        query = parse_qs(raw_query, keep_blank_values=True)
         prefix = f"/services/data/{self.api_version}/"
         if not path.startswith(prefix):
             return self._violation(f"{method} {path}: not under {prefix}", 404, "NOT_FOUND")
@@ -509,7 +431,7 @@ class FakeSalesforce:
             return 401, _errors("INVALID_SESSION_ID", "Session expired or invalid"), {}
         body: Any = None
         if method in ("POST", "PATCH"):
-            content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            content_type = media_type(headers)
             if content_type != "application/json":
                 return self._violation(
                     f"{method} {path}: Content-Type {content_type!r}", 415, "UNSUPPORTED_MEDIA_TYPE"
@@ -521,7 +443,7 @@ class FakeSalesforce:
                     f"{method} {path}: body is not JSON ({exc})", 400, "JSON_PARSER_ERROR"
                 )
         with self._lock:
-            self.calls.append((method, path + ("?" + parts.query if parts.query else ""), body))
+            self.calls.append((method, target(path, raw_query), body))
         rest = [p for p in path[len(prefix) :].split("/") if p]
         route = self._route(method, rest)
         if route is None:
@@ -530,7 +452,7 @@ class FakeSalesforce:
         checked = handler(query, body, *args, check_only=True)
         if checked is not None:
             return checked
-        failure = self._take_failure(method, path)
+        failure = self._failures.take(method, path)
         if failure is not None:
             if failure.kind == "timeout":
                 time.sleep(self.timeout_s)
@@ -561,7 +483,7 @@ class FakeSalesforce:
                 return self._failure_answer(failure.kind)
         return handler(query, body, *args, check_only=False)
 
-    def _failure_answer(self, kind: str) -> tuple[int, bytes, dict[str, str]]:
+    def _failure_answer(self, kind: str) -> Answer:
         if kind == "rate_limit":
             return 403, _errors("REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded."), {}
         if kind == "concurrent_limit":
@@ -896,37 +818,3 @@ def _matches(value: Any, wanted: list[Any]) -> bool:
     if isinstance(value, str):
         return any(isinstance(w, str) and w.lower() == value.lower() for w in wanted)
     return value in wanted
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-    fake: FakeSalesforce
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence the per-request log line."""
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        status, body, extra = self.server.fake.handle(self.command, self.path, self.headers, raw)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json;charset=UTF-8")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in extra.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve

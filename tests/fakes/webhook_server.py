@@ -38,14 +38,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from operator import itemgetter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.request import Request, urlopen
 
 import orjson
+
+try:
+    from ._http import Answer, Failure, FakeServer, hold, media_type, target
+except ImportError:  # run as a program (FakeWebhookProcess): this folder is on sys.path
+    from _http import Answer, Failure, FakeServer, hold, media_type, target  # type: ignore[no-redef]
 
 OPS = frozenset({"add", "remove", "update"})
 ENVELOPE_KEYS = ("sync", "run_id", "batch_id", "sent_at")
@@ -53,25 +57,7 @@ SENT_AT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:
 CONTROL_PREFIX = "/_fake/"
 
 
-class _Action:
-    """One injected behaviour for the next request: a status to answer, or a delay first."""
-
-    __slots__ = ("status", "retry_after", "body", "delay_s")
-
-    def __init__(
-        self,
-        status: int | None = None,
-        retry_after: Any = None,
-        body: bytes | None = None,
-        delay_s: float = 0.0,
-    ):
-        self.status = status
-        self.retry_after = retry_after
-        self.body = body
-        self.delay_s = delay_s
-
-
-class FakeWebhook:
+class FakeWebhook(FakeServer):
     """A contract-checking webhook receiver on loopback; state and counters are thread-safe.
 
     Args:
@@ -92,55 +78,12 @@ class FakeWebhook:
         latency_s: float = 0.0,
         timestamp_tolerance_s: float = 300.0,
     ):
+        super().__init__(port=port)
         self.secret = secret.encode() if secret else None
         self.path = path
         self.latency_s = latency_s
         self.timestamp_tolerance_s = timestamp_tolerance_s
-        self._port = port
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.reset()
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> "FakeWebhook":
-        """Start listening (in a daemon thread); return self."""
-        server = _Server(("127.0.0.1", self._port), _Handler)
-        server.fake = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> "FakeWebhook":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        """The port listened on."""
-        assert self._server is not None, "the fake is not started"
-        return self._server.server_address[1]
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``."""
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
@@ -151,6 +94,7 @@ class FakeWebhook:
 
     def reset(self) -> None:
         """Forget state, counters and injected failures."""
+        super().reset()
         with self._lock:
             self._members: dict[str, Any] = {}
             # Applied bodies not yet replayed into _members: (body, keys rejected in it).
@@ -163,9 +107,6 @@ class FakeWebhook:
             """Operations applied (a batch applied twice counts twice)."""
             self.rows_rejected = 0
             self.bad_signatures = 0
-            self.violations: list[str] = []
-            self.max_concurrent = 0
-            self._concurrent = 0
             self.request_times: list[float] = []
             """``time.monotonic()`` at each hook request's arrival."""
             self.idempotency_keys: list[str] = []
@@ -177,7 +118,6 @@ class FakeWebhook:
             """The headers and raw body of the latest hook request."""
             self.reject_keys: set[str] = set()
             """Keys listed as rejected (and not applied) in every 200 answer."""
-            self._actions: deque[_Action] = deque()
 
     def fail_next(
         self,
@@ -189,8 +129,8 @@ class FakeWebhook:
     ) -> None:
         """Answer the next ``n`` hook requests with ``status`` (and ``Retry-After``) unapplied."""
         data = body.encode() if isinstance(body, str) else body
-        with self._lock:
-            self._actions.extend(_Action(status, retry_after, data) for _ in range(n))
+        answer = {"status": status, "retry_after": retry_after, "body": data}
+        self._failures.add(Failure("answer", answer), n)
 
     def delay_next(self, n: int, seconds: float) -> None:
         """Hold the next ``n`` hook requests ``seconds`` before handling them normally.
@@ -198,8 +138,7 @@ class FakeWebhook:
         A client that times out first still has the request applied, as with a real server
         whose answer was lost: the retry applies it again (under the same idempotency key).
         """
-        with self._lock:
-            self._actions.extend(_Action(delay_s=seconds) for _ in range(n))
+        self._failures.add(Failure("timeout", {"seconds": seconds}), n)
 
     def duplicate_batches(self) -> dict[str, int]:
         """Batch ids applied more than once."""
@@ -245,26 +184,39 @@ class FakeWebhook:
         if "latency_s" in spec:
             self.latency_s = float(spec["latency_s"])
 
-    # -- handling (called by the handler threads) -------------------------------------------
+    # -- handling (called on the server's threads) ------------------------------------------
 
-    def _arrive(self, key: str) -> _Action | None:
+    def handle(self, method: str, path: str, query: str, headers: Any, body: bytes) -> Answer:
+        """Serve one request: the hook, a control path, or a violation."""
+        if method == "POST":
+            if path.startswith(CONTROL_PREFIX):
+                return self._control(path, body)
+            if path != self.path:
+                return self._violation(f"POST to {path!r}, not the hook path {self.path!r}")
+            return self.handle_hook(headers, body)
+        if method == "GET" and path == CONTROL_PREFIX + "state":
+            return 200, orjson.dumps(self.snapshot(members="members=0" not in query)), {}
+        return self._violation(f"{method} {target(path, query)}: only POST")
+
+    def _control(self, path: str, body: bytes) -> Answer:
+        if path == CONTROL_PREFIX + "inject":
+            self.inject(orjson.loads(body or b"{}"))
+        elif path == CONTROL_PREFIX + "reset":
+            self.reset()
+        else:
+            return 404, b'{"error": "unknown control path"}', {}
+        return 200, b"{}", {}
+
+    def _arrive(self, key: str) -> Failure | None:
         with self._lock:
             self.requests += 1
-            self._concurrent += 1
-            if self._concurrent > self.max_concurrent:
-                self.max_concurrent = self._concurrent
             self.request_times.append(time.monotonic())
             self.idempotency_keys.append(key)
-            return self._actions.popleft() if self._actions else None
+        return self._failures.take()
 
-    def _leave(self) -> None:
-        with self._lock:
-            self._concurrent -= 1
-
-    def _violation(self, message: str) -> tuple[int, bytes]:
-        with self._lock:
-            self.violations.append(message)
-        return 400, orjson.dumps({"error": message})
+    def _violation(self, message: str) -> Answer:
+        self._record_violation(message)
+        return 400, orjson.dumps({"error": message}), {}
 
     def _check_signature(self, headers: Any, body: bytes) -> str | None:
         """Why the signature is bad, or ``None`` when it is good."""
@@ -284,51 +236,48 @@ class FakeWebhook:
             return "bad X-Audsync-Signature"
         return None
 
-    def handle_hook(self, headers: Any, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+    def handle_hook(self, headers: Any, body: bytes) -> Answer:
         """Check and apply one hook request; return status, body and extra headers."""
-        action = self._arrive(headers.get("Idempotency-Key") or "")
-        self.last_request = (dict(headers.items()), body)
-        try:
-            delay = self.latency_s + (action.delay_s if action else 0.0)
-            if delay:
-                time.sleep(delay)
-            # The checks come first, as a real receiver's would: a request that breaks the
-            # contract is recorded even when a failure is injected for it.
-            content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
-            if content_type != "application/json":
-                return (*self._violation(f"Content-Type is {content_type!r}"), {})
-            if self.secret is not None:
-                problem = self._check_signature(headers, body)
-                if problem is not None:
-                    with self._lock:
-                        self.bad_signatures += 1
-                    return 401, orjson.dumps({"error": problem}), {}
-            try:
-                document = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                return (*self._violation(f"body is not JSON: {exc}"), {})
-            problem = _check_envelope(document)
-            if problem is None and headers.get("Idempotency-Key") != document["batch_id"]:
-                problem = (
-                    f"Idempotency-Key {headers.get('Idempotency-Key')!r} is not the"
-                    f" batch_id {document['batch_id']!r}"
-                )
-            if problem is not None:
-                return (*self._violation(problem), {})
-            operations = document["operations"]
-            problem = _check_operations(operations)
-            if problem is not None:
-                return (*self._violation(problem), {})
+        with self._in_flight():
+            return self._hook(self._arrive(headers.get("Idempotency-Key") or ""), headers, body)
 
-            if action is not None and action.status is not None:
-                extra = {}
-                if action.retry_after is not None:
-                    extra["Retry-After"] = str(action.retry_after)
-                text = action.body or orjson.dumps({"error": f"injected {action.status}"})
-                return action.status, text, extra
-            return 200, self._apply(document["batch_id"], body, operations), {}
-        finally:
-            self._leave()
+    def _hook(self, action: Failure | None, headers: Any, body: bytes) -> Answer:
+        self.last_request = (dict(headers.items()), body)
+        action = hold(action, "seconds", 0.0, self.latency_s)
+        # The checks come first, as a real receiver's would: a request that breaks the
+        # contract is recorded even when a failure is injected for it.
+        content_type = media_type(headers)
+        if content_type != "application/json":
+            return self._violation(f"Content-Type is {content_type!r}")
+        if self.secret is not None:
+            problem = self._check_signature(headers, body)
+            if problem is not None:
+                with self._lock:
+                    self.bad_signatures += 1
+                return 401, orjson.dumps({"error": problem}), {}
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return self._violation(f"body is not JSON: {exc}")
+        problem = _check_envelope(document)
+        if problem is None and headers.get("Idempotency-Key") != document["batch_id"]:
+            problem = (
+                f"Idempotency-Key {headers.get('Idempotency-Key')!r} is not the"
+                f" batch_id {document['batch_id']!r}"
+            )
+        if problem is not None:
+            return self._violation(problem)
+        operations = document["operations"]
+        problem = _check_operations(operations)
+        if problem is not None:
+            return self._violation(problem)
+
+        if action is not None and action.kind == "answer":
+            status, retry_after = action.options["status"], action.options["retry_after"]
+            extra = {} if retry_after is None else {"Retry-After": str(retry_after)}
+            text = action.options["body"] or orjson.dumps({"error": f"injected {status}"})
+            return status, text, extra
+        return 200, self._apply(document["batch_id"], body, operations), {}
 
     def _apply(self, batch_id: str, body: bytes, operations: list[dict[str, Any]]) -> bytes:
         """Record an accepted request; answer with the rows of ``reject_keys`` it holds.
@@ -440,82 +389,6 @@ def _check_operations(operations: list[Any]) -> str | None:
 
 _op, _key, _fields = itemgetter("op"), itemgetter("key"), itemgetter("fields")
 _DICT, _STR, _THREE = {dict}, {str}, {3}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    fake: FakeWebhook
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out has closed its socket: writing the late answer fails.
-        # That is expected in timeout tests and not worth a traceback.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections, as in production
-    # Without TCP_NODELAY, a small answer written after its headers waits for the client's
-    # delayed ACK (Nagle): 40 ms a request, which would make the fake the bottleneck.
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-        """Silence the per-request log line."""
-
-    def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        # Headers and body in one write (end_headers would send the headers alone).
-        self._headers_buffer.append(b"\r\n" + body)
-        self.flush_headers()
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        fake = self.server.fake
-        body = self._body()
-        path = self.path.split("?", 1)[0]
-        if path.startswith(CONTROL_PREFIX):
-            self._control(path, body)
-            return
-        if path != fake.path:
-            self._answer(*fake._violation(f"POST to {path!r}, not the hook path {fake.path!r}"))
-            return
-        self._answer(*fake.handle_hook(self.headers, body))
-
-    def do_GET(self) -> None:  # noqa: N802
-        fake = self.server.fake
-        path = self.path.split("?", 1)[0]
-        if path == CONTROL_PREFIX + "state":
-            members = "members=0" not in self.path
-            self._answer(200, orjson.dumps(fake.snapshot(members=members)))
-            return
-        self._wrong_method()
-
-    def _wrong_method(self) -> None:
-        self._body()
-        self._answer(*self.server.fake._violation(f"{self.command} {self.path}: only POST"))
-
-    do_PUT = do_DELETE = do_PATCH = _wrong_method
-
-    def _control(self, path: str, body: bytes) -> None:
-        fake = self.server.fake
-        if path == CONTROL_PREFIX + "inject":
-            fake.inject(orjson.loads(body or b"{}"))
-        elif path == CONTROL_PREFIX + "reset":
-            fake.reset()
-        else:
-            self._answer(404, b'{"error": "unknown control path"}')
-            return
-        self._answer(200, b"{}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from audsync.destinations.base import (
 from audsync.destinations.braze import BrazeConnector, retry_after
 from audsync.destinations.registry import get_connector
 from tests.fakes.braze import MEMBERSHIP_ATTRIBUTE, MEMBERSHIP_VALUE, FakeBraze
+from tests.unit._connector_helpers import mirror_through_the_common_surface
 
 SYNC = SyncInfo("vip_users", "mirror", "run1", "email", ("email", "first_name", "ltv"))
 
@@ -330,47 +331,4 @@ def test_generic_surface(fake):
 
 def test_generic_surface_holds_a_mirrored_audience(fake):
     """Drive the connector as the runner would, through the fake's generic surface only."""
-    import random
-
-    from audsync.destinations.registry import get_connector
-
-    config = fake.destination_config()
-    mapping = fake.field_mapping()
-    sync = SyncInfo(
-        "generic", "mirror", "r1", "email",
-        tuple(m["destination_field"] for m in mapping), settings=fake.sync_config(),
-    )  # fmt: skip
-    http = HttpClient(max_retries=0)
-    live = get_connector(config["type"])("generic", config, sync, http)
-    http.classify = live.classify
-    live.open()
-
-    def fields_of(row: dict) -> dict:
-        return {m["destination_field"]: row[m["source_column"]] for m in mapping}
-
-    rng = random.Random(7)
-    snapshot: dict[str, tuple[dict, str | None]] = {}  # key -> (fields, destination id)
-    everyone = [f"u{i}@example.com" for i in range(12)]
-    for _run in range(4):
-        audience = {
-            key: fields_of({"email": key, "first_name": rng.choice(["Ann", "", "zoë"]),
-                            "ltv": float(rng.randint(0, 9))})
-            for key in rng.sample(everyone, rng.randint(0, 10))
-        }  # fmt: skip
-        batch = []
-        for key, fields in audience.items():
-            if key not in snapshot:
-                batch.append(Change(len(batch) + 1, "add", key, fields, None))
-            elif snapshot[key][0] != fields:
-                batch.append(Change(len(batch) + 1, "update", key, fields, snapshot[key][1]))
-        for key in sorted(set(snapshot) - set(audience)):
-            batch.append(Change(len(batch) + 1, "remove", key, snapshot[key][0], snapshot[key][1]))
-        result = live.send_batch(batch) if batch else None
-        assert result is None or result.rejected == []
-        for c in batch:
-            if c.op == "remove":
-                del snapshot[c.key]
-            else:
-                snapshot[c.key] = (c.fields, result.destination_ids.get(c.key, c.destination_id))
-        assert fake.members(everyone) == audience
-    assert fake.violations == []
+    mirror_through_the_common_surface(fake)

@@ -9,9 +9,9 @@ import orjson
 import pytest
 from facebook_business.adobjects.helpers.customaudiencemixin import CustomAudienceMixin
 
-from audsync.delivery.engine import DeliverySettings, deliver
+from audsync.delivery.engine import deliver
 from audsync.delivery.http import HttpClient
-from audsync.destinations.base import Change, FatalDestinationError, SyncInfo
+from audsync.destinations.base import Change, FatalDestinationError
 from audsync.destinations.facebook import (
     MAX_ROWS_PER_REQUEST,
     FacebookCustomAudienceConnector,
@@ -20,6 +20,8 @@ from audsync.destinations.facebook import (
 )
 from audsync.destinations.registry import get_connector
 from tests.fakes.facebook import TOKEN, FakeFacebook, email_hash
+from tests.unit._connector_helpers import Harness as ConnectorHarness
+from tests.unit._connector_helpers import mirror_runs
 
 SYNC_NAME = "high_value_to_meta"
 
@@ -35,46 +37,12 @@ def fake():
         assert server.violations == [], server.violations
 
 
-class Harness:
-    """A connector wired as the runner wires it, with an HttpClient that records its waits."""
+class Harness(ConnectorHarness):
+    """The Meta connector wired as the runner wires it, its waits recorded."""
 
-    def __init__(
-        self,
-        fake,
-        *,
-        run_id="run-1",
-        state=None,
-        config=None,
-        fields=None,
-        max_retries=3,
-        timeout_s=5.0,
-        **destination,
-    ):
-        self.settings = fake.destination_config(**destination)
-        merged = {**self.settings, **fake.sync_config(), **(config or {})}
-        if fields is None:
-            fields = tuple(m["destination_field"] for m in fake.field_mapping())
-        self.sync = SyncInfo(
-            SYNC_NAME, "mirror", run_id, "email", tuple(fields), merged, state or {}
-        )
-        self.waits: list[float] = []
-        delivery = DeliverySettings.from_settings(
-            FacebookCustomAudienceConnector,
-            {**merged, "max_retries": max_retries, "timeout_s": timeout_s},
-        )
-        self.delivery = delivery
-        self.http = delivery.http_client(sleep=self.waits.append, backoff_base_s=0.01)
-        self.connector = FacebookCustomAudienceConnector(
-            "meta_hv", self.settings, self.sync, self.http
-        )
-        self.http.add_secrets(self.connector.secret_values())
-        self.http.classify = self.connector.classify  # as the runner installs it
-
-    def open(self):
-        return self.connector.open()
-
-    def send(self, batch):
-        return self.connector.send_batch(batch)
+    connector_class = FacebookCustomAudienceConnector
+    destination_name = "meta_hv"
+    sync_name = SYNC_NAME
 
 
 def add(seq, email, first_name="Ann", ltv=10.0, op="add", destination_id=None):
@@ -526,40 +494,5 @@ def test_registered_under_its_type():
 # ----------------------------------------------------------------------------------------
 
 
-def _mirror_runs(fake, harness, pool, runs=4, seed=7):
-    """Mirror-mode runs over random audiences through ``field_mapping`` and ``members`` only:
-    after each run the destination holds exactly the audience."""
-    import random
-
-    rng = random.Random(seed)
-    mapping = fake.field_mapping()
-    snapshot: dict[str, str | None] = {}  # key -> destination id, as the snapshot keeps them
-    for run in range(runs):
-        audience = set(rng.sample(pool, len(pool) // 2))
-        values = {e: {"email": e, "first_name": f"N{run}", "ltv": run * 1.5} for e in pool}
-
-        def fields(email, values=values):
-            return {m["destination_field"]: values[email][m["source_column"]] for m in mapping}
-
-        changes = [Change(0, "add", e, fields(e), None) for e in sorted(audience - set(snapshot))]
-        changes += [
-            Change(0, "update", e, fields(e), snapshot[e]) for e in sorted(audience & set(snapshot))
-        ]
-        changes += [
-            Change(0, "remove", e, fields(e), snapshot[e]) for e in sorted(set(snapshot) - audience)
-        ]
-        changes = [c._replace(seq=i + 1) for i, c in enumerate(changes)]
-        h = harness(fake, run_id=f"run-{run}", config=fake.sync_config(), state={})
-        h.open()
-        result = h.send(changes)
-        assert result.rejected == []
-        for c in changes:
-            if c.op == "remove":
-                snapshot.pop(c.key)
-            else:
-                snapshot[c.key] = result.destination_ids.get(c.key, snapshot.get(c.key))
-        assert set(fake.members(pool)) == audience, f"run {run}"
-
-
 def test_mirror_property_over_the_common_surface(fake):
-    _mirror_runs(fake, Harness, [f"Person{i}@Example.com " for i in range(24)])
+    mirror_runs(fake, Harness, [f"Person{i}@Example.com " for i in range(24)])

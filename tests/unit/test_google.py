@@ -14,8 +14,8 @@ import pytest
 from google.ads import datamanager_v1 as dm
 from google.ads.datamanager_util import Encoding, Formatter
 
-from audsync.delivery.engine import DeliverySettings, deliver
-from audsync.destinations.base import Change, FatalDestinationError, SyncInfo
+from audsync.delivery.engine import deliver
+from audsync.destinations.base import Change, FatalDestinationError
 from audsync.destinations.google import (
     MAX_MEMBERS_PER_REQUEST,
     GoogleCustomerMatchConnector,
@@ -24,6 +24,8 @@ from audsync.destinations.google import (
 )
 from audsync.destinations.registry import get_connector
 from tests.fakes.google import TOKEN, FakeGoogle, email_hash
+from tests.unit._connector_helpers import Harness as ConnectorHarness
+from tests.unit._connector_helpers import mirror_runs
 
 SYNC_NAME = "high_value_to_google"
 PROTOS = {
@@ -54,45 +56,12 @@ def fake():
         proto_check(server)
 
 
-class Harness:
-    """A connector wired as the runner wires it, with an HttpClient that records its waits."""
+class Harness(ConnectorHarness):
+    """The Google connector wired as the runner wires it, its waits recorded."""
 
-    def __init__(
-        self,
-        fake,
-        *,
-        run_id="run-1",
-        state=None,
-        config=None,
-        fields=None,
-        max_retries=3,
-        timeout_s=5.0,
-        **destination,
-    ):
-        self.settings = fake.destination_config(**destination)
-        merged = {**self.settings, **fake.sync_config(), **(config or {})}
-        if fields is None:
-            fields = tuple(m["destination_field"] for m in fake.field_mapping())
-        self.sync = SyncInfo(
-            SYNC_NAME, "mirror", run_id, "email", tuple(fields), merged, state or {}
-        )
-        self.waits: list[float] = []
-        self.delivery = DeliverySettings.from_settings(
-            GoogleCustomerMatchConnector,
-            {**merged, "max_retries": max_retries, "timeout_s": timeout_s},
-        )
-        self.http = self.delivery.http_client(sleep=self.waits.append, backoff_base_s=0.01)
-        self.connector = GoogleCustomerMatchConnector(
-            "google_hv", self.settings, self.sync, self.http
-        )
-        self.http.add_secrets(self.connector.secret_values())
-        self.http.classify = self.connector.classify  # as the runner installs it
-
-    def open(self):
-        return self.connector.open()
-
-    def send(self, batch):
-        return self.connector.send_batch(batch)
+    connector_class = GoogleCustomerMatchConnector
+    destination_name = "google_hv"
+    sync_name = SYNC_NAME
 
 
 def change(seq, email, op="add", destination_id=None, **fields):
@@ -549,6 +518,4 @@ def test_registered_under_its_type_and_the_contracts_alias():
 
 
 def test_mirror_property_over_the_common_surface(fake):
-    from tests.unit.test_facebook import _mirror_runs
-
-    _mirror_runs(fake, Harness, [f"Person{i}@Example.com " for i in range(24)])
+    mirror_runs(fake, Harness, [f"Person{i}@Example.com " for i in range(24)])

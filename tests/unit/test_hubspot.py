@@ -15,15 +15,16 @@ from typing import Any
 
 import pytest
 
-from audsync.delivery.engine import DeliverySettings, deliver
+from audsync.delivery.engine import DeliverySettings
 from audsync.destinations import registry
-from audsync.destinations.base import BatchResult, Change, FatalDestinationError, SyncInfo
+from audsync.destinations.base import Change, FatalDestinationError, SyncInfo
 from audsync.destinations.hubspot import (
     HubSpotListConnector,
     HubspotListConnector,
     property_value,
 )
 from tests.fakes.hubspot import FakeHubSpot
+from tests.unit._connector_helpers import run
 
 FIELDS = ("email", "firstname", "lifetime_value")
 
@@ -67,26 +68,6 @@ def add(seq: int, email: str, name: str = "Ann", ltv: Any = 10, op: str = "add",
 
 def remove(seq: int, email: str, dest_id: str | None = None) -> Change:
     return Change(seq, "remove", email, {}, dest_id)
-
-
-def run(
-    connector: HubspotListConnector,
-    changes: list[Change],
-    batch_size: int = 100,
-    concurrency: int = 2,
-) -> BatchResult:
-    """Deliver ``changes`` through the engine; return every batch's outcome merged."""
-    merged = BatchResult()
-    batches = [
-        (n, changes[i : i + batch_size]) for n, i in enumerate(range(0, len(changes), batch_size))
-    ]
-
-    def on_result(_no: int, _batch: Any, result: BatchResult) -> None:
-        merged.rejected.extend(result.rejected)
-        merged.destination_ids.update(result.destination_ids)
-
-    deliver(connector, batches, max_concurrency=concurrency, on_result=on_result)
-    return merged
 
 
 # -- every op lands -------------------------------------------------------------------------

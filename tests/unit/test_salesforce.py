@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from audsync.delivery.engine import DeliverySettings, deliver
+from audsync.delivery.engine import DeliverySettings
 from audsync.destinations import registry
 from audsync.destinations.base import BatchResult, Change, FatalDestinationError, SyncInfo
 from audsync.destinations.salesforce import (
@@ -24,6 +24,7 @@ from audsync.destinations.salesforce import (
     soql_quote,
 )
 from tests.fakes.salesforce import KEY_FIELD, FakeSalesforce, SoqlError, parse_soql
+from tests.unit._connector_helpers import run
 
 FIELDS = ("Email", "LastName", "LTV__c")
 UPSERT = {"upsert_contacts": True, "contact_match_field": KEY_FIELD}
@@ -68,26 +69,6 @@ def add(seq: int, key: str, last: str = "Doe", ltv: Any = 10, op: str = "add", d
 
 def remove(seq: int, key: str, dest_id: str | None = None) -> Change:
     return Change(seq, "remove", key, {}, dest_id)
-
-
-def run(
-    connector: SalesforceCampaignConnector,
-    changes: list[Change],
-    batch_size: int = 200,
-    concurrency: int = 2,
-) -> BatchResult:
-    """Deliver ``changes`` through the engine; return every batch's outcome merged."""
-    merged = BatchResult()
-    batches = [
-        (n, changes[i : i + batch_size]) for n, i in enumerate(range(0, len(changes), batch_size))
-    ]
-
-    def on_result(_no: int, _batch: Any, result: BatchResult) -> None:
-        merged.rejected.extend(result.rejected)
-        merged.destination_ids.update(result.destination_ids)
-
-    deliver(connector, batches, max_concurrency=concurrency, on_result=on_result)
-    return merged
 
 
 def errors(result: BatchResult) -> list[tuple[str, str, str]]:

@@ -34,8 +34,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import orjson
-
 from audsync.delivery.http import Verdict, dumps, parse_retry_after
 from audsync.destinations.base import (
     BatchResult,
@@ -45,6 +43,7 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
+from audsync.destinations.common import flag, json_list, required
 from audsync.identifiers import InvalidIdentifier, normalize_email
 
 logger = logging.getLogger("audsync.destinations.braze")
@@ -145,9 +144,7 @@ class BrazeConnector(Connector):
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
-        self._api_key = str(self.setting("api_key") or "")
-        if not self._api_key:
-            raise FatalDestinationError(f"destination {name!r}: key 'api_key' is required")
+        self._api_key = required(self, "api_key")
         self._identify_by = self._choice("identify_by", IDENTIFY_BY, "external_id")
         self._membership = self._choice("membership", MEMBERSHIP_KINDS, "array")
         default_attribute = (
@@ -160,7 +157,7 @@ class BrazeConnector(Connector):
                 " Braze's identifier keys; choose a custom attribute name"
             )
         self._value = str(self.setting("membership_value") or sync.name)
-        self._update_existing_only = _truthy(self.setting("update_existing_only", False))
+        self._update_existing_only = flag(self.setting("update_existing_only", False))
         self._track_url = self.url("/users/track", self._default_base())
         self._headers = {"Authorization": f"Bearer {self._api_key}"}
 
@@ -293,14 +290,8 @@ class BrazeConnector(Connector):
 
     def _errors_in(self, content: bytes, sent: Sequence[Change]) -> list[RowError]:
         """Rows of the objects the answer's ``errors`` name by ``index``."""
-        if not content or content.lstrip()[:1] != b"{":
-            return []
-        try:
-            answer = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            return []
-        errors = answer.get("errors") if isinstance(answer, dict) else None
-        if not errors or not isinstance(errors, list):
+        errors = json_list(content, "errors")
+        if not errors:
             return []
         rejected: dict[int, RowError] = {}
         unknown = 0
@@ -333,13 +324,6 @@ def _email_or_as_is(value: str) -> str:
         return normalize_email(value)
     except InvalidIdentifier:
         return value
-
-
-def _truthy(value: Any) -> bool:
-    """A yaml or string boolean (env_var renders strings)."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def _encodable(

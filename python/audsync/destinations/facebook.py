@@ -39,16 +39,20 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RequestRejected,
     RetriesExhausted,
-    RowError,
 )
-from audsync.identifiers import (
-    META_RULES,
-    InvalidIdentifier,
-    Options,
-    is_blank,
-    is_hashed,
-    is_region,
+from audsync.destinations.common import (
+    Once,
+    default_country,
+    json_error,
+    match_value,
+    open_list,
+    opened_list,
+    request_failed,
+    required,
+    split_by_op,
+    upper_choice,
 )
+from audsync.identifiers import META_RULES, InvalidIdentifier, Options, is_blank
 
 logger = logging.getLogger("audsync.destinations.facebook")
 
@@ -81,36 +85,8 @@ OBJECT_MISSING_SUBCODE = 33
 USAGE_HEADER = "X-Business-Use-Case-Usage"
 
 
-def _flag(value: Any) -> bool:
-    """A yes/no setting; ``env_var`` renders booleans as text."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
-def _region(name: str, value: Any) -> str | None:
-    """``default_country`` checked once, so that a typo stops the run instead of every phone."""
-    if value in (None, ""):
-        return None
-    if not is_region(str(value)):
-        raise FatalDestinationError(
-            f"destination {name!r}: key 'default_country' must be an ISO 3166 alpha-2 code"
-            f" (GB, US, FR), got {value!r}"
-        )
-    return str(value).strip().upper()
-
-
-def graph_error(response: Any) -> dict[str, Any] | None:
-    """The ``error`` object of a Graph API answer, or ``None``."""
-    content = getattr(response, "content", b"") or b""
-    if content.lstrip()[:1] != b"{":
-        return None
-    try:
-        document = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None
-    error = document.get("error") if isinstance(document, dict) else None
-    return error if isinstance(error, dict) else None
+graph_error = json_error
+"""The ``error`` object of a Graph API answer, or ``None``."""
 
 
 def regain_access_seconds(headers: Mapping[str, str]) -> float | None:
@@ -201,18 +177,13 @@ class FacebookCustomAudienceConnector(Connector):
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
-        self._token = str(self.setting("access_token") or "")
-        if not self._token:
-            raise FatalDestinationError(f"destination {name!r}: key 'access_token' is required")
+        self._token = required(self, "access_token")
         self._version = str(self.setting("api_version") or API_VERSION).strip("/")
-        key_type = str(self.setting("key_type") or "EMAIL").strip().upper()
-        if key_type not in KEY_TYPES:
-            raise FatalDestinationError(
-                f"destination {name!r}: key 'key_type' must be one of {', '.join(KEY_TYPES)},"
-                f" got {key_type!r}"
-            )
+        key_type = upper_choice(self, "key_type", KEY_TYPES, "EMAIL")
         self._key_type = key_type
-        self._options = Options(default_country=_region(name, self.setting("default_country")))
+        self._options = Options(
+            default_country=default_country(name, self.setting("default_country"))
+        )
         app_secret = self.setting("app_secret")
         self._proof = (
             hmac.new(str(app_secret).encode(), self._token.encode(), hashlib.sha256).hexdigest()
@@ -243,7 +214,7 @@ class FacebookCustomAudienceConnector(Connector):
         self._lock = threading.Lock()
         self._batch_seq = {"add": 0, "remove": 0}
         self._sessions = {op: session_id(sync.run_id, op) for op in self._batch_seq}
-        self._blanked: set[str] = set()
+        self._blanked = Once()
 
     # -- configuration --------------------------------------------------------------------
 
@@ -305,21 +276,13 @@ class FacebookCustomAudienceConnector(Connector):
     def open(self) -> dict[str, Any] | None:
         """Find the audience: ``audience_id``, else the one created on an earlier run, else
         create it (``create_if_missing``). Returns ``{"audience_id": ...}`` once created."""
-        configured = self.setting("audience_id")
-        if configured:
-            self._audience_id = str(configured).strip()
-            return None
-        remembered = (self.sync.state or {}).get("audience_id")
-        if remembered:
-            self._audience_id = str(remembered)
-            return None
-        if not _flag(self.setting("create_if_missing")):
-            raise FatalDestinationError(
-                f"destination {self.name!r}: no 'audience_id'; set it, or set"
-                " create_if_missing: true and ad_account_id to create the audience"
-            )
-        self._audience_id = self._create_audience()
-        return {"audience_id": self._audience_id}
+        self._audience_id, state = open_list(
+            self,
+            "audience_id",
+            self._create_audience,
+            "create_if_missing: true and ad_account_id to create the audience",
+        )
+        return state
 
     def _create_audience(self) -> str:
         """Create a customer-list custom audience; return its id."""
@@ -362,13 +325,7 @@ class FacebookCustomAudienceConnector(Connector):
 
     def _audience(self) -> str:
         if self._audience_id is None:
-            # send_batch before open (a caller that skips it): resolve without creating.
-            configured = self.setting("audience_id") or (self.sync.state or {}).get("audience_id")
-            if not configured:
-                raise FatalDestinationError(
-                    f"destination {self.name!r}: no custom audience; call open() first"
-                )
-            self._audience_id = str(configured)
+            self._audience_id = opened_list(self, "audience_id", "custom audience")
         return self._audience_id
 
     # -- sending --------------------------------------------------------------------------
@@ -376,20 +333,7 @@ class FacebookCustomAudienceConnector(Connector):
     def send_batch(self, batch: Sequence[Change]) -> BatchResult:
         """Add (and update) with one POST, remove with one DELETE; bad identifiers fail alone."""
         audience = self._audience()
-        rejected: list[RowError] = []
-        ids: dict[str, str] = {}
-        groups: dict[str, list[tuple[Change, list[str]]]] = {"add": [], "remove": []}
-        for change in batch:
-            try:
-                row, match = self._row(change)
-            except InvalidIdentifier as exc:
-                rejected.append(RowError(change.key, change.op, exc.code, exc.message))
-                continue
-            if change.op == "remove":
-                groups["remove"].append((change, row))
-            else:
-                groups["add"].append((change, row))
-                ids[change.key] = match
+        rejected, ids, groups = split_by_op(batch, self._row)
         unmatched = 0
         for op, method in (("add", "POST"), ("remove", "DELETE")):
             items = groups[op]
@@ -399,17 +343,14 @@ class FacebookCustomAudienceConnector(Connector):
                 unmatched += self._upload(method, audience, op, [row for _, row in items])
             except (RequestRejected, RetriesExhausted) as exc:
                 # Only this request's rows fail: the other one (adds or removes) went through.
-                retryable = isinstance(exc, RetriesExhausted)
-                for change, _ in items:
-                    rejected.append(
-                        RowError(change.key, change.op, exc.code, exc.message, retryable)
-                    )
-                    ids.pop(change.key, None)
+                for row in request_failed(items, exc):
+                    rejected.append(row)
+                    ids.pop(row.key, None)
         return BatchResult(rejected=rejected, destination_ids=ids, unmatched=unmatched)
 
     def _row(self, change: Change) -> tuple[list[str], str]:
         """The row of values in schema order, and the key's value (the member's id)."""
-        match = self._key_value(change)
+        match = match_value(change, META_RULES[self._key_type], self._options)
         row = [match]
         fields = change.fields or {}
         for schema_key, field_name in self._columns[1:]:
@@ -425,22 +366,9 @@ class FacebookCustomAudienceConnector(Connector):
                 row.append("")
         return row, match
 
-    def _key_value(self, change: Change) -> str:
-        """The key column's value: the stored id for a removal, else the key normalised."""
-        rule = META_RULES[self._key_type]
-        stored = change.destination_id
-        if change.op == "remove" and stored:
-            if rule.hashed and is_hashed(stored):
-                return stored.strip().lower()
-            if not rule.hashed and str(stored).strip():
-                return str(stored)
-        return rule.apply(change.key, self._options)
-
     def _note_blank(self, field_name: str, exc: InvalidIdentifier) -> None:
-        with self._lock:
-            if field_name in self._blanked:
-                return
-            self._blanked.add(field_name)
+        if not self._blanked.first(field_name):
+            return
         logger.warning(
             "destination %r: field %r has values that cannot be used (%s: %s); they are sent"
             " blank (this is said once a run)",

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from typing import Any, ClassVar, Mapping, Sequence
 
 import orjson
@@ -50,14 +49,20 @@ from audsync.destinations.base import (
     RetriesExhausted,
     RowError,
 )
-from audsync.identifiers import (
-    GOOGLE_RULES,
-    InvalidIdentifier,
-    Options,
-    is_blank,
-    is_hashed,
-    is_region,
+from audsync.destinations.common import (
+    Once,
+    default_country,
+    flag,
+    json_error,
+    match_value,
+    open_list,
+    opened_list,
+    request_failed,
+    required,
+    split_by_op,
+    upper_choice,
 )
+from audsync.identifiers import GOOGLE_RULES, InvalidIdentifier, Options, is_blank
 
 logger = logging.getLogger("audsync.destinations.google")
 
@@ -123,36 +128,8 @@ MEMBER_FIELD = re.compile(r"audience_?members\[(\d+)\]", re.IGNORECASE)
 MAX_FAST_FAIL_ROUNDS = 5
 
 
-def _flag(value: Any) -> bool:
-    """A yes/no setting; ``env_var`` renders booleans as text."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
-def _region(name: str, value: Any) -> str | None:
-    """``default_country`` checked once, so that a typo stops the run instead of every phone."""
-    if value in (None, ""):
-        return None
-    if not is_region(str(value)):
-        raise FatalDestinationError(
-            f"destination {name!r}: key 'default_country' must be an ISO 3166 alpha-2 code"
-            f" (GB, US, FR), got {value!r}"
-        )
-    return str(value).strip().upper()
-
-
-def google_error(response: Any) -> dict[str, Any] | None:
-    """The ``error`` object (``google.rpc.Status``) of an answer, or ``None``."""
-    content = getattr(response, "content", b"") or b""
-    if content.lstrip()[:1] != b"{":
-        return None
-    try:
-        document = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None
-    error = document.get("error") if isinstance(document, dict) else None
-    return error if isinstance(error, dict) else None
+google_error = json_error
+"""The ``error`` object (``google.rpc.Status``) of an answer, or ``None``."""
 
 
 def _details(error: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -273,17 +250,10 @@ class GoogleCustomerMatchConnector(Connector):
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
-        self._token = str(self.setting("access_token") or "")
-        if not self._token:
-            raise FatalDestinationError(f"destination {name!r}: key 'access_token' is required")
+        self._token = required(self, "access_token")
         self._account = self._account_id("customer_id", required=True)
         self._login = self._account_id("login_customer_id", required=False)
-        self._account_type = str(self.setting("account_type") or "GOOGLE_ADS").strip().upper()
-        if self._account_type not in ACCOUNT_TYPES:
-            raise FatalDestinationError(
-                f"destination {name!r}: key 'account_type' must be one of"
-                f" {', '.join(ACCOUNT_TYPES)}, got {self._account_type!r}"
-            )
+        self._account_type = upper_choice(self, "account_type", ACCOUNT_TYPES, "GOOGLE_ADS")
         key_type = str(self.setting("key_type") or "EMAIL").strip().upper()
         if key_type not in KEY_TYPES:
             raise FatalDestinationError(
@@ -291,8 +261,8 @@ class GoogleCustomerMatchConnector(Connector):
             )
         self._key_field = KEY_TYPES[key_type]
         self._options = Options(
-            default_country=_region(name, self.setting("default_country")),
-            gmail=_flag(self.setting("normalize_gmail")),
+            default_country=default_country(name, self.setting("default_country")),
+            gmail=flag(self.setting("normalize_gmail")),
         )
         self._consent = self._consent_setting()
         # Mapped fields -> identifier kinds; the key's own kind comes from the key.
@@ -320,8 +290,7 @@ class GoogleCustomerMatchConnector(Connector):
             )  # fmt: skip
         self._address = len(parts) == len(ADDRESS_PARTS)
         self._user_list: str | None = None
-        self._lock = threading.Lock()
-        self._blanked: set[str] = set()
+        self._skipped = Once()
 
     # -- configuration --------------------------------------------------------------------
 
@@ -419,21 +388,13 @@ class GoogleCustomerMatchConnector(Connector):
     def open(self) -> dict[str, Any] | None:
         """Find the user list: ``user_list_id``, else the one created on an earlier run, else
         create it (``create_if_missing``). Returns ``{"user_list_id": ...}`` once created."""
-        configured = self.setting("user_list_id")
-        if configured:
-            self._user_list = str(configured).strip()
-            return None
-        remembered = (self.sync.state or {}).get("user_list_id")
-        if remembered:
-            self._user_list = str(remembered)
-            return None
-        if not _flag(self.setting("create_if_missing")):
-            raise FatalDestinationError(
-                f"destination {self.name!r}: no 'user_list_id'; set it, or set"
-                " create_if_missing: true to create a Customer Match list"
-            )
-        self._user_list = self._create_user_list()
-        return {"user_list_id": self._user_list}
+        self._user_list, state = open_list(
+            self,
+            "user_list_id",
+            self._create_user_list,
+            "create_if_missing: true to create a Customer Match list",
+        )
+        return state
 
     def _create_user_list(self) -> str:
         """Create a Customer Match (contact data, first party) user list; return its id.
@@ -468,12 +429,7 @@ class GoogleCustomerMatchConnector(Connector):
 
     def _list_id(self) -> str:
         if self._user_list is None:
-            configured = self.setting("user_list_id") or (self.sync.state or {}).get("user_list_id")
-            if not configured:
-                raise FatalDestinationError(
-                    f"destination {self.name!r}: no user list; call open() first"
-                )
-            self._user_list = str(configured)
+            self._user_list = opened_list(self, "user_list_id", "user list")
         return self._user_list
 
     # -- sending --------------------------------------------------------------------------
@@ -482,20 +438,7 @@ class GoogleCustomerMatchConnector(Connector):
         """Ingest adds and updates, remove removals; bad identifiers and the members the API
         names fail alone."""
         destination = self._destination()
-        rejected: list[RowError] = []
-        ids: dict[str, str] = {}
-        groups: dict[str, list[tuple[Change, dict[str, Any]]]] = {"add": [], "remove": []}
-        for change in batch:
-            try:
-                member, match = self._member(change)
-            except InvalidIdentifier as exc:
-                rejected.append(RowError(change.key, change.op, exc.code, exc.message))
-                continue
-            if change.op == "remove":
-                groups["remove"].append((change, member))
-            else:
-                groups["add"].append((change, member))
-                ids[change.key] = match
+        rejected, ids, groups = split_by_op(batch, self._member)
         for op, path in (("add", INGEST_PATH), ("remove", REMOVE_PATH)):
             items = groups[op]
             if not items:
@@ -503,8 +446,7 @@ class GoogleCustomerMatchConnector(Connector):
             try:
                 failed = self._send(path, op, destination, items)
             except (RequestRejected, RetriesExhausted) as exc:
-                retryable = isinstance(exc, RetriesExhausted)
-                failed = [RowError(c.key, c.op, exc.code, exc.message, retryable) for c, _ in items]
+                failed = request_failed(items, exc)
             rejected.extend(failed)
             for row in failed:
                 ids.pop(row.key, None)
@@ -560,7 +502,8 @@ class GoogleCustomerMatchConnector(Connector):
 
     def _member(self, change: Change) -> tuple[dict[str, Any], str]:
         """The member's ``AudienceMember`` JSON, and the key's hash (the member's id)."""
-        match = self._key_value(change)
+        # The key is an email or a phone number: hashed, so a removal sends the stored hash.
+        match = match_value(change, GOOGLE_RULES[self._key_field], self._options)
         identifiers = [{JSON_NAMES[self._key_field]: match}]
         fields = change.fields or {}
         address: dict[str, str] = {}
@@ -584,18 +527,9 @@ class GoogleCustomerMatchConnector(Connector):
             identifiers.append({"address": address})
         return {"userData": {"userIdentifiers": identifiers}}, match
 
-    def _key_value(self, change: Change) -> str:
-        """The key's hash: the stored id for a removal, else the key normalised and hashed."""
-        stored = change.destination_id
-        if change.op == "remove" and stored and is_hashed(stored):
-            return stored.strip().lower()
-        return GOOGLE_RULES[self._key_field].apply(change.key, self._options)
-
     def _note_skipped(self, field_name: str, exc: InvalidIdentifier) -> None:
-        with self._lock:
-            if field_name in self._blanked:
-                return
-            self._blanked.add(field_name)
+        if not self._skipped.first(field_name):
+            return
         logger.warning(
             "destination %r: field %r has values that cannot be used (%s: %s); those members"
             " are sent without it (this is said once a run)",

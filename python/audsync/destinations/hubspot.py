@@ -26,12 +26,11 @@ import datetime as _dt
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import orjson
 import requests
 
 from audsync.delivery.http import Verdict
@@ -43,7 +42,7 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
-from audsync.identifiers import InvalidIdentifier, normalize_email
+from audsync.destinations.common import TRUE_WORDS, KeyRule, flag, json_body, known_changes
 
 logger = logging.getLogger("audsync.destinations.hubspot")
 
@@ -65,6 +64,8 @@ NO_RESULT_MESSAGE = (
 )
 UPSERT_ROUNDS = 3
 """Upserts of one batch after whole-batch validation errors took their rows out."""
+_TRUE_WORDS = (*TRUE_WORDS, "y")
+"""Yes in this connector's yes/no settings: ``y`` as well as the common words."""
 
 # -- identifiers --------------------------------------------------------------------------
 
@@ -107,28 +108,13 @@ def property_value(value: Any) -> str:
     raise ValueError(f"a {type(value).__name__} value has no HubSpot property form")
 
 
-def _json(response: requests.Response) -> Any:
-    """The answer's JSON, or ``None`` when it has none."""
-    try:
-        return orjson.loads(response.content) if response.content else None
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _flag(value: Any) -> bool:
-    """A yes/no setting; values rendered from ``env_var`` arrive as strings."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on", "y")
-    return bool(value)
-
-
 def _accept_not_found(response: requests.Response) -> Verdict | None:
     """Per-request hook: HubSpot's own 404 (a JSON error) says the list or contact does not
     exist, an answer to read. A 404 without it (a proxy, a wrong ``base_url``) is left to the
     default policy, so that it is never taken for "nothing there"."""
     if response.status_code != 404:
         return None
-    answer = _json(response)
+    answer = json_body(response)
     return Verdict.ok() if isinstance(answer, dict) and answer.get("status") == "error" else None
 
 
@@ -187,6 +173,8 @@ class HubspotListConnector(Connector):
         if not self._token:
             raise FatalDestinationError(f"destination {name!r}: key 'access_token' is not set")
         self._id_property = str(self.setting("id_property") or EMAIL_PROPERTY).strip()
+        # Keys as HubSpot stores the id property's values.
+        self._keys = KeyRule(email=self._id_property == EMAIL_PROPERTY, what=self._id_property)
         self._headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
         self._list_id: str | None = None
 
@@ -200,7 +188,7 @@ class HubspotListConnector(Connector):
         """Sort HubSpot's rate limits (policy in the 429 body) and auth failures."""
         status = response.status_code
         if status == 429:
-            answer = _json(response)
+            answer = json_body(response)
             policy = answer.get("policyName") if isinstance(answer, dict) else None
             if policy == DAILY_POLICY:
                 return Verdict.fatal(
@@ -212,7 +200,7 @@ class HubspotListConnector(Connector):
                 code="rate_limit", message=f"HubSpot rate limit {policy or '(no policy named)'}"
             )
         if status == 401:
-            answer = _json(response)
+            answer = json_body(response)
             category = answer.get("category") if isinstance(answer, dict) else None
             return Verdict.fatal(
                 f"HubSpot refused the access token (401 {category or 'unauthorized'}):"
@@ -231,7 +219,7 @@ class HubspotListConnector(Connector):
         """
         configured = self.setting("list_id")
         remembered = self.sync.state.get("list_id") if self.sync.state else None
-        create = _flag(self.setting("create_if_missing", False))
+        create = flag(self.setting("create_if_missing", False), _TRUE_WORDS)
         found = None
         if configured in (None, "") and remembered not in (None, ""):
             found = self._fetch_list(str(remembered))
@@ -271,7 +259,7 @@ class HubspotListConnector(Connector):
         )
         if response.status_code == 404:
             return None
-        answer = _json(response)
+        answer = json_body(response)
         found = answer.get("list") if isinstance(answer, dict) else None
         return found if isinstance(found, dict) else None
 
@@ -318,7 +306,7 @@ class HubspotListConnector(Connector):
             classify=_accept_not_found,
         )
         if response.status_code != 404:
-            answer = _json(response)
+            answer = json_body(response)
             found = answer.get("list") if isinstance(answer, dict) else None
             if isinstance(found, dict) and found.get("listId") not in (None, ""):
                 list_id = str(found["listId"])
@@ -335,7 +323,7 @@ class HubspotListConnector(Connector):
             },
             headers=self._headers,
         )
-        answer = _json(response)
+        answer = json_body(response)
         created = answer.get("list") if isinstance(answer, dict) else None
         if not isinstance(created, dict) or created.get("listId") in (None, ""):
             raise FatalDestinationError(
@@ -352,28 +340,6 @@ class HubspotListConnector(Connector):
             )
         return self._list_id
 
-    # -- identifiers ------------------------------------------------------------------------
-
-    def _normalise(self, value: Any) -> str:
-        """The key as HubSpot stores the ``id_property`` value.
-
-        Raises:
-            InvalidIdentifier: not an email (when keys are emails), or empty.
-        """
-        if self._id_property == EMAIL_PROPERTY:
-            return normalize_email(value)
-        text = str(value).strip() if value is not None else ""
-        if not text:
-            raise InvalidIdentifier("invalid_identifier", f"the {self._id_property} is empty")
-        return text
-
-    def _known(self, value: Any) -> str | None:
-        """A value from an answer in normal form, or ``None`` when it has none."""
-        try:
-            return self._normalise(value) if value is not None else None
-        except InvalidIdentifier:
-            return None
-
     # -- sending ----------------------------------------------------------------------------
 
     def send_batch(self, batch: Sequence[Change]) -> BatchResult:
@@ -385,22 +351,9 @@ class HubspotListConnector(Connector):
         properties: dict[str, dict[str, str]] = {}
         upsert_changes: dict[str, list[Change]] = {}
         removals: list[tuple[Change, str]] = []
-        for change in batch:
-            try:
-                normalised = self._normalise(change.key)
-            except InvalidIdentifier as exc:
-                # Never sent raw; the message does not quote the value (personal data).
-                rejected.append(
-                    RowError(change.key, change.op, exc.code, f"{exc.message}: not sent")
-                )
-                continue
+        for change, normalised in known_changes(batch, self._keys.normalise, rejected):
             if change.op == "remove":
                 removals.append((change, normalised))
-                continue
-            if change.op not in ("add", "update"):
-                rejected.append(
-                    RowError(change.key, change.op, "unknown_op", f"unknown op {change.op!r}")
-                )
                 continue
             try:
                 values = {
@@ -487,7 +440,7 @@ class HubspotListConnector(Connector):
                 headers=self._headers,
                 classify=_accept_validation_error,
             )
-            answer = _json(response)
+            answer = json_body(response)
             if response.status_code == 400:
                 blamed = self._blame(answer, pending)
                 if not blamed:
@@ -505,18 +458,12 @@ class HubspotListConnector(Connector):
                 for normalised in blamed:
                     pending.pop(normalised, None)
                 continue
-            results = answer.get("results") if isinstance(answer, dict) else None
-            results = results if isinstance(results, list) else []
             unplaced: list[str] = []
-            for result in results:
-                if not isinstance(result, dict) or result.get("id") in (None, ""):
-                    continue
-                value = (result.get("properties") or {}).get(self._id_property)
-                normalised = self._known(value)
+            for normalised, record_id in self._records(answer):
                 if normalised in pending:
-                    record_ids[normalised] = str(result["id"])
+                    record_ids[normalised] = record_id
                 else:
-                    unplaced.append(str(result["id"]))
+                    unplaced.append(record_id)
             left = {n: v for n, v in pending.items() if n not in record_ids}
             # A result without the id property can still be placed when one input is left.
             if len(unplaced) == 1 and len(left) == 1:
@@ -559,7 +506,7 @@ class HubspotListConnector(Connector):
             if isinstance(context, dict):
                 for values in context.values():
                     for value in values if isinstance(values, list) else [values]:
-                        normalised = self._known(value) if isinstance(value, str) else None
+                        normalised = self._keys.known(value) if isinstance(value, str) else None
                         if normalised in wanted:
                             named.add(normalised)
             if not named:
@@ -570,7 +517,7 @@ class HubspotListConnector(Connector):
                 ]
                 for text in texts:
                     for found in _EMAIL_LIKE.findall(text):
-                        normalised = self._known(found)
+                        normalised = self._keys.known(found)
                         if normalised in wanted:
                             named.add(normalised)
             for normalised in named:
@@ -598,17 +545,21 @@ class HubspotListConnector(Connector):
             )
             if response.status_code == 404:
                 continue
-            answer = _json(response)
-            results = answer.get("results") if isinstance(answer, dict) else None
             wanted = set(chunk)
-            for result in results if isinstance(results, list) else []:
-                if not isinstance(result, dict) or result.get("id") in (None, ""):
-                    continue
-                value = (result.get("properties") or {}).get(self._id_property)
-                key = self._known(value)
+            for key, record_id in self._records(json_body(response)):
                 if key in wanted:
-                    found[key] = str(result["id"])
+                    found[key] = record_id
         return found
+
+    def _records(self, answer: Any) -> Iterator[tuple[str | None, str]]:
+        """``(id property in normal form, record id)`` of each record in an answer's
+        ``results`` (an upsert's or a batch read's); ``None`` for a value it cannot place."""
+        results = answer.get("results") if isinstance(answer, dict) else None
+        for result in results if isinstance(results, list) else []:
+            if not isinstance(result, dict) or result.get("id") in (None, ""):
+                continue
+            value = (result.get("properties") or {}).get(self._id_property)
+            yield self._keys.known(value), str(result["id"])
 
     def _change_membership(
         self, list_id: str, add: Sequence[str], remove: Sequence[str]
@@ -629,7 +580,7 @@ class HubspotListConnector(Connector):
             headers=self._headers,
             classify=list_gone,
         )
-        answer = _json(response)
+        answer = json_body(response)
         missing = answer.get("recordIdsMissing") if isinstance(answer, dict) else None
         return {str(m) for m in missing} if isinstance(missing, list) else set()
 

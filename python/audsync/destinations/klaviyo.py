@@ -41,8 +41,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import orjson
-
 from audsync.delivery.http import Verdict, dumps
 from audsync.destinations.base import (
     BatchResult,
@@ -52,6 +50,7 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
+from audsync.destinations.common import flag, json_list, json_object, required
 from audsync.identifiers import InvalidIdentifier, normalize_email
 
 logger = logging.getLogger("audsync.destinations.klaviyo")
@@ -127,14 +126,7 @@ def profile_attributes(email: str, fields: Mapping[str, Any] | None) -> dict[str
 
 def _errors(content: bytes) -> list[dict[str, Any]]:
     """The ``errors`` of a JSON:API error answer (empty when it has none)."""
-    if not content or content.lstrip()[:1] != b"{":
-        return []
-    try:
-        document = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return []
-    errors = document.get("errors") if isinstance(document, dict) else None
-    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+    return [e for e in json_list(content, "errors") if isinstance(e, dict)]
 
 
 def _describe(errors: list[dict[str, Any]], status: int) -> tuple[str, str]:
@@ -186,9 +178,7 @@ class KlaviyoListConnector(Connector):
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
-        api_key = str(self.setting("api_key") or "").strip()
-        if not api_key:
-            raise FatalDestinationError(f"destination {name!r}: key 'api_key' is required")
+        api_key = required(self, "api_key", strip=True)
         revision = str(self.setting("revision") or DEFAULT_REVISION)
         if not re.fullmatch(r"\d{4}-\d{2}-\d{2}(\.[a-z]+)?", revision):
             raise FatalDestinationError(
@@ -241,7 +231,7 @@ class KlaviyoListConnector(Connector):
                     f"destination {self.name!r}: Klaviyo list {self._list_id!r} not found"
                 )
             return None
-        if not _truthy(self.setting("create_if_missing", False)):
+        if not flag(self.setting("create_if_missing", False)):
             raise FatalDestinationError(
                 f"destination {self.name!r}: key 'list_id' is required (or set"
                 " create_if_missing: true to have audsync create the list)"
@@ -462,13 +452,8 @@ def _without_nulls(attributes: dict[str, Any]) -> dict[str, Any]:
 
 def _data(content: bytes) -> list[dict[str, Any]]:
     """The ``data`` of a JSON:API answer as a list of resources."""
-    if not content:
-        return []
-    try:
-        document = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return []
-    data = document.get("data") if isinstance(document, dict) else None
+    document = json_object(content)
+    data = document.get("data") if document is not None else None
     if isinstance(data, dict):
         return [data]
     return [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
@@ -494,10 +479,3 @@ def _list_answer(list_id: str) -> Callable[[Any], Verdict | None]:
         return None
 
     return classify
-
-
-def _truthy(value: Any) -> bool:
-    """A yaml or string boolean (env_var renders strings)."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)

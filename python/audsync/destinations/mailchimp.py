@@ -40,8 +40,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import orjson
-
 from audsync.delivery.http import Verdict, answer_text, dumps
 from audsync.destinations.base import (
     BatchResult,
@@ -51,6 +49,7 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
+from audsync.destinations.common import flag, json_object, required
 from audsync.identifiers import InvalidIdentifier, normalize_email
 from audsync.identifiers import mailchimp_subscriber_hash as subscriber_hash
 
@@ -82,13 +81,7 @@ def data_centre(api_key: str) -> str | None:
 
 def _problem(content: bytes) -> dict[str, Any]:
     """An ``application/problem+json`` answer as a dict (empty when it is not one)."""
-    if not content or content.lstrip()[:1] != b"{":
-        return {}
-    try:
-        document = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return {}
-    return document if isinstance(document, dict) else {}
+    return json_object(content) or {}
 
 
 def _slug(title: str) -> str:
@@ -141,9 +134,7 @@ class MailchimpConnector(Connector):
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
-        self._api_key = str(self.setting("api_key") or "").strip()
-        if not self._api_key:
-            raise FatalDestinationError(f"destination {name!r}: key 'api_key' is required")
+        self._api_key = required(self, "api_key", strip=True)
         list_id = self.setting("list_id")
         if not list_id:
             raise FatalDestinationError(
@@ -159,7 +150,7 @@ class MailchimpConnector(Connector):
                 f" got {status!r}"
             )
         self._status_if_new = status
-        self._archive = _truthy(self.setting("archive_on_remove", False))
+        self._archive = flag(self.setting("archive_on_remove", False))
         self._base = self._default_base()
         self._list_path = f"{API_PREFIX}/lists/{quote(self._list_id, safe='')}"
         # Basic auth with any user name, as Mailchimp documents; requests builds the header.
@@ -366,10 +357,3 @@ def _row_errors(rows: list[Change], code: str | None, response: Any) -> list[Row
     detail = str(problem.get("detail") or answer_text(response) or title)
     message = f"{response.status_code} {title}: {detail}"[:500]
     return [RowError(c.key, c.op, code or _slug(title), message) for c in rows]
-
-
-def _truthy(value: Any) -> bool:
-    """A yaml or string boolean (env_var renders strings)."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)

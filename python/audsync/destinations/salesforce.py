@@ -30,12 +30,11 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import orjson
 import requests
 
 from audsync.delivery.http import Verdict, dumps
@@ -47,7 +46,7 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
-from audsync.identifiers import InvalidIdentifier, normalize_email
+from audsync.destinations.common import TRUE_WORDS, KeyRule, flag, json_body, known_changes
 
 logger = logging.getLogger("audsync.destinations.salesforce")
 
@@ -71,6 +70,8 @@ ALREADY_DELETED = frozenset({"ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY"}
 unknown id gets is **unconfirmed** (ENTITY_IS_DELETED for a record in the recycle bin is
 documented); both are taken as "removed", the safe reading for a repeated delete."""
 RETRIABLE_RECORD_ERRORS = frozenset({"UNABLE_TO_LOCK_ROW"})
+_TRUE_WORDS = (*TRUE_WORDS, "y")
+"""Yes in this connector's yes/no settings: ``y`` as well as the common words."""
 
 # -- identifiers and names -----------------------------------------------------------------
 
@@ -111,13 +112,6 @@ def api_version(value: Any) -> str:
     return f"v{match.group(1)}.{match.group(2) or '0'}"
 
 
-def _json(response: requests.Response) -> Any:
-    try:
-        return orjson.loads(response.content) if response.content else None
-    except orjson.JSONDecodeError:
-        return None
-
-
 def _errors_of(answer: Any) -> list[tuple[str, str]]:
     """``(errorCode, message)`` of a request-level error answer (a JSON array of errors)."""
     items = answer if isinstance(answer, list) else [answer] if isinstance(answer, dict) else []
@@ -148,10 +142,34 @@ def _retriable(result: Any) -> bool:
     return _record_error(result)[0] in RETRIABLE_RECORD_ERRORS
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on", "y")
-    return bool(value)
+def _one_each(answer: Any, count: int) -> list[Any]:
+    """A collection answer's results, one for each of the ``count`` records sent (``None``
+    for a record it has no result for)."""
+    answer = answer if isinstance(answer, list) else []
+    return [answer[position] if position < len(answer) else None for position in range(count)]
+
+
+def _resend_locked(count: int, send: Callable[[list[int]], list[Any]]) -> list[Any]:
+    """The results of ``count`` records in order, sent by ``send`` (record indexes in, their
+    results in the same order out).
+
+    Records failing with ``UNABLE_TO_LOCK_ROW`` are sent again a few times, after a short
+    pause: another transaction holds the row (the campaign, usually) for a moment.
+    """
+    results: list[Any] = [None] * count
+    pending = list(range(count))
+    for attempt in range(LOCK_RETRIES + 1):
+        if attempt:
+            time.sleep(LOCK_BACKOFF_S * 2 ** (attempt - 1))
+        retry: list[int] = []
+        for index, result in zip(pending, send(pending)):
+            results[index] = result
+            if _retriable(result):
+                retry.append(index)
+        pending = retry
+        if not pending:
+            break
+    return results
 
 
 def _accept_not_found(response: requests.Response) -> Verdict | None:
@@ -159,7 +177,7 @@ def _accept_not_found(response: requests.Response) -> Verdict | None:
     404 (a proxy, a wrong ``base_url``) is left to the default policy."""
     if response.status_code != 404:
         return None
-    codes = {code for code, _ in _errors_of(_json(response))}
+    codes = {code for code, _ in _errors_of(json_body(response))}
     return Verdict.ok() if "NOT_FOUND" in codes else None
 
 
@@ -245,7 +263,7 @@ class SalesforceCampaignConnector(Connector):
             raise FatalDestinationError(
                 f"{where}: contact_match_field {self._match_field!r} is not a field API name"
             )
-        self._upsert = _flag(self.setting("upsert_contacts", False))
+        self._upsert = flag(self.setting("upsert_contacts", False), _TRUE_WORDS)
         if self._upsert and self._match_field.lower() == EMAIL_FIELD.lower():
             # Salesforce upserts only by an External ID field, and Email cannot be one.
             raise FatalDestinationError(
@@ -257,8 +275,10 @@ class SalesforceCampaignConnector(Connector):
             raise FatalDestinationError(
                 f"{where}: identifier_type must be email or text, got {kind!r}"
             )
-        # Matching on Email always means emails.
-        self._emails = kind == "email" or self._match_field.lower() == EMAIL_FIELD.lower()
+        # Keys as matched against the Contact field; matching on Email always means emails.
+        self._keys = KeyRule(
+            email=kind == "email" or self._match_field.lower() == EMAIL_FIELD.lower()
+        )
         status = self.setting("member_status")
         self._member_status = str(status) if status not in (None, "") else None
         self._headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
@@ -282,7 +302,7 @@ class SalesforceCampaignConnector(Connector):
         status = response.status_code
         if status < 400:
             return None
-        errors = _errors_of(_json(response))
+        errors = _errors_of(json_body(response))
         codes = {code for code, _ in errors}
         if status == 401 or "INVALID_SESSION_ID" in codes:
             return Verdict.fatal(
@@ -337,7 +357,7 @@ class SalesforceCampaignConnector(Connector):
         """
         configured = self.setting("campaign_id")
         remembered = self.sync.state.get("campaign_id") if self.sync.state else None
-        create = _flag(self.setting("create_if_missing", False))
+        create = flag(self.setting("create_if_missing", False), _TRUE_WORDS)
         if configured not in (None, ""):
             if not self._campaign_exists(str(configured)):
                 raise FatalDestinationError(
@@ -400,7 +420,7 @@ class SalesforceCampaignConnector(Connector):
             json={"Name": name, "IsActive": True},
             headers=self._headers,
         )
-        answer = _json(response)
+        answer = json_body(response)
         created = answer.get("id") if isinstance(answer, dict) else None
         if not created:
             raise FatalDestinationError(
@@ -417,28 +437,6 @@ class SalesforceCampaignConnector(Connector):
             )
         return self._campaign_id
 
-    # -- identifiers ------------------------------------------------------------------------
-
-    def _normalise(self, value: Any) -> str:
-        """The key as matched against the Contact field.
-
-        Raises:
-            InvalidIdentifier: not an email (when keys are emails), or empty.
-        """
-        if self._emails:
-            return normalize_email(value)
-        text = str(value).strip() if value is not None else ""
-        if not text:
-            raise InvalidIdentifier("invalid_identifier", "the identifier is empty")
-        return text
-
-    def _known(self, value: Any) -> str | None:
-        """A value from an answer in normal form, or ``None`` when it has none."""
-        try:
-            return self._normalise(value) if value is not None else None
-        except InvalidIdentifier:
-            return None
-
     # -- sending ----------------------------------------------------------------------------
 
     def send_batch(self, batch: Sequence[Change]) -> BatchResult:
@@ -448,22 +446,9 @@ class SalesforceCampaignConnector(Connector):
         joining: dict[str, list[Change]] = {}
         fields: dict[str, dict[str, Any]] = {}
         leaving: list[tuple[Change, str]] = []
-        for change in batch:
-            try:
-                normalised = self._normalise(change.key)
-            except InvalidIdentifier as exc:
-                # Never sent raw; the message does not quote the value (personal data).
-                rejected.append(
-                    RowError(change.key, change.op, exc.code, f"{exc.message}: not sent")
-                )
-                continue
+        for change, normalised in known_changes(batch, self._keys.normalise, rejected):
             if change.op == "remove":
                 leaving.append((change, normalised))
-                continue
-            if change.op not in ("add", "update"):
-                rejected.append(
-                    RowError(change.key, change.op, "unknown_op", f"unknown op {change.op!r}")
-                )
                 continue
             if self._upsert:
                 problem = self._field_problem(change.fields or {})
@@ -539,7 +524,7 @@ class SalesforceCampaignConnector(Connector):
         for values in self._in_chunks(keys, f"SELECT Id, {field} FROM Contact WHERE {field} IN "):
             soql = f"SELECT Id, {field} FROM Contact WHERE {field} IN ({values})"
             for record in self._query(soql):
-                key = self._known(record.get(field))
+                key = self._keys.known(record.get(field))
                 contact_id = record.get("Id")
                 if key is None or not contact_id:
                     continue
@@ -679,64 +664,39 @@ class SalesforceCampaignConnector(Connector):
     # -- requests ---------------------------------------------------------------------------
 
     def _collection(self, method: str, path: str, records: list[dict[str, Any]]) -> list[Any]:
-        """Send records in collection requests of at most 200; results in record order.
+        """Send records in collection requests of at most 200, resending those locked;
+        results in record order."""
 
-        Records failing with ``UNABLE_TO_LOCK_ROW`` are sent again, alone, a few times with a
-        short pause: another transaction holds the row (the campaign, usually) for a moment.
-        """
-        results: list[Any] = [None] * len(records)
-        pending = list(range(len(records)))
-        for attempt in range(LOCK_RETRIES + 1):
-            if attempt:
-                time.sleep(LOCK_BACKOFF_S * 2 ** (attempt - 1))
-            retry: list[int] = []
-            for start in range(0, len(pending), COLLECTION_LIMIT):
-                chunk = pending[start : start + COLLECTION_LIMIT]
+        def send(indexes: list[int]) -> list[Any]:
+            results: list[Any] = []
+            for start in range(0, len(indexes), COLLECTION_LIMIT):
+                chunk = indexes[start : start + COLLECTION_LIMIT]
                 response = self.http.request(
                     method,
                     self._api(path),
                     json={"allOrNone": False, "records": [records[i] for i in chunk]},
                     headers=self._headers,
                 )
-                answer = _json(response)
-                answer = answer if isinstance(answer, list) else []
-                for position, index in enumerate(chunk):
-                    result = answer[position] if position < len(answer) else None
-                    results[index] = result
-                    if _retriable(result):
-                        retry.append(index)
-            pending = retry
-            if not pending:
-                break
-        return results
+                results += _one_each(json_body(response), len(chunk))
+            return results
+
+        return _resend_locked(len(records), send)
 
     def _delete(self, ids: Sequence[str]) -> list[Any]:
         """Delete records by id (at most 200), resending those locked; results in id order."""
-        results: list[Any] = [None] * len(ids)
-        pending = list(range(len(ids)))
-        for attempt in range(LOCK_RETRIES + 1):
-            if attempt:
-                time.sleep(LOCK_BACKOFF_S * 2 ** (attempt - 1))
+
+        def send(indexes: list[int]) -> list[Any]:
             # Ids are checked alphanumeric: the commas stay literal, as the API documents.
             url = (
                 self._api("composite/sobjects")
                 + "?ids="
-                + ",".join(ids[i] for i in pending)
+                + ",".join(ids[i] for i in indexes)
                 + "&allOrNone=false"
             )
             response = self.http.request("DELETE", url, headers=self._headers)
-            answer = _json(response)
-            answer = answer if isinstance(answer, list) else []
-            retry = []
-            for position, index in enumerate(pending):
-                result = answer[position] if position < len(answer) else None
-                results[index] = result
-                if _retriable(result):
-                    retry.append(index)
-            pending = retry
-            if not pending:
-                break
-        return results
+            return _one_each(json_body(response), len(indexes))
+
+        return _resend_locked(len(ids), send)
 
     def _in_chunks(self, values: Iterable[str], prefix: str) -> Iterable[str]:
         """Comma-separated SOQL literals of ``values``, cut so each query's URL stays short."""
@@ -760,7 +720,7 @@ class SalesforceCampaignConnector(Connector):
         url = self._api("query") + "?q=" + quote(soql, safe="")
         while url:
             response = self.http.request("GET", url, headers=self._headers)
-            answer = _json(response)
+            answer = json_body(response)
             if not isinstance(answer, dict):
                 break
             records.extend(r for r in answer.get("records") or [] if isinstance(r, dict))

@@ -31,6 +31,7 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
+from audsync.destinations.common import json_list
 
 logger = logging.getLogger("audsync.destinations.webhook")
 
@@ -214,14 +215,8 @@ class WebhookConnector(Connector):
 
     def _rejected_in(self, content: bytes, batch: Sequence[Change]) -> list[RowError]:
         """Rows the answer lists under ``rejected``; none when it lists none or is not JSON."""
-        if not content or content.lstrip()[:1] != b"{":
-            return []
-        try:
-            answer = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            return []
-        listed = answer.get("rejected") if isinstance(answer, dict) else None
-        if not listed or not isinstance(listed, list):
+        listed = json_list(content, "rejected")
+        if not listed:
             return []
         ops = {change.key: change.op for change in batch}
         rejected: list[RowError] = []
