@@ -133,6 +133,7 @@ class SyncTables:
             f" from ({union}) as changes",
             (run_id,),
         )
+        self.warehouse.refresh_statistics(session, self.sync.relation_of("plan"))
         return self.plan_counts(session, run_id)
 
     def plan_counts(self, session: Session, run_id: str) -> PlanCounts:
@@ -240,6 +241,7 @@ class SyncTables:
         )
         session.execute(f"delete from {self.plan} where {n.RUN_ID} = ?", (run_id,))
         self.state.forget_delivery(session, run_id)
+        self.warehouse.refresh_statistics(session, self.sync.relation_of("snapshot"))
         return CommitCounts(
             added=counts.adds, removed=counts.removes, updated=counts.updates,
             recorded=counts.recorded, failed=int(failed), unmatched=int(unmatched),

@@ -280,34 +280,8 @@ def run_dbt_parse(project_dir: Path, profiles_dir: Path, target: str | None, man
 
 
 def load_credentials(profiles_dir: Path, profile_name: str, target: str | None):
-    """The dbt credentials object of ``profile_name`` and its target name, rendered by dbt
-    itself (``env_var`` included), so every key dbt accepts works here too."""
-    from dbt.config.profile import Profile, read_profile
-    from dbt.config.renderer import ProfileRenderer
-    from dbt_common.context import set_invocation_context
-    from dbt_common.exceptions import DbtBaseException
+    """The credentials of the dbt profile's target and the target's name (see
+    :mod:`audsync.profiles`: read as dbt reads them, without importing dbt)."""
+    from .profiles import load_credentials as load
 
-    # dbt's env_var() reads the environment of the current invocation, which only a dbt
-    # command sets up: set it as dbt would.
-    set_invocation_context(dict(os.environ))
-
-    profiles_file = profiles_dir / "profiles.yml"
-    if not profiles_file.exists():
-        raise ConfigError(f"no profiles.yml in {profiles_dir}; pass --profiles-dir or set DBT_PROFILES_DIR")
-    raw = read_profile(str(profiles_dir))
-    if profile_name not in raw:
-        raise ConfigError(f"profile {profile_name!r} (from dbt_project.yml) is not in {profiles_file}")
-    renderer = ProfileRenderer({})
-    profile = raw[profile_name] or {}
-    target_name = target or renderer.render_value(profile.get("target", "default"))
-    outputs = profile.get("outputs") or {}
-    if target_name not in outputs:
-        raise ConfigError(
-            f"target {target_name!r} is not in profile {profile_name!r} of {profiles_file}; "
-            f"targets: {', '.join(sorted(outputs)) or 'none'}"
-        )
-    try:
-        data = renderer.render_data(dict(outputs[target_name]))
-        return Profile._credentials_from_profile(data, profile_name, target_name), target_name
-    except DbtBaseException as error:
-        raise ConfigError(f"profile {profile_name!r}, target {target_name!r}: {error}") from None
+    return load(profiles_dir, profile_name, target)

@@ -35,7 +35,7 @@ from .warehouse import Warehouse
 logger = logging.getLogger("audsync.run")
 
 # Plan rows read per warehouse session during delivery; bounded memory, few sessions.
-READ_CHUNK_ROWS = 50_000
+READ_CHUNK_ROWS = 20_000
 # How often answered batches are written to the warehouse during delivery.
 FLUSH_EVERY_S = 1.0
 
@@ -76,6 +76,13 @@ class Reporter:
 
     def progress_stop(self) -> None:
         """Delivery ended."""
+
+
+def peak_rss_mb() -> int:
+    """The process's peak resident memory so far, in MB (reported with a run's steps)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def new_run_id() -> str:
@@ -186,7 +193,8 @@ class SyncRunner:
                                       planned_removes=planned.removes, planned_updates=planned.updates)
             result.planned = planned
             self.reporter.event("planned", sync=sync.name, run_id=run_id, adds=planned.adds,
-                                removes=planned.removes, updates=planned.updates, recorded=planned.recorded)
+                                removes=planned.removes, updates=planned.updates, recorded=planned.recorded,
+                                peak_rss_mb=peak_rss_mb())
 
             # 3. Deliver.
             if planned.sent:
@@ -220,6 +228,7 @@ class SyncRunner:
                 finally:
                     recorder.flush()
                     self.reporter.progress_stop()
+                self.reporter.event("delivered", sync=sync.name, run_id=run_id, peak_rss_mb=peak_rss_mb())
                 connector.close(True)
                 http.close()
         except FatalDestinationError as error:
@@ -272,7 +281,7 @@ class SyncRunner:
         self.reporter.event("finished", sync=sync.name, run_id=run_id, status=status,
                             rows_added=result.committed.added, rows_removed=result.committed.removed,
                             rows_updated=result.committed.updated, rows_failed=result.committed.failed,
-                            duration_ms=result.duration_ms)
+                            duration_ms=result.duration_ms, peak_rss_mb=peak_rss_mb())
         return result
 
     def _batches(

@@ -114,6 +114,9 @@ class Warehouse:
         """Rows changed by the DML statement just run on ``cursor`` (DB-API rowcount)."""
         return cursor.rowcount
 
+    def refresh_statistics(self, session: Session, relation: Relation) -> None:
+        """Let the planner know ``relation`` just changed a lot (a commit, a frozen plan)."""
+
     def lock_state_table(self, session: Session, relation: Relation) -> None:
         """Serialise the lock-takers of ``relation`` until the session's transaction ends."""
 

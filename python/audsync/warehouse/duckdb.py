@@ -19,6 +19,10 @@ from .base import Relation, Session, Warehouse
 # How long a session waits for a DuckDB file that another process holds.
 LOCK_WAIT_ENV = "AUDSYNC_DUCKDB_LOCK_WAIT_S"
 DEFAULT_LOCK_WAIT_S = 120.0
+# DuckDB's buffer pool defaults to 80% of RAM, and lives in the runner's process. The
+# runner's queries (freeze, commit) spill to disk past this limit instead.
+MEMORY_LIMIT_ENV = "AUDSYNC_DUCKDB_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "100MB"
 
 
 class DuckDBWarehouse(Warehouse):
@@ -43,6 +47,7 @@ class DuckDBWarehouse(Warehouse):
         import duckdb
 
         config = dict(self.settings)
+        config["memory_limit"] = os.environ.get(MEMORY_LIMIT_ENV) or config.get("memory_limit") or DEFAULT_MEMORY_LIMIT
         deadline = time.monotonic() + self.lock_wait_s
         delay = 0.02
         while True:
