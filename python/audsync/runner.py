@@ -186,11 +186,14 @@ class SyncRunner:
             self._recover_abandoned(sync, tables, run_id)
 
             # 2. Plan.
-            with self.warehouse.session() as session:
-                planned = tables.freeze(session, run_id, full_resync=full_resync)
-                size = tables.plan_size(session, run_id)
-                self.state.update_run(session, run_id, planned_adds=planned.adds,
-                                      planned_removes=planned.removes, planned_updates=planned.updates)
+            def freeze() -> tuple[PlanCounts, int]:
+                with self.warehouse.session() as session:
+                    counts = tables.freeze(session, run_id, full_resync=full_resync)
+                    self.state.update_run(session, run_id, planned_adds=counts.adds,
+                                          planned_removes=counts.removes, planned_updates=counts.updates)
+                    return counts, tables.plan_size(session, run_id)
+
+            planned, size = self.warehouse.retrying_on_memory(freeze)
             result.planned = planned
             self.reporter.event("planned", sync=sync.name, run_id=run_id, adds=planned.adds,
                                 removes=planned.removes, updates=planned.updates, recorded=planned.recorded,
@@ -307,20 +310,23 @@ class SyncRunner:
         self, tables: SyncTables, run_id: str, status: str, error_message: str | None, clock: float,
         every_batch_answered: bool = False,
     ) -> CommitCounts:
-        with self.warehouse.session() as session:
-            committed = tables.commit(session, run_id, utcnow(), every_batch_answered)
-            final = status
-            if status == "success" and committed.failed:
-                final = "partial_failure"
-            self.state.update_run(
-                session, run_id, status=final, finished_at=utcnow(),
-                duration_ms=int((time.monotonic() - clock) * 1000),
-                rows_added=committed.added, rows_removed=committed.removed,
-                rows_updated=committed.updated, rows_failed=committed.failed,
-                rows_recorded=committed.recorded, rows_unmatched=committed.unmatched,
-                error_message=error_message,
-            )
-        return committed
+        def commit() -> CommitCounts:
+            with self.warehouse.session() as session:
+                committed = tables.commit(session, run_id, utcnow(), every_batch_answered)
+                final = status
+                if status == "success" and committed.failed:
+                    final = "partial_failure"
+                self.state.update_run(
+                    session, run_id, status=final, finished_at=utcnow(),
+                    duration_ms=int((time.monotonic() - clock) * 1000),
+                    rows_added=committed.added, rows_removed=committed.removed,
+                    rows_updated=committed.updated, rows_failed=committed.failed,
+                    rows_recorded=committed.recorded, rows_unmatched=committed.unmatched,
+                    error_message=error_message,
+                )
+                return committed
+
+        return self.warehouse.retrying_on_memory(commit)
 
     def _record_failure(self, run_id: str, status: str, error_message: str, clock: float) -> None:
         try:
@@ -336,23 +342,28 @@ class SyncRunner:
         with self.warehouse.session() as session:
             abandoned = [r for r in self.state.running_runs(session, sync.name) if r["run_id"] != run_id]
         for run in abandoned:
-            with self.warehouse.session() as session:
-                committed = tables.commit(session, run["run_id"], utcnow())
-                finished = utcnow()
-                duration = int((finished - run["started_at"]).total_seconds() * 1000) if run["started_at"] else None
-                self.state.update_run(
-                    session, run["run_id"], status="aborted", finished_at=finished, duration_ms=duration,
-                    rows_added=committed.added, rows_removed=committed.removed,
-                    rows_updated=committed.updated, rows_failed=committed.failed,
-                    rows_recorded=committed.recorded, rows_unmatched=committed.unmatched,
-                    error_message=(
-                        f"abandoned: its heartbeat stopped; run {run_id} took the lock over and "
-                        f"committed the {committed.added + committed.removed + committed.updated} "
-                        "rows it had delivered"
-                    ),
-                )
-            self.reporter.event("recovered", sync=sync.name, run_id=run_id, abandoned_run=run["run_id"],
-                                rows_committed=committed.added + committed.removed + committed.updated)
+            self.warehouse.retrying_on_memory(lambda: self._recover(tables, run, run_id))
+
+    def _recover(self, tables: SyncTables, run: dict, run_id: str) -> None:
+        """Commit what the abandoned ``run`` had delivered; mark it aborted."""
+        sync_name = run["sync_name"]
+        with self.warehouse.session() as session:
+            committed = tables.commit(session, run["run_id"], utcnow())
+            finished = utcnow()
+            duration = int((finished - run["started_at"]).total_seconds() * 1000) if run["started_at"] else None
+            self.state.update_run(
+                session, run["run_id"], status="aborted", finished_at=finished, duration_ms=duration,
+                rows_added=committed.added, rows_removed=committed.removed,
+                rows_updated=committed.updated, rows_failed=committed.failed,
+                rows_recorded=committed.recorded, rows_unmatched=committed.unmatched,
+                error_message=(
+                    f"abandoned: its heartbeat stopped; run {run_id} took the lock over and "
+                    f"committed the {committed.added + committed.removed + committed.updated} "
+                    "rows it had delivered"
+                ),
+            )
+        self.reporter.event("recovered", sync=sync_name, run_id=run_id, abandoned_run=run["run_id"],
+                            rows_committed=committed.added + committed.removed + committed.updated)
 
 
 class LockLost(Exception):

@@ -392,3 +392,24 @@ def test_the_planner_knows_the_snapshot_after_a_commit(dbt_project, one_hook, wa
         assert reltuples == [(20.0,)]
     else:  # DuckDB keeps exact counts itself; the snapshot simply holds the members.
         assert dbt_project.query(f"select count(*) from {dbt_project.relation('s', '__snapshot')}") == [(20,)]
+
+
+def test_duckdb_steps_that_run_out_of_memory_are_retried_with_more(tmp_path, monkeypatch):
+    """DuckDB runs inside the runner with a small memory limit; a step that exceeds it (here a
+    4 MB limit and 200k members) is rolled back and retried with four times as much."""
+    from tests.support.dbt_project import DbtProject
+
+    project = DbtProject(tmp_path / "proj", "duckdb")
+    project.execute(
+        f"create table {project.relation('audience_src')} as select 'm' || range || '@example.com' as email,"
+        " 'n' || (range % 100) as first_name, (range % 97) * 1.5 as ltv from range(200000)"
+    )
+    with FakeWebhook(secret="memory-secret") as fake:
+        write_sync(project, "s", mode="mirror", destination="hook")
+        write_destinations(project, {"hook": {"type": "webhook", "url": fake.url, "secret": "memory-secret"}})
+        project.dbt("run")
+        monkeypatch.setenv("AUDSYNC_DUCKDB_MEMORY_LIMIT", "4MB")
+        result = audsync(project, "run", "s")
+        assert "ran out of its 4MB memory limit; retrying the step with 16 MB" in result.stderr
+        assert run_rows(project, "s")[-1]["rows_added"] == 200000
+        assert len(fake.members) == 200000

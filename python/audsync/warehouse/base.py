@@ -114,6 +114,20 @@ class Warehouse:
         """Rows changed by the DML statement just run on ``cursor`` (DB-API rowcount)."""
         return cursor.rowcount
 
+    def grow_memory(self, error: BaseException) -> bool:
+        """After ``error``, allow the warehouse more memory; True when a retry may succeed."""
+        return False
+
+    def retrying_on_memory(self, step):
+        """Run ``step()`` (a function that opens its own session), again with more memory
+        each time the warehouse ran out: the session was rolled back, so a retry is safe."""
+        while True:
+            try:
+                return step()
+            except Exception as error:  # noqa: BLE001 - re-raised unless memory can grow
+                if not self.grow_memory(error):
+                    raise
+
     def refresh_statistics(self, session: Session, relation: Relation) -> None:
         """Let the planner know ``relation`` just changed a lot (a commit, a frozen plan)."""
 

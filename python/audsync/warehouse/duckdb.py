@@ -9,6 +9,7 @@ table and name the run that holds the sync, and lets ``dbt run`` build while a r
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import time
@@ -16,13 +17,36 @@ from typing import Any, Iterator
 
 from .base import Relation, Session, Warehouse
 
+logger = logging.getLogger("audsync.warehouse")
+
 # How long a session waits for a DuckDB file that another process holds.
 LOCK_WAIT_ENV = "AUDSYNC_DUCKDB_LOCK_WAIT_S"
 DEFAULT_LOCK_WAIT_S = 120.0
 # DuckDB's buffer pool defaults to 80% of RAM, and lives in the runner's process. The
-# runner's queries (freeze, commit) spill to disk past this limit instead.
+# runner starts with this limit, so that a run of a usual size stays small; a step that runs
+# out of memory anyway (a join over 10M members) is retried with four times as much, up to
+# DuckDB's own default.
 MEMORY_LIMIT_ENV = "AUDSYNC_DUCKDB_MEMORY_LIMIT"
 DEFAULT_MEMORY_LIMIT = "100MB"
+_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def _bytes(limit: str) -> int | None:
+    """``'100MB'`` as bytes; None for a form DuckDB takes that we do not parse."""
+    text = str(limit).strip().lower().replace(" ", "")
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * _UNITS[unit])
+    return None
+
+
+def _ceiling_bytes() -> int:
+    """DuckDB's own default limit: 80% of the machine's memory."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1000**3
 
 
 class DuckDBWarehouse(Warehouse):
@@ -42,12 +66,15 @@ class DuckDBWarehouse(Warehouse):
             )
         self.settings = dict(credentials.settings or {})
         self.lock_wait_s = float(os.environ.get(LOCK_WAIT_ENV, DEFAULT_LOCK_WAIT_S))
+        self.memory_limit = (
+            os.environ.get(MEMORY_LIMIT_ENV) or self.settings.pop("memory_limit", None) or DEFAULT_MEMORY_LIMIT
+        )
 
     def _connect(self):
         import duckdb
 
         config = dict(self.settings)
-        config["memory_limit"] = os.environ.get(MEMORY_LIMIT_ENV) or config.get("memory_limit") or DEFAULT_MEMORY_LIMIT
+        config["memory_limit"] = self.memory_limit
         deadline = time.monotonic() + self.lock_wait_s
         delay = 0.02
         while True:
@@ -77,6 +104,21 @@ class DuckDBWarehouse(Warehouse):
             connection.execute("commit")
         finally:
             connection.close()
+
+    def grow_memory(self, error: BaseException) -> bool:
+        import duckdb
+
+        if not isinstance(error, duckdb.OutOfMemoryException):
+            return False
+        current = _bytes(self.memory_limit)
+        ceiling = _ceiling_bytes()
+        if current is None or current >= ceiling:
+            return False
+        grown = min(current * 4, ceiling)
+        logger.warning("DuckDB ran out of its %s memory limit; retrying the step with %d MB",
+                       self.memory_limit, grown // 1000**2)
+        self.memory_limit = f"{grown // 1000**2}MB"
+        return True
 
     def rows_changed(self, cursor: Any) -> int:
         # DuckDB answers a DML statement with one row holding the count.
