@@ -63,7 +63,7 @@
   {% do audsync.replace_view(sibling.adds, audsync.adds_sql(target_relation, sibling.snapshot, sync)) %}
   {% do audsync.replace_view(sibling.removes, audsync.removes_sql(target_relation, sibling.snapshot, sync)) %}
   {% do audsync.replace_view(sibling.updates, audsync.updates_sql(target_relation, sibling.snapshot, sync)) %}
-  {% do audsync.replace_view(sibling.changes, audsync.changes_sql(target_relation, sibling.snapshot, sync)) %}
+  {% do audsync.replace_view(sibling.changes, audsync.changes_sql(target_relation, sibling.snapshot, {'add': sibling.adds, 'remove': sibling.removes}, sync)) %}
   {% do audsync.replace_view(sibling.invalid, audsync.invalid_sql(sql, sync, source_columns)) %}
 
   {#- 6. Finish: hooks, grants, docs, commit, then drop the old S --------------------- -#}

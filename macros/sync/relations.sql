@@ -109,31 +109,18 @@ where snapshot.{{ n.hash }} is null
    or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
 {%- endmacro %}
 
-{#- S__changes: what the sync's mode sends, one op per row. One join per mode (rather
-    than a union of the three diff views), so the audience and the snapshot are each read
-    once: the run's plan is frozen from this view, at every run, whatever the audience's size. -#}
-{% macro changes_sql(membership, snapshot, sync) %}
+{#- S__changes: what the sync's mode sends, one op per row. `add` and `remove` modes send one
+    diff view each; `upsert` and `mirror` use one join rather than a union of the diff views,
+    so the audience and the snapshot are each read once: the run's plan is frozen from this
+    view at every run, whatever the audience's size. -#}
+{% macro changes_sql(membership, snapshot, diff_relations, sync) %}
   {%- set n = audsync.audsync_names() -%}
-  {%- set sends = n.mode_sends[sync.mode] -%}
   {%- set op_text = dbt.type_string() -%}
-  {%- if sync.mode == 'remove' %}
+  {%- if sync.mode in ['add', 'remove'] %}
 select
-    cast('remove' as {{ op_text }}) as {{ n.op }},
-    {{ audsync._diff_columns(sync, 'snapshot', 'snapshot.' ~ n.destination_id) | indent(4) }}
-from {{ snapshot }} as snapshot
-where not exists (
-    select 1 from {{ membership }} as audience
-    where audience.{{ n.key }} = snapshot.{{ n.key }}
-)
-  {%- elif sync.mode == 'add' %}
-select
-    cast('add' as {{ op_text }}) as {{ n.op }},
-    {{ audsync._diff_columns(sync, 'audience', 'cast(null as ' ~ op_text ~ ')') | indent(4) }}
-from {{ membership }} as audience
-where not exists (
-    select 1 from {{ snapshot }} as snapshot
-    where snapshot.{{ n.key }} = audience.{{ n.key }}
-)
+    cast({{ dbt.string_literal(sync.mode) }} as {{ op_text }}) as {{ n.op }},
+    {{ audsync._diff_columns(sync, 'diff', 'diff.' ~ n.destination_id) | indent(4) }}
+from {{ diff_relations[sync.mode] }} as diff
   {%- elif sync.mode == 'upsert' %}
 select
     cast(case when snapshot.{{ n.key }} is null then 'add' else 'update' end as {{ op_text }}) as {{ n.op }},

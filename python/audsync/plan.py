@@ -247,11 +247,6 @@ class SyncTables:
             recorded=counts.recorded, failed=int(failed), unmatched=int(unmatched),
         )
 
-    def discard(self, session: Session, run_id: str) -> None:
-        """Drop a run's plan without committing (a dry run)."""
-        session.execute(f"delete from {self.plan} where {names.RUN_ID} = ?", (run_id,))
-        self.state.forget_delivery(session, run_id)
-
     # -- inspection -------------------------------------------------------------------------
 
     def preview(self, session: Session, sample: int = 5) -> tuple[PlanCounts, list[dict[str, Any]]]:

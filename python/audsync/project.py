@@ -18,6 +18,7 @@ import yaml
 
 from . import names
 from .errors import ConfigError
+from .profiles import Credentials, load_credentials
 from .warehouse import Relation, Warehouse, open_warehouse
 
 # Written beside the manifest when audsync parses, so a later call with another target
@@ -65,6 +66,8 @@ class Project:
     target: str | None
     profile_name: str
     manifest: dict[str, Any]
+    credentials: Credentials
+    target_name: str
     syncs: dict[str, SyncModel] = field(default_factory=dict)
     state_relations: dict[str, Relation] = field(default_factory=dict)
 
@@ -93,15 +96,19 @@ class Project:
         if not manifest_path.exists():
             raise ConfigError(f"no dbt manifest at {manifest_path}; run `dbt parse` in {project_dir}")
         manifest = json.loads(manifest_path.read_text())
-        if parse and not _manifest_matches(manifest, profiles, project_yml, target):
+        profile_name = project_yml.get("profile") or project_yml.get("name")
+        credentials, target_name = load_credentials(profiles, profile_name, target)
+        if parse and not _manifest_matches(manifest, credentials):
             run_dbt_parse(project_dir, profiles, target, manifest_path)
             manifest = json.loads(manifest_path.read_text())
         project = cls(
             project_dir=project_dir,
             profiles_dir=profiles,
             target=target,
-            profile_name=project_yml.get("profile") or project_yml.get("name"),
+            profile_name=profile_name,
             manifest=manifest,
+            credentials=credentials,
+            target_name=target_name,
         )
         project._read_manifest()
         return project
@@ -145,9 +152,8 @@ class Project:
 
     def open_warehouse(self) -> Warehouse:
         """Connect with the dbt profile's credentials for the chosen target."""
-        credentials, target_name = load_credentials(self.profiles_dir, self.profile_name, self.target)
         try:
-            return open_warehouse(credentials, target_name)
+            return open_warehouse(self.credentials, self.target_name)
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
@@ -248,10 +254,9 @@ def manifest_is_stale(manifest_path: Path, project_dir: Path, project_yml: dict,
     return stamp is not None and stamp.get("manifest_mtime") == built and stamp.get("target") is not None
 
 
-def _manifest_matches(manifest: dict, profiles_dir: Path, project_yml: dict, target: str | None) -> bool:
+def _manifest_matches(manifest: dict, credentials: Credentials) -> bool:
     """False when the manifest was parsed for a warehouse other than the target's: another
     adapter type, or (the usual case of dev and prod targets) another database."""
-    credentials, _ = load_credentials(profiles_dir, project_yml.get("profile") or project_yml.get("name"), target)
     if manifest.get("metadata", {}).get("adapter_type") not in (None, credentials.type):
         return False
     databases = {
@@ -278,10 +283,3 @@ def run_dbt_parse(project_dir: Path, profiles_dir: Path, target: str | None, man
         stamp = {"target": target, "manifest_mtime": manifest_path.stat().st_mtime}
         (manifest_path.parent / PARSE_STAMP).write_text(json.dumps(stamp))
 
-
-def load_credentials(profiles_dir: Path, profile_name: str, target: str | None):
-    """The credentials of the dbt profile's target and the target's name (see
-    :mod:`audsync.profiles`: read as dbt reads them, without importing dbt)."""
-    from .profiles import load_credentials as load
-
-    return load(profiles_dir, profile_name, target)

@@ -203,10 +203,6 @@ class StateStore:
         sets = ", ".join(f"{c} = ?" for c in values)
         session.execute(f"update {self.runs} set {sets} where run_id = ?", (*values.values(), run_id))
 
-    def get_run(self, session: Session, run_id: str) -> dict[str, Any] | None:
-        row = session.fetchone(f"select {', '.join(RUN_COLUMNS)} from {self.runs} where run_id = ?", (run_id,))
-        return dict(zip(RUN_COLUMNS, row)) if row else None
-
     def runs_of(self, session: Session, sync_name: str, limit: int = 20) -> list[dict[str, Any]]:
         rows = session.fetchall(
             f"select {', '.join(RUN_COLUMNS)} from {self.runs} where sync_name = ?"
@@ -256,13 +252,6 @@ class StateStore:
             f"insert into {self.ids} ({', '.join(ID_COLUMNS)}) values (?, ?, ?, ?)",
             [(run_id, sync_name, key, value) for key, value in ids],
         )
-
-    def row_errors(self, session: Session, run_id: str) -> list[dict[str, Any]]:
-        rows = session.fetchall(
-            f"select {', '.join(ERROR_COLUMNS)} from {self.errors} where run_id = ? order by member_key",
-            (run_id,),
-        )
-        return [dict(zip(ERROR_COLUMNS, r)) for r in rows]
 
     def forget_delivery(self, session: Session, run_id: str) -> None:
         """Drop a committed run's working records (its row errors stay, as history)."""
