@@ -17,6 +17,7 @@
       'suffixes': {
           'snapshot': '__snapshot',
           'plan': '__plan',
+          'candidates': '__candidates',
           'adds': '__adds',
           'removes': '__removes',
           'updates': '__updates',

@@ -6,6 +6,7 @@
     S             table  the valid members: _audsync_key, mapped columns, _audsync_hash
     S__snapshot   table  what the destination holds; created when missing, never replaced
     S__plan       table  the runner's frozen plans, by run id; created when missing
+    S__candidates table  keys where S and the snapshot may differ; refilled by every run
     S__adds       view   members of S not in the snapshot
     S__removes    view   snapshot rows not in S
     S__updates    view   members in both whose hash differs
@@ -29,7 +30,7 @@
           database=target_relation.database,
           schema=target_relation.schema,
           identifier=target_relation.identifier ~ suffix,
-          type=('table' if part in ['snapshot', 'plan'] else 'view'))}) -%}
+          type=('table' if part in ['snapshot', 'plan', 'candidates'] else 'view'))}) -%}
   {%- endfor -%}
 
   {#- 2. Config: validated against the columns the select really returns -------------- -#}
@@ -58,12 +59,21 @@
   {#- 4. State kept across runs: created when missing, widened, never replaced -------- -#}
   {% do audsync.ensure_table(sibling.snapshot, audsync.snapshot_shape_sql(target_relation, sync)) %}
   {% do audsync.ensure_table(sibling.plan, audsync.plan_shape_sql(target_relation, sync)) %}
+  {% do audsync.ensure_table(sibling.candidates, audsync.candidates_shape_sql(target_relation)) %}
+  {% do truncate_relation(sibling.candidates) %}
+  {% call statement('audsync_candidates') -%}
+    insert into {{ sibling.candidates }} ({{ n.key }})
+    {{ audsync.candidates_sql(target_relation, sibling.snapshot) }}
+  {%- endcall %}
+  {% do audsync.refresh_statistics(sibling.candidates) %}
 
-  {#- 5. The diff, as views over S and the snapshot ----------------------------------- -#}
-  {% do audsync.replace_view(sibling.adds, audsync.adds_sql(target_relation, sibling.snapshot, sync)) %}
-  {% do audsync.replace_view(sibling.removes, audsync.removes_sql(target_relation, sibling.snapshot, sync)) %}
-  {% do audsync.replace_view(sibling.updates, audsync.updates_sql(target_relation, sibling.snapshot, sync)) %}
-  {% do audsync.replace_view(sibling.changes, audsync.changes_sql(target_relation, sibling.snapshot, {'add': sibling.adds, 'remove': sibling.removes}, sync)) %}
+  {#- 5. The diff, as views over S and the snapshot, among the candidate keys ---------- -#}
+  {%- set audience = audsync.among_candidates(target_relation, sibling.candidates) -%}
+  {%- set snapshot = audsync.among_candidates(sibling.snapshot, sibling.candidates) -%}
+  {% do audsync.replace_view(sibling.adds, audsync.adds_sql(audience, snapshot, sync)) %}
+  {% do audsync.replace_view(sibling.removes, audsync.removes_sql(audience, snapshot, sync)) %}
+  {% do audsync.replace_view(sibling.updates, audsync.updates_sql(audience, snapshot, sync)) %}
+  {% do audsync.replace_view(sibling.changes, audsync.changes_sql(audience, snapshot, {'add': sibling.adds, 'remove': sibling.removes}, sync)) %}
   {% do audsync.replace_view(sibling.invalid, audsync.invalid_sql(sql, sync, source_columns)) %}
 
   {#- 6. Finish: hooks, grants, docs, commit, then drop the old S --------------------- -#}
@@ -75,5 +85,5 @@
   {{ drop_relation_if_exists(backup_relation) }}
   {{ run_hooks(post_hooks, inside_transaction=False) }}
 
-  {{ return({'relations': [target_relation, sibling.snapshot, sibling.plan, sibling.adds, sibling.removes, sibling.updates, sibling.changes, sibling.invalid]}) }}
+  {{ return({'relations': [target_relation, sibling.snapshot, sibling.plan, sibling.candidates, sibling.adds, sibling.removes, sibling.updates, sibling.changes, sibling.invalid]}) }}
 {% endmaterialization %}

@@ -62,6 +62,38 @@ where audsync_key_value is null or audsync_key_count > 1
 {%- endmacro %}
 
 
+{#- S__candidates: the keys where S and the snapshot may differ. `dbt run` fills it with the
+    keys that differ now (one join of S and the snapshot); the runner's commit adds the keys
+    it writes and `audsync reset` every key of S. So a key outside it is the same in S and in
+    the snapshot, and the diff views join S and the snapshot only over these keys: after a
+    sync they are few, and a run, or a run with nothing to send, costs little whatever the
+    audience's size. -#}
+{% macro candidates_sql(membership, snapshot) %}
+  {%- set n = audsync.audsync_names() -%}
+select coalesce(audience.{{ n.key }}, snapshot.{{ n.key }}) as {{ n.key }}
+from {{ membership }} as audience
+full outer join {{ snapshot }} as snapshot
+    on snapshot.{{ n.key }} = audience.{{ n.key }}
+where audience.{{ n.key }} is null
+   or snapshot.{{ n.key }} is null
+   or snapshot.{{ n.hash }} is null
+   or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
+{%- endmacro %}
+
+{#- The typed, empty shape of S__candidates. -#}
+{% macro candidates_shape_sql(membership) %}
+  {%- set n = audsync.audsync_names() -%}
+select audience.{{ n.key }} from {{ membership }} as audience where 1 = 0
+{%- endmacro %}
+
+{#- `relation` (S or its snapshot) restricted to the candidate keys, as a subquery the diff
+    macros below read in its place. -#}
+{% macro among_candidates(relation, candidates) %}
+  {%- set n = audsync.audsync_names() -%}
+(select * from {{ relation }} where {{ n.key }} in (select {{ n.key }} from {{ candidates }}))
+{%- endmacro %}
+
+
 {#- The columns every diff relation carries, in this order. -#}
 {% macro _diff_columns(sync, alias, destination_id) %}
   {%- set n = audsync.audsync_names() -%}

@@ -41,9 +41,11 @@
 {% endmacro %}
 
 {#- PostgreSQL: the runner reads a plan by (run id, seq) ranges and commits by key; without
-    these it would scan the whole table for every batch. -#}
+    these it would scan the whole table for every batch. The candidate keys are only ever
+    hashed whole, so they go without. -#}
 {% macro postgres__create_sync_indexes(relation) %}
   {%- set n = audsync.audsync_names() -%}
+  {%- if relation.identifier.endswith(n.suffixes.candidates) -%}{{ return('') }}{%- endif -%}
   {%- set index_name = adapter.quote(relation.identifier ~ '_audsync_idx') -%}
   {% call statement('audsync_index_' ~ relation.identifier) -%}
     {%- if relation.identifier.endswith(n.suffixes.plan) %}
@@ -63,5 +65,22 @@
   {%- endif -%}
   {% call statement('audsync_view_' ~ relation.identifier) -%}
     {{ get_create_view_as_sql(relation, select_sql) }}
+  {%- endcall %}
+{% endmacro %}
+
+
+{#- Refresh the planner's statistics of `relation` where the engine keeps them. -#}
+{% macro refresh_statistics(relation) %}
+  {{ return(adapter.dispatch('refresh_statistics', 'audsync')(relation)) }}
+{% endmacro %}
+
+{% macro default__refresh_statistics(relation) %}
+{% endmacro %}
+
+{#- PostgreSQL plans the diff views' joins from these: stale counts for the candidate keys
+    can turn a hash join into a nested loop over the whole audience. -#}
+{% macro postgres__refresh_statistics(relation) %}
+  {% call statement('audsync_analyze_' ~ relation.identifier) -%}
+    analyze {{ relation }}
   {%- endcall %}
 {% endmacro %}

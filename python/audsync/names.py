@@ -23,6 +23,7 @@ REASON = "_audsync_reason"
 SUFFIXES = {
     "snapshot": "__snapshot",
     "plan": "__plan",
+    "candidates": "__candidates",
     "adds": "__adds",
     "removes": "__removes",
     "updates": "__updates",

@@ -6,7 +6,10 @@
 * **Read** streams the plan back in ``seq`` ranges: memory stays bounded whatever its size.
 * **Commit** applies, in one transaction, every planned row of an answered batch that the
   destination did not reject to ``S__snapshot``; rejected and unanswered rows stay out, so
-  the next run plans them again.
+  the next run plans them again. It also keeps ``S__candidates`` (the keys over which the
+  diff views compare S and the snapshot) true: a key it writes stays a candidate only if
+  the snapshot now differs from S, which happens when a ``dbt run`` rebuilt S between the
+  freeze and the commit.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class SyncTables:
         self.membership = q(sync.relation_of(""))
         self.snapshot = q(sync.relation_of("snapshot"))
         self.plan = q(sync.relation_of("plan"))
+        self.candidates = q(sync.relation_of("candidates"))
         self.changes = q(sync.relation_of("changes"))
         self.adds = q(sync.relation_of("adds"))
         self.removes = q(sync.relation_of("removes"))
@@ -85,11 +89,13 @@ class SyncTables:
                 )
             if actual not in columns:
                 columns.append(actual)
-        for part in ("snapshot", "plan"):
+        for part in ("snapshot", "plan", "candidates"):
             relation = self.sync.relation_of(part)
             present = session.columns(relation)
             if present is None:
                 raise ConfigError(f"sync {self.sync.name!r}: {relation} does not exist yet; {rebuild}")
+            if part == "candidates":
+                continue
             missing = {c.lower() for c in columns} - {c.lower() for c in present}
             if missing:
                 raise ConfigError(
@@ -234,6 +240,21 @@ class SyncTables:
             f" where a.{n.OP} <> 'remove'",
             (synced_at, run_id, run_id, run_id, run_id),
         )
+        # The keys just written are candidates again only where the snapshot now differs
+        # from S: none after a plain run, those whose values changed when a `dbt run` rebuilt
+        # S between the freeze and this commit. Rejected and unsent keys stay candidates.
+        session.execute(
+            f"delete from {self.candidates} where {n.KEY} in (select {n.KEY} from ({accepted}) as a)",
+            (run_id, run_id),
+        )
+        session.execute(
+            f"insert into {self.candidates} ({n.KEY})"
+            f" select a.{n.KEY} from ({accepted}) as a"
+            f" left join {self.membership} as m on m.{n.KEY} = a.{n.KEY}"
+            f" where case when a.{n.OP} = 'remove' then m.{n.KEY} is not null"
+            f"            else m.{n.KEY} is null or m.{n.HASH} <> a.{n.HASH} end",
+            (run_id, run_id),
+        )
         failed, unmatched = session.fetchone(
             f"select coalesce(sum(rows_rejected), 0), coalesce(sum(rows_unmatched), 0)"
             f" from {self.state.batches} where run_id = ?",
@@ -242,6 +263,7 @@ class SyncTables:
         session.execute(f"delete from {self.plan} where {n.RUN_ID} = ?", (run_id,))
         self.state.forget_delivery(session, run_id)
         self.warehouse.refresh_statistics(session, self.sync.relation_of("snapshot"))
+        self.warehouse.refresh_statistics(session, self.sync.relation_of("candidates"))
         return CommitCounts(
             added=counts.adds, removed=counts.removes, updated=counts.updates,
             recorded=counts.recorded, failed=int(failed), unmatched=int(unmatched),
@@ -272,10 +294,17 @@ class SyncTables:
         return int(session.scalar(f"select count(*) from {self.snapshot}"))
 
     def reset(self, session: Session) -> int:
-        """Forget the snapshot (and any uncommitted plans); return the rows forgotten."""
+        """Forget the snapshot (and any uncommitted plans); return the rows forgotten.
+
+        Every member of S now differs from the (empty) snapshot, so every key of S becomes a
+        candidate.
+        """
         forgotten = self.snapshot_size(session)
         session.execute(f"delete from {self.snapshot}")
         session.execute(f"delete from {self.plan}")
+        session.execute(f"delete from {self.candidates}")
+        session.execute(f"insert into {self.candidates} ({names.KEY}) select {names.KEY} from {self.membership}")
+        self.warehouse.refresh_statistics(session, self.sync.relation_of("candidates"))
         return forgotten
 
 

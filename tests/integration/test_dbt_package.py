@@ -232,7 +232,8 @@ def test_invalid_rows_are_left_out_with_their_reason(dbt_project):
 
 def expected_hash(mapping, values) -> str:
     """The row hash, recomputed in Python from its documented encoding."""
-    signature = ";".join(f"{m['destination_field']}={m['source_column']}" for m in mapping) + "|"
+    mapping_text = ";".join(f"{m['destination_field']}={m['source_column']}" for m in mapping)
+    signature = hashlib.md5(mapping_text.encode()).hexdigest()[:8] + "|"
     encoded = "".join("N" if v is None else f"V{len(v)}:{v}" for v in values)
     return hashlib.md5((signature + encoded).encode()).hexdigest()
 

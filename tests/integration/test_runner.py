@@ -107,13 +107,16 @@ def test_rejected_rows_fail_alone_and_are_sent_again(dbt_project, one_hook):
     errors = state_rows(dbt_project, names.ROW_ERRORS_TABLE, "where run_id = %s order by member_key", [run["run_id"]])
     assert [(e[2], e[3]) for e in errors] == [("m03@example.com", "add"), ("m11@example.com", "add")]
     assert set(fake.members) == {r[0] for r in rows} - fake.reject_keys
+    # Only the rejected keys are left where S and the snapshot differ.
+    candidates = f"select {names.KEY} from {dbt_project.relation('s', '__candidates')}"
+    assert {r[0] for r in dbt_project.query(candidates)} == fake.reject_keys
     # The snapshot does not hold them, so the next run plans exactly them again.
     fake.reject_keys = set()
-    dbt_project.dbt("run")
     audsync(dbt_project, "run", "s")
     run = run_rows(dbt_project, "s")[-1]
     assert (run["status"], run["planned_adds"], run["rows_added"]) == ("success", 2, 2)
     assert set(fake.members) == {r[0] for r in rows}
+    assert dbt_project.query(candidates) == []
 
 
 def test_rate_limits_and_server_errors_are_retried_within_the_run(dbt_project, one_hook):
@@ -413,3 +416,59 @@ def test_duckdb_steps_that_run_out_of_memory_are_retried_with_more(tmp_path, mon
         assert "ran out of its 4MB memory limit; retrying the step with 16 MB" in result.stderr
         assert run_rows(project, "s")[-1]["rows_added"] == 200000
         assert len(fake.members) == 200000
+
+
+@pytest.mark.slow
+def test_a_dbt_run_between_freeze_and_commit_leaves_the_diff_exact(dbt_project, monkeypatch):
+    """The diff views compare S and the snapshot only over S__candidates. A run killed after
+    delivering new values, then a `dbt run` that puts the old values back, then the recovery
+    that commits the delivered values: the keys it commits must be candidates again, or the
+    destination would keep values the audience no longer has."""
+    fake = FakeWebhook(secret="race-secret").start()
+    try:
+        write_sync(dbt_project, "s", mode="mirror", destination="hook")
+        write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url, "secret": fake.secret.decode(),
+                                                  "batch_size": 5, "max_concurrency": 1}})
+        original = [(f"k{i:03d}@example.com", "n", float(i)) for i in range(120)]
+        write_audience(dbt_project, original)
+        dbt_project.dbt("run")
+        audsync(dbt_project, "run", "s")
+        assert {k: m["ltv"] for k, m in fake.members.items()} == {r[0]: r[2] for r in original}
+
+        # Every member changes; the run is killed part-way through sending the new values.
+        write_audience(dbt_project, [(k, n, ltv + 1000) for k, n, ltv in original])
+        dbt_project.dbt("run")
+        fake.latency_s = 0.15
+        before = fake.accepted_requests
+        process = audsync_process(dbt_project, "run", "s", env={"AUDSYNC_LOCK_TIMEOUT_S": "2"})
+        wait_for(lambda: fake.accepted_requests >= before + 10, what="ten batches delivered")
+        time.sleep(1.2)  # at least one flush of answered batches has happened
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        killed_id = run_rows(dbt_project, "s")[-1]["run_id"]
+        time.sleep(0.5)  # a request in flight at the kill is still applied by the fake
+        changed = {k for k, m in fake.members.items() if m["ltv"] >= 1000}
+        assert 0 < len(changed) < 120
+
+        # The audience goes back: S now equals the snapshot, which still holds the old values.
+        write_audience(dbt_project, original)
+        dbt_project.dbt("run")
+        assert dbt_project.query(f"select count(*) from {dbt_project.relation('s', '__changes')}") == [(0,)]
+
+        # Recovery commits what the killed run delivered; those keys now differ from S again.
+        fake.latency_s = 0
+        monkeypatch.setenv("AUDSYNC_LOCK_TIMEOUT_S", "2")
+        time.sleep(2.2)
+        audsync(dbt_project, "run", "s")
+        history = {r["run_id"]: r for r in run_rows(dbt_project, "s")}
+        recovered = history[killed_id]["rows_updated"]
+        new = run_rows(dbt_project, "s")[-1]
+        assert recovered > 0
+        assert (new["status"], new["planned_updates"]) == ("success", recovered)
+        # Only batches answered after the last flush before the kill keep the new values: the
+        # runner never learnt they were delivered (at least once, not exactly once).
+        still_new = {k for k, m in fake.members.items() if m["ltv"] >= 1000}
+        assert len(still_new) == len(changed) - recovered
+        assert dbt_project.query(f"select count(*) from {dbt_project.relation('s', '__changes')}") == [(0,)]
+    finally:
+        fake.stop()
