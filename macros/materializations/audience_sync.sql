@@ -60,6 +60,8 @@
   {% do audsync.ensure_table(sibling.snapshot, audsync.snapshot_shape_sql(target_relation, sync)) %}
   {% do audsync.ensure_table(sibling.plan, audsync.plan_shape_sql(target_relation, sync)) %}
   {% do audsync.ensure_table(sibling.candidates, audsync.candidates_shape_sql(target_relation)) %}
+  {#- S is new: without statistics PostgreSQL plans the join below blind. -#}
+  {% do audsync.refresh_statistics(target_relation) %}
   {% do truncate_relation(sibling.candidates) %}
   {% call statement('audsync_candidates') -%}
     insert into {{ sibling.candidates }} ({{ n.key }})
