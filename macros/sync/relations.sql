@@ -62,6 +62,19 @@ where audsync_key_value is null or audsync_key_count > 1
 {%- endmacro %}
 
 
+{#- The members of S and the snapshot rows that differ, joined on the key as `audience` and
+    `snapshot`: in one and not the other, or with another hash. -#}
+{% macro _differing(membership, snapshot) %}
+  {%- set n = audsync.audsync_names() -%}
+from {{ membership }} as audience
+full outer join {{ snapshot }} as snapshot
+    on snapshot.{{ n.key }} = audience.{{ n.key }}
+where audience.{{ n.key }} is null
+   or snapshot.{{ n.key }} is null
+   or snapshot.{{ n.hash }} is null
+   or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
+{%- endmacro %}
+
 {#- S__candidates: the keys where S and the snapshot may differ. `dbt run` fills it with the
     keys that differ now (one join of S and the snapshot); the runner's commit adds the keys
     it writes and `audsync reset` every key of S. So a key outside it is the same in S and in
@@ -71,13 +84,7 @@ where audsync_key_value is null or audsync_key_count > 1
 {% macro candidates_sql(membership, snapshot) %}
   {%- set n = audsync.audsync_names() -%}
 select coalesce(audience.{{ n.key }}, snapshot.{{ n.key }}) as {{ n.key }}
-from {{ membership }} as audience
-full outer join {{ snapshot }} as snapshot
-    on snapshot.{{ n.key }} = audience.{{ n.key }}
-where audience.{{ n.key }} is null
-   or snapshot.{{ n.key }} is null
-   or snapshot.{{ n.hash }} is null
-   or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
+{{ audsync._differing(membership, snapshot) }}
 {%- endmacro %}
 
 {#- The typed, empty shape of S__candidates. -#}
@@ -176,13 +183,7 @@ select
     case when audience.{{ n.key }} is null then snapshot.{{ n.hash }}
          else audience.{{ n.hash }} end as {{ n.hash }},
     snapshot.{{ n.destination_id }} as {{ n.destination_id }}
-from {{ membership }} as audience
-full outer join {{ snapshot }} as snapshot
-    on snapshot.{{ n.key }} = audience.{{ n.key }}
-where audience.{{ n.key }} is null
-   or snapshot.{{ n.key }} is null
-   or snapshot.{{ n.hash }} is null
-   or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
+{{ audsync._differing(membership, snapshot) }}
   {%- endif %}
 {%- endmacro %}
 

@@ -167,22 +167,37 @@ def wait_for(predicate, timeout_s: float = 60, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
+def kill_mid_delivery(dbt_project, fake: FakeWebhook) -> dict:
+    """Start ``audsync run s`` as a process, SIGKILL it once ten more batches were accepted and
+    at least one flush of answered batches has happened; return its run row."""
+    before = fake.accepted_requests
+    process = audsync_process(dbt_project, "run", "s", env={"AUDSYNC_LOCK_TIMEOUT_S": "2"})
+    wait_for(lambda: fake.accepted_requests >= before + 10, what="ten batches delivered")
+    time.sleep(1.2)  # at least one flush of answered batches has happened
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    time.sleep(0.5)  # a request in flight at the kill is still applied by the fake
+    return run_rows(dbt_project, "s")[-1]
+
+
+def one_by_one_sync(dbt_project, fake: FakeWebhook) -> list[tuple]:
+    """A mirror sync ``s`` of 120 members to ``fake`` in batches of 5, one request at a time,
+    built with ``dbt run``; returns the members."""
+    write_sync(dbt_project, "s", mode="mirror", destination="hook")
+    write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url, "secret": fake.secret.decode(),
+                                              "batch_size": 5, "max_concurrency": 1}})
+    rows = [(f"k{i:03d}@example.com", "n", float(i)) for i in range(120)]
+    write_audience(dbt_project, rows)
+    dbt_project.dbt("run")
+    return rows
+
+
 @pytest.mark.slow
 def test_a_runner_killed_mid_delivery_loses_nothing(dbt_project, monkeypatch):
     fake = FakeWebhook(secret="kill-secret", latency_s=0.15).start()
     try:
-        write_sync(dbt_project, "s", mode="mirror", destination="hook")
-        write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url, "secret": fake.secret.decode(),
-                                                  "batch_size": 5, "max_concurrency": 1}})
-        rows = [(f"k{i:03d}@example.com", "n", float(i)) for i in range(120)]
-        write_audience(dbt_project, rows)
-        dbt_project.dbt("run")
-        process = audsync_process(dbt_project, "run", "s", env={"AUDSYNC_LOCK_TIMEOUT_S": "2"})
-        wait_for(lambda: fake.accepted_requests >= 10, what="ten batches delivered")
-        time.sleep(1.2)  # at least one flush of answered batches has happened
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        killed = run_rows(dbt_project, "s")[-1]
+        rows = one_by_one_sync(dbt_project, fake)
+        killed = kill_mid_delivery(dbt_project, fake)
         assert killed["status"] == "running"
         delivered_before = len(fake.members)
         assert 0 < delivered_before < 120
@@ -211,12 +226,7 @@ def test_a_runner_killed_mid_delivery_loses_nothing(dbt_project, monkeypatch):
 def test_a_second_concurrent_run_is_refused_naming_the_holder(dbt_project):
     fake = FakeWebhook(secret="lock-secret", latency_s=0.1).start()
     try:
-        write_sync(dbt_project, "s", mode="mirror", destination="hook")
-        write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url, "secret": fake.secret.decode(),
-                                                  "batch_size": 5, "max_concurrency": 1}})
-        rows = [(f"c{i:03d}@example.com", "n", float(i)) for i in range(100)]
-        write_audience(dbt_project, rows)
-        dbt_project.dbt("run")
+        rows = one_by_one_sync(dbt_project, fake)
         first = audsync_process(dbt_project, "run", "s")
         wait_for(lambda: fake.requests >= 2, what="the first run to deliver")
         holder = run_rows(dbt_project, "s")[-1]
@@ -426,12 +436,7 @@ def test_a_dbt_run_between_freeze_and_commit_leaves_the_diff_exact(dbt_project, 
     destination would keep values the audience no longer has."""
     fake = FakeWebhook(secret="race-secret").start()
     try:
-        write_sync(dbt_project, "s", mode="mirror", destination="hook")
-        write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url, "secret": fake.secret.decode(),
-                                                  "batch_size": 5, "max_concurrency": 1}})
-        original = [(f"k{i:03d}@example.com", "n", float(i)) for i in range(120)]
-        write_audience(dbt_project, original)
-        dbt_project.dbt("run")
+        original = one_by_one_sync(dbt_project, fake)
         audsync(dbt_project, "run", "s")
         assert {k: m["ltv"] for k, m in fake.members.items()} == {r[0]: r[2] for r in original}
 
@@ -439,14 +444,7 @@ def test_a_dbt_run_between_freeze_and_commit_leaves_the_diff_exact(dbt_project, 
         write_audience(dbt_project, [(k, n, ltv + 1000) for k, n, ltv in original])
         dbt_project.dbt("run")
         fake.latency_s = 0.15
-        before = fake.accepted_requests
-        process = audsync_process(dbt_project, "run", "s", env={"AUDSYNC_LOCK_TIMEOUT_S": "2"})
-        wait_for(lambda: fake.accepted_requests >= before + 10, what="ten batches delivered")
-        time.sleep(1.2)  # at least one flush of answered batches has happened
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        killed_id = run_rows(dbt_project, "s")[-1]["run_id"]
-        time.sleep(0.5)  # a request in flight at the kill is still applied by the fake
+        killed_id = kill_mid_delivery(dbt_project, fake)["run_id"]
         changed = {k for k, m in fake.members.items() if m["ltv"] >= 1000}
         assert 0 < len(changed) < 120
 
