@@ -78,6 +78,16 @@ class Scenario:
 
     # -- audsync ------------------------------------------------------------------------------
 
+    def sync_run(self, bp: BenchProject, what: str, expected_rows: int, metric: str) -> tuple[Any, dict[str, Any]]:
+        """``audsync run S`` against a reset receiver: checks that ``expected_rows`` arrived and
+        records the run's wall time and peak RSS as ``<metric>_wall_s`` and ``<metric>_rss_mb``."""
+        self.receiver.reset()
+        m, summary = bp.audsync("run", SYNC)
+        self.expect_rows(what, expected_rows)
+        self.add(f"{metric}_wall_s", m.wall_s)
+        self.add(f"{metric}_rss_mb", m.peak_rss_mb)
+        return m, summary
+
     def audsync(self, bp: BenchProject) -> None:
         n, change = self.n, 3 * (self.n // 100)
         log(f"  diff build, initial: dbt run --select {SYNC} x{self.runs}")
@@ -91,23 +101,13 @@ class Scenario:
         for i in range(self.heavy_runs):
             if i:
                 bp.audsync("reset", SYNC)
-            self.receiver.reset()
-            m, summary = bp.audsync("run", SYNC)
-
-            self.expect_rows("initial sync", n)
-            self.add("sync_initial_wall_s", m.wall_s)
-            self.add("sync_initial_rss_mb", m.peak_rss_mb)
+            _, summary = self.sync_run(bp, "initial sync", n, "sync_initial")
             self.add("sync_initial_rows_per_s", summary.get("rows_per_s") or 0)
             self.add("sync_initial_run_s", (summary.get("duration_ms") or 0) / 1000)
 
         log(f"  no change: audsync run {SYNC} x{self.runs}")
         for _ in range(self.runs):
-            self.receiver.reset()
-            m, summary = bp.audsync("run", SYNC)
-
-            self.expect_rows("run with no change", 0)
-            self.add("sync_nochange_wall_s", m.wall_s)
-            self.add("sync_nochange_rss_mb", m.peak_rss_mb)
+            self.sync_run(bp, "run with no change", 0, "sync_nochange")
 
         log(f"  3% change: dbt run + audsync run x{self.runs}")
         for _ in range(self.runs):
@@ -115,12 +115,7 @@ class Scenario:
             d = bp.dbt("run", "--select", SYNC)
             self.add("dbt_change_wall_s", d.wall_s)
             self.add("dbt_change_model_s", bp.node_time(SYNC))
-            self.receiver.reset()
-            m, summary = bp.audsync("run", SYNC)
-
-            self.expect_rows("incremental sync", change)
-            self.add("sync_incr_wall_s", m.wall_s)
-            self.add("sync_incr_rss_mb", m.peak_rss_mb)
+            m, summary = self.sync_run(bp, "incremental sync", change, "sync_incr")
             self.add("sync_incr_rows_per_s", summary.get("rows_per_s") or 0)
             self.add("incr_total_s", d.wall_s + m.wall_s)
         bp.point_at(0)

@@ -203,11 +203,7 @@ def _show_plan(app: App, sync, sample: int, fmt: str) -> None:
 
     runner = app.state_runner()
     tables = runner.check_ready(sync)
-    def preview():
-        with app.warehouse.session() as session:
-            return tables.preview(session, sample)
-
-    counts, rows = app.warehouse.retrying_on_memory(preview)
+    counts, rows = app.warehouse.in_session(lambda session: tables.preview(session, sample))
     record = {"sync": sync.name, "mode": sync.mode, "destination": sync.destination,
               "adds": counts.adds, "removes": counts.removes, "updates": counts.updates,
               "recorded_without_sending": counts.recorded, "sample": rows}

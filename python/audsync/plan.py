@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from . import names
 from .destinations.base import Change
@@ -50,6 +50,18 @@ class CommitCounts:
     recorded: int = 0
     failed: int = 0
     unmatched: int = 0
+
+    @property
+    def applied(self) -> int:
+        """Rows sent and applied to the snapshot."""
+        return self.added + self.removed + self.updated
+
+    def run_columns(self) -> dict[str, int]:
+        """These counts as the columns of the run's row in ``audsync_runs``."""
+        return {
+            "rows_added": self.added, "rows_removed": self.removed, "rows_updated": self.updated,
+            "rows_failed": self.failed, "rows_recorded": self.recorded, "rows_unmatched": self.unmatched,
+        }
 
 
 class SyncTables:

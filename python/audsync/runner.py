@@ -19,7 +19,7 @@ import secrets as _secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from . import names
 from .config import DestinationConfig
@@ -30,7 +30,7 @@ from .plan import CommitCounts, PlanCounts, SyncTables
 from .project import Project, SyncModel
 from .redact import redact, register_secrets
 from .state import StateStore, lock_timeout_s, utcnow
-from .warehouse import Warehouse
+from .warehouse import Session, Warehouse
 
 logger = logging.getLogger("audsync.run")
 
@@ -186,14 +186,13 @@ class SyncRunner:
             self._recover_abandoned(sync, tables, run_id)
 
             # 2. Plan.
-            def freeze() -> tuple[PlanCounts, int]:
-                with self.warehouse.session() as session:
-                    counts = tables.freeze(session, run_id, full_resync=full_resync)
-                    self.state.update_run(session, run_id, planned_adds=counts.adds,
-                                          planned_removes=counts.removes, planned_updates=counts.updates)
-                    return counts, tables.plan_size(session, run_id)
+            def freeze(session: Session) -> tuple[PlanCounts, int]:
+                counts = tables.freeze(session, run_id, full_resync=full_resync)
+                self.state.update_run(session, run_id, planned_adds=counts.adds,
+                                      planned_removes=counts.removes, planned_updates=counts.updates)
+                return counts, tables.plan_size(session, run_id)
 
-            planned, size = self.warehouse.retrying_on_memory(freeze)
+            planned, size = self.warehouse.in_session(freeze)
             result.planned = planned
             self.reporter.event("planned", sync=sync.name, run_id=run_id, adds=planned.adds,
                                 removes=planned.removes, updates=planned.updates, recorded=planned.recorded,
@@ -310,23 +309,19 @@ class SyncRunner:
         self, tables: SyncTables, run_id: str, status: str, error_message: str | None, clock: float,
         every_batch_answered: bool = False,
     ) -> CommitCounts:
-        def commit() -> CommitCounts:
-            with self.warehouse.session() as session:
-                committed = tables.commit(session, run_id, utcnow(), every_batch_answered)
-                final = status
-                if status == "success" and committed.failed:
-                    final = "partial_failure"
-                self.state.update_run(
-                    session, run_id, status=final, finished_at=utcnow(),
-                    duration_ms=int((time.monotonic() - clock) * 1000),
-                    rows_added=committed.added, rows_removed=committed.removed,
-                    rows_updated=committed.updated, rows_failed=committed.failed,
-                    rows_recorded=committed.recorded, rows_unmatched=committed.unmatched,
-                    error_message=error_message,
-                )
-                return committed
+        def commit(session: Session) -> CommitCounts:
+            committed = tables.commit(session, run_id, utcnow(), every_batch_answered)
+            final = status
+            if status == "success" and committed.failed:
+                final = "partial_failure"
+            self.state.update_run(
+                session, run_id, status=final, finished_at=utcnow(),
+                duration_ms=int((time.monotonic() - clock) * 1000),
+                error_message=error_message, **committed.run_columns(),
+            )
+            return committed
 
-        return self.warehouse.retrying_on_memory(commit)
+        return self.warehouse.in_session(commit)
 
     def _record_failure(self, run_id: str, status: str, error_message: str, clock: float) -> None:
         try:
@@ -342,28 +337,24 @@ class SyncRunner:
         with self.warehouse.session() as session:
             abandoned = [r for r in self.state.running_runs(session, sync.name) if r["run_id"] != run_id]
         for run in abandoned:
-            self.warehouse.retrying_on_memory(lambda: self._recover(tables, run, run_id))
+            committed = self.warehouse.in_session(lambda session, run=run: self._recover(session, tables, run, run_id))
+            self.reporter.event("recovered", sync=sync.name, run_id=run_id, abandoned_run=run["run_id"],
+                                rows_committed=committed.applied)
 
-    def _recover(self, tables: SyncTables, run: dict, run_id: str) -> None:
+    def _recover(self, session: Session, tables: SyncTables, run: dict, run_id: str) -> CommitCounts:
         """Commit what the abandoned ``run`` had delivered; mark it aborted."""
-        sync_name = run["sync_name"]
-        with self.warehouse.session() as session:
-            committed = tables.commit(session, run["run_id"], utcnow())
-            finished = utcnow()
-            duration = int((finished - run["started_at"]).total_seconds() * 1000) if run["started_at"] else None
-            self.state.update_run(
-                session, run["run_id"], status="aborted", finished_at=finished, duration_ms=duration,
-                rows_added=committed.added, rows_removed=committed.removed,
-                rows_updated=committed.updated, rows_failed=committed.failed,
-                rows_recorded=committed.recorded, rows_unmatched=committed.unmatched,
-                error_message=(
-                    f"abandoned: its heartbeat stopped; run {run_id} took the lock over and "
-                    f"committed the {committed.added + committed.removed + committed.updated} "
-                    "rows it had delivered"
-                ),
-            )
-        self.reporter.event("recovered", sync=sync_name, run_id=run_id, abandoned_run=run["run_id"],
-                            rows_committed=committed.added + committed.removed + committed.updated)
+        committed = tables.commit(session, run["run_id"], utcnow())
+        finished = utcnow()
+        duration = int((finished - run["started_at"]).total_seconds() * 1000) if run["started_at"] else None
+        self.state.update_run(
+            session, run["run_id"], status="aborted", finished_at=finished, duration_ms=duration,
+            error_message=(
+                f"abandoned: its heartbeat stopped; run {run_id} took the lock over and "
+                f"committed the {committed.applied} rows it had delivered"
+            ),
+            **committed.run_columns(),
+        )
+        return committed
 
 
 class LockLost(Exception):

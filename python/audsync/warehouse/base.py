@@ -118,12 +118,14 @@ class Warehouse:
         """After ``error``, allow the warehouse more memory; True when a retry may succeed."""
         return False
 
-    def retrying_on_memory(self, step):
-        """Run ``step()`` (a function that opens its own session), again with more memory
-        each time the warehouse ran out: the session was rolled back, so a retry is safe."""
+    def in_session(self, step):
+        """Return ``step(session)`` run in a session of its own, again in a new session with
+        more memory each time the warehouse ran out: the failed session was rolled back, so
+        a retry is safe."""
         while True:
             try:
-                return step()
+                with self.session() as session:
+                    return step(session)
             except Exception as error:  # noqa: BLE001 - re-raised unless memory can grow
                 if not self.grow_memory(error):
                     raise
