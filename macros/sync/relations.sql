@@ -80,7 +80,9 @@ where audience.{{ n.key }} is null
     it writes and `audsync reset` every key of S. So a key outside it is the same in S and in
     the snapshot, and the diff views join S and the snapshot only over these keys: after a
     sync they are few, and a run, or a run with nothing to send, costs little whatever the
-    audience's size. -#}
+    audience's size. While a run's plan is out the table also holds a row with a null key:
+    the runner's mark that S was not rebuilt since its freeze, which the truncate of this
+    table in `dbt run` clears. A null key matches nothing in `among_candidates`. -#}
 {% macro candidates_sql(membership, snapshot) %}
   {%- set n = audsync.audsync_names() -%}
 select coalesce(audience.{{ n.key }}, snapshot.{{ n.key }}) as {{ n.key }}

@@ -9,7 +9,8 @@
   the next run plans them again. It also keeps ``S__candidates`` (the keys over which the
   diff views compare S and the snapshot) true: a key it writes stays a candidate only if
   the snapshot now differs from S, which happens when a ``dbt run`` rebuilt S between the
-  freeze and the commit.
+  freeze and the commit. The freeze leaves a mark in ``S__candidates`` (a null key) that
+  such a ``dbt run`` removes, so the commit checks its keys against S only when it must.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class SyncTables:
         sends = n.MODE_SENDS[self.sync.mode]
         cols = self._cols()
         key, hsh, dest = n.KEY, n.HASH, n.DESTINATION_ID
+        # First, so that a `dbt run` that rebuilds S after this point also removes the mark
+        # (on PostgreSQL its truncate waits for this transaction).
+        session.execute(f"insert into {self.candidates} ({key}) values (null)")
         sources = []
         if full_resync and "add" in sends:
             # Every member again, as an add, keeping the ids the destination gave.
@@ -143,14 +147,15 @@ class SyncTables:
             # remove mode: new members are recorded, not sent, so they are removed once they leave.
             sources.append(f"select 'add' as op, false as send, {key}{cols}, {hsh}, {dest} from {self.adds}")
         union = "\n union all \n".join(sources)
-        session.execute(
-            f"insert into {self.plan} ({n.RUN_ID}, {n.SEQ}, {n.OP}, {n.SEND}, {key}{cols}, {hsh}, {dest})"
-            # No order in the window: a sort of the whole plan would cost more than mixed
-            # batches do (connectors split a batch by op when their API needs it).
-            f" select ?, row_number() over (), op, send, {key}{cols}, {hsh}, {dest}"
-            f" from ({union}) as changes",
-            (run_id,),
-        )
+        # Numbered in no order: a sort of the whole plan would cost more than mixed batches
+        # do (connectors split a batch by op when their API needs it).
+        with self.warehouse.row_numbers(session) as row_number:
+            session.execute(
+                f"insert into {self.plan} ({n.RUN_ID}, {n.SEQ}, {n.OP}, {n.SEND}, {key}{cols}, {hsh}, {dest})"
+                f" select ?, {row_number}, op, send, {key}{cols}, {hsh}, {dest}"
+                f" from ({union}) as changes",
+                (run_id,),
+            )
         self.warehouse.refresh_statistics(session, self.sync.relation_of("plan"))
         return self.plan_counts(session, run_id)
 
@@ -161,6 +166,9 @@ class SyncTables:
             (run_id,),
         )
         return _counts(rows)
+
+    def plan_rows(self, session: Session, run_id: str) -> int:
+        return int(session.scalar(f"select count(*) from {self.plan} where {names.RUN_ID} = ?", (run_id,)))
 
     def plan_size(self, session: Session, run_id: str) -> int:
         return int(session.scalar(
@@ -230,9 +238,14 @@ class SyncTables:
         )
 
     def commit(
-        self, session: Session, run_id: str, synced_at: dt.datetime, every_batch_answered: bool = False
+        self, session: Session, run_id: str, synced_at: dt.datetime, every_batch_answered: bool = False,
+        full_resync: bool = False,
     ) -> CommitCounts:
-        """Apply run ``run_id``'s accepted rows to the snapshot and drop its plan."""
+        """Apply run ``run_id``'s accepted rows to the snapshot and drop its plan.
+
+        ``every_batch_answered``: the run ended normally, so every planned row was answered;
+        ``full_resync``: the plan was frozen with ``--full-resync`` (every member of S).
+        """
         n = names
         accepted = self._accepted(every_batch_answered)
         counts = _counts(session.fetchall(
@@ -252,21 +265,7 @@ class SyncTables:
             f" where a.{n.OP} <> 'remove'",
             (synced_at, run_id, run_id, run_id, run_id),
         )
-        # The keys just written are candidates again only where the snapshot now differs
-        # from S: none after a plain run, those whose values changed when a `dbt run` rebuilt
-        # S between the freeze and this commit. Rejected and unsent keys stay candidates.
-        session.execute(
-            f"delete from {self.candidates} where {n.KEY} in (select {n.KEY} from ({accepted}) as a)",
-            (run_id, run_id),
-        )
-        session.execute(
-            f"insert into {self.candidates} ({n.KEY})"
-            f" select a.{n.KEY} from ({accepted}) as a"
-            f" left join {self.membership} as m on m.{n.KEY} = a.{n.KEY}"
-            f" where case when a.{n.OP} = 'remove' then m.{n.KEY} is not null"
-            f"            else m.{n.KEY} is null or m.{n.HASH} <> a.{n.HASH} end",
-            (run_id, run_id),
-        )
+        self._keep_candidates(session, run_id, accepted, every_batch_answered, full_resync)
         failed, unmatched = session.fetchone(
             f"select coalesce(sum(rows_rejected), 0), coalesce(sum(rows_unmatched), 0)"
             f" from {self.state.batches} where run_id = ?",
@@ -280,6 +279,50 @@ class SyncTables:
             added=counts.adds, removed=counts.removes, updated=counts.updates,
             recorded=counts.recorded, failed=int(failed), unmatched=int(unmatched),
         )
+
+    def _keep_candidates(
+        self, session: Session, run_id: str, accepted: str, every_batch_answered: bool, full_resync: bool,
+    ) -> None:
+        """Leave in ``S__candidates`` the keys the commit wrote only where the snapshot now
+        differs from S: rejected and unsent keys, and, when a `dbt run` rebuilt S since the
+        freeze, keys whose values changed in S meanwhile.
+
+        The freeze marked the table with a null key; a `dbt run` that rebuilds S empties the
+        table, so a mark still there means S is the one the plan was frozen from. (A null
+        key matches no member in the diff views' ``key in (...)``.) Removing the mark comes
+        first: on PostgreSQL it waits for a `dbt run` that is refilling the table, and then
+        sees its outcome.
+        """
+        n = names
+        marked = session.execute_count(f"delete from {self.candidates} where {n.KEY} is null") > 0
+        if (marked and every_batch_answered and not full_resync
+                and self.plan_rows(session, run_id) == int(session.scalar(f"select count(*) from {self.candidates}"))):
+            # The plan holds every candidate (it was frozen from them, and only this commit
+            # removes any): the candidates left are the rejected keys. No join of the
+            # plan's keys with the candidates, which at 10M members needs more memory than
+            # DuckDB's limit.
+            session.execute(f"delete from {self.candidates}")
+            session.execute(
+                f"insert into {self.candidates} ({n.KEY})"
+                f" select p.{n.KEY} from {self.plan} as p where p.{n.RUN_ID} = ?"
+                f" and exists (select 1 from {self.state.errors} as e"
+                f"             where e.run_id = ? and e.member_key = p.{n.KEY})",
+                (run_id, run_id),
+            )
+            return
+        session.execute(
+            f"delete from {self.candidates} where {n.KEY} in (select {n.KEY} from ({accepted}) as a)",
+            (run_id, run_id),
+        )
+        if not marked:
+            session.execute(
+                f"insert into {self.candidates} ({n.KEY})"
+                f" select a.{n.KEY} from ({accepted}) as a"
+                f" left join {self.membership} as m on m.{n.KEY} = a.{n.KEY}"
+                f" where case when a.{n.OP} = 'remove' then m.{n.KEY} is not null"
+                f"            else m.{n.KEY} is null or m.{n.HASH} <> a.{n.HASH} end",
+                (run_id, run_id),
+            )
 
     # -- inspection -------------------------------------------------------------------------
 

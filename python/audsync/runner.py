@@ -35,7 +35,7 @@ from .warehouse import Session, Warehouse
 logger = logging.getLogger("audsync.run")
 
 # Plan rows read per warehouse session during delivery; bounded memory, few sessions.
-READ_CHUNK_ROWS = 20_000
+READ_CHUNK_ROWS = 50_000
 # How often answered batches are written to the warehouse during delivery.
 FLUSH_EVERY_S = 1.0
 
@@ -258,7 +258,8 @@ class SyncRunner:
                 # A run that ended normally had every batch answered: commit it without
                 # matching plan rows to batch ranges.
                 result.committed = self._commit(tables, run_id, status, error_message, clock,
-                                                every_batch_answered=status == "success")
+                                                every_batch_answered=status == "success",
+                                                full_resync=full_resync)
             except Exception as error:  # noqa: BLE001
                 status = "error"
                 error_message = redact(f"commit failed: {type(error).__name__}: {error}")
@@ -307,10 +308,10 @@ class SyncRunner:
 
     def _commit(
         self, tables: SyncTables, run_id: str, status: str, error_message: str | None, clock: float,
-        every_batch_answered: bool = False,
+        every_batch_answered: bool = False, full_resync: bool = False,
     ) -> CommitCounts:
         def commit(session: Session) -> CommitCounts:
-            committed = tables.commit(session, run_id, utcnow(), every_batch_answered)
+            committed = tables.commit(session, run_id, utcnow(), every_batch_answered, full_resync)
             final = status
             if status == "success" and committed.failed:
                 final = "partial_failure"

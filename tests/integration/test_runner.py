@@ -470,3 +470,102 @@ def test_a_dbt_run_between_freeze_and_commit_leaves_the_diff_exact(dbt_project, 
         assert dbt_project.query(f"select count(*) from {dbt_project.relation('s', '__changes')}") == [(0,)]
     finally:
         fake.stop()
+
+
+def sync_tables(dbt_project, name: str = "s"):
+    """The runner's own view of sync ``name`` (its tables, resolved) and its warehouse."""
+    from audsync.project import Project
+    from audsync.runner import SyncRunner
+
+    project = Project.load(dbt_project.root, dbt_project.root)
+    runner = SyncRunner(project, project.open_warehouse(), {})
+    return runner.check_ready(project.get(name)), runner.warehouse
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["same-S", "S-rebuilt"])
+def test_a_commit_checks_its_keys_against_s_only_after_a_dbt_run(dbt_project, rebuilt):
+    """The freeze marks S__candidates; a `dbt run` that rebuilds S clears the mark, and only
+    then does the commit check the keys it writes against S. Without the check the diff
+    would miss a rebuild that puts old values back; with it always, a commit of 10M keys
+    joins them with S for nothing."""
+    from audsync.state import utcnow
+
+    fake = FakeWebhook(secret="mark-secret").start()
+    tables, warehouse = None, None
+    try:
+        original = one_by_one_sync(dbt_project, fake)
+        audsync(dbt_project, "run", "s")
+        write_audience(dbt_project, [(k, n, ltv + 1000) for k, n, ltv in original])
+        dbt_project.dbt("run")
+        tables, warehouse = sync_tables(dbt_project)
+        marks = f"select count(*) from {dbt_project.relation('s', '__candidates')} where {names.KEY} is null"
+        changes = f"select {names.OP}, count(*) from {dbt_project.relation('s', '__changes')} group by 1"
+
+        with warehouse.session() as session:
+            assert tables.freeze(session, "run-mark").updates == 120
+        assert dbt_project.query(marks) == [(1,)]
+        if rebuilt:
+            # The audience goes back to the values the snapshot holds, while the plan is out.
+            write_audience(dbt_project, original)
+            dbt_project.dbt("run")
+            assert dbt_project.query(marks) == [(0,)]
+            assert dbt_project.query(changes) == []
+        with warehouse.session() as session:
+            tables.commit(session, "run-mark", utcnow(), every_batch_answered=True)
+
+        assert dbt_project.query(marks) == [(0,)]
+        # The snapshot now holds the new values: S differs from it again only if it was rebuilt.
+        assert dbt_project.query(changes) == ([("update", 120)] if rebuilt else [])
+    finally:
+        fake.stop()
+        if warehouse is not None:
+            warehouse.close()
+
+
+def test_a_full_resync_in_upsert_mode_keeps_the_members_that_left(dbt_project):
+    """A full resync plans every member of S, not only the candidates: here the plan (a, c)
+    is as large as the candidates (b, c), and the commit must still keep b, which left S but
+    which upsert mode never removes."""
+    fake = FakeWebhook(secret="resync-secret").start()
+    try:
+        write_sync(dbt_project, "s", mode="upsert", destination="hook")
+        write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url, "secret": "resync-secret"}})
+        write_audience(dbt_project, [("a@example.com", "A", 1.0), ("b@example.com", "B", 2.0)])
+        dbt_project.dbt("run")
+        audsync(dbt_project, "run", "s")
+        write_audience(dbt_project, [("a@example.com", "A", 1.0), ("c@example.com", "C", 3.0)])
+        dbt_project.dbt("run")
+        candidates = f"select {names.KEY} from {dbt_project.relation('s', '__candidates')} order by 1"
+        assert dbt_project.query(candidates) == [("b@example.com",), ("c@example.com",)]
+
+        audsync(dbt_project, "run", "s", "--full-resync")
+        assert run_rows(dbt_project, "s")[-1]["rows_added"] == 2
+        assert dbt_project.query(candidates) == [("b@example.com",)]
+        removes = f"select {names.KEY} from {dbt_project.relation('s', '__removes')}"
+        assert dbt_project.query(removes) == [("b@example.com",)]
+    finally:
+        fake.stop()
+
+
+def test_the_plan_is_numbered_one_to_n_on_each_warehouse(dbt_project):
+    """Reads and batch ids rely on a plan numbered 1..N: DuckDB numbers it with a temporary
+    sequence (a window would hold every row), PostgreSQL with row_number()."""
+    write_audience(dbt_project, [(f"n{i}@example.com", "n", float(i)) for i in range(2500)])
+    from audsync.project import Project
+
+    project = Project.load(dbt_project.root, dbt_project.root)
+    warehouse = project.open_warehouse()
+    numbered = dbt_project.relation("numbered")
+    try:
+        with warehouse.session() as session:
+            session.execute(f"create table {numbered} (seq bigint, email varchar(100))")
+            for _ in range(2):  # twice in one session: the sequence starts again at 1
+                with warehouse.row_numbers(session) as row_number:
+                    session.execute(f"insert into {numbered} select {row_number}, email"
+                                    f" from {dbt_project.relation('audience_src')}")
+        assert dbt_project.query(
+            f"select count(*), count(distinct seq), min(seq), max(seq), count(distinct email) from {numbered}"
+        ) == [(5000, 2500, 1, 2500, 2500)]
+        assert dbt_project.query(f"select count(distinct email) from {numbered} group by seq having count(*) <> 2") == []
+    finally:
+        warehouse.close()

