@@ -40,6 +40,11 @@ class PlanCounts:
     def sent(self) -> int:
         return self.adds + self.removes + self.updates
 
+    @property
+    def total(self) -> int:
+        """Every row of the plan, sent or recorded."""
+        return self.sent + self.recorded
+
 
 @dataclass(frozen=True)
 class CommitCounts:
@@ -167,9 +172,6 @@ class SyncTables:
         )
         return _counts(rows)
 
-    def plan_rows(self, session: Session, run_id: str) -> int:
-        return int(session.scalar(f"select count(*) from {self.plan} where {names.RUN_ID} = ?", (run_id,)))
-
     def plan_size(self, session: Session, run_id: str) -> int:
         return int(session.scalar(
             f"select coalesce(max({names.SEQ}), 0) from {self.plan} where {names.RUN_ID} = ?", (run_id,)
@@ -296,7 +298,7 @@ class SyncTables:
         n = names
         marked = session.execute_count(f"delete from {self.candidates} where {n.KEY} is null") > 0
         if (marked and every_batch_answered and not full_resync
-                and self.plan_rows(session, run_id) == int(session.scalar(f"select count(*) from {self.candidates}"))):
+                and self.plan_counts(session, run_id).total == int(session.scalar(f"select count(*) from {self.candidates}"))):
             # The plan holds every candidate (it was frozen from them, and only this commit
             # removes any): the candidates left are the rejected keys. No join of the
             # plan's keys with the candidates, which at 10M members needs more memory than

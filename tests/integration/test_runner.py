@@ -472,13 +472,18 @@ def test_a_dbt_run_between_freeze_and_commit_leaves_the_diff_exact(dbt_project, 
         fake.stop()
 
 
-def sync_tables(dbt_project, name: str = "s"):
-    """The runner's own view of sync ``name`` (its tables, resolved) and its warehouse."""
+def runner_of(dbt_project):
+    """The project as the runner loads it, and a runner on its warehouse (no destinations)."""
     from audsync.project import Project
     from audsync.runner import SyncRunner
 
     project = Project.load(dbt_project.root, dbt_project.root)
-    runner = SyncRunner(project, project.open_warehouse(), {})
+    return project, SyncRunner(project, project.open_warehouse(), {})
+
+
+def sync_tables(dbt_project, name: str = "s"):
+    """The runner's own view of sync ``name`` (its tables, resolved) and its warehouse."""
+    project, runner = runner_of(dbt_project)
     return runner.check_ready(project.get(name)), runner.warehouse
 
 
@@ -551,10 +556,7 @@ def test_the_plan_is_numbered_one_to_n_on_each_warehouse(dbt_project):
     """Reads and batch ids rely on a plan numbered 1..N: DuckDB numbers it with a temporary
     sequence (a window would hold every row), PostgreSQL with row_number()."""
     write_audience(dbt_project, [(f"n{i}@example.com", "n", float(i)) for i in range(2500)])
-    from audsync.project import Project
-
-    project = Project.load(dbt_project.root, dbt_project.root)
-    warehouse = project.open_warehouse()
+    warehouse = runner_of(dbt_project)[1].warehouse
     numbered = dbt_project.relation("numbered")
     try:
         with warehouse.session() as session:
