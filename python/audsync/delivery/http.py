@@ -52,6 +52,9 @@ ANSWER_TEXT_LIMIT = 500
 # sleeps for hours. Five minutes also stays well inside the lock's takeover timeout heartbeat.
 RETRY_AFTER_CAP_S = 300.0
 
+# The error code of a 2xx answer a connector cannot understand (see :func:`unexpected_answer`).
+UNEXPECTED_ANSWER = "unexpected_answer"
+
 # Loggers of urllib3 that write request lines, URLs included, at DEBUG: the query string of a
 # URL may carry a token (Meta's ``access_token``), so a masking filter is put on each.
 _URLLIB3_LOGGERS = ("urllib3.connectionpool", "urllib3.connection", "urllib3.util.retry")
@@ -124,6 +127,21 @@ def default_verdict(response: requests.Response) -> Verdict:
     if status in (401, 403):
         return Verdict.fatal(f"{status} {response.reason or ''}".strip())
     return Verdict.reject(str(status), answer_text(response) or str(response.reason or status))
+
+
+def unexpected_answer(response: requests.Response, expected: str) -> Verdict:
+    """The verdict on a 2xx whose body is not the answer the API gives (``expected``, in words).
+
+    A proxy's HTML page, a truncated body or a shape the connector cannot read says nothing
+    about what the destination did, so it is never a success: it is retried like a 5xx and,
+    once retries run out, the batch's rows fail as retryable (code ``unexpected_answer``).
+    Connectors return it from a ``classify`` hook.
+    """
+    text = answer_text(response, limit=200) or "an empty body"
+    return Verdict.retry(
+        code=UNEXPECTED_ANSWER,
+        message=f"{response.status_code} answer that is not {expected}: {text}",
+    )
 
 
 # ----------------------------------------------------------------------------------------
