@@ -296,6 +296,8 @@ _NUMBERS: dict[str, _Number] = {
     "rate_limit": _Number("a positive number", _parse_number, lambda v: v > 0),
     "timeout_s": _Number("a positive number", _parse_number, lambda v: v > 0),
     "max_retries": _Number("an integer of 0 or more", _parse_int, lambda v: v >= 0),
+    "unreachable_after": _Number("an integer of 0 or more", _parse_int, lambda v: v >= 0),
+    "max_total_wait_s": _Number("a number of 0 or more", _parse_number, lambda v: v >= 0),
 }
 
 

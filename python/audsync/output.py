@@ -110,7 +110,7 @@ class TextReporter(Reporter):
         self._progress = None
 
     def event(self, name: str, **fields: Any) -> None:
-        if name in ("skipped", "lock_taken_over", "recovered") or self.verbose:
+        if name in ("skipped", "lock_taken_over", "recovered", "waiting") or self.verbose:
             detail = " ".join(f"{k}={v}" for k, v in fields.items())
             self.console.print(redact(f"[audsync] {name} {detail}"), markup=False, highlight=False)
 

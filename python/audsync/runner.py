@@ -24,7 +24,9 @@ from typing import Any, Iterator, Mapping, Sequence
 from . import names
 from .config import DestinationConfig
 from .delivery.engine import DeliverySettings, DeliveryStats, deliver
-from .destinations.base import BatchResult, Change, FatalDestinationError, RowError, SyncInfo
+from .destinations.base import (
+    BatchResult, Change, DestinationUnreachable, FatalDestinationError, RowError, SyncInfo,
+)
 from .errors import ConfigError
 from .plan import CommitCounts, PlanCounts, SyncTables
 from .project import Project, SyncModel
@@ -206,7 +208,12 @@ class SyncRunner:
                     settings=dict(sync.settings), state=destination_state,
                     project_dir=str(self.project.project_dir),
                 )
-                http = delivery.http_client(secrets=destination.secret_values())
+                # Waits the destination asks for (Retry-After) show in the progress output.
+                http = delivery.http_client(
+                    secrets=destination.secret_values(),
+                    on_wait=lambda seconds, reason: self.reporter.event(
+                        "waiting", sync=sync.name, run_id=run_id, seconds=round(seconds, 1), reason=reason),
+                )
                 connector = destination.create_connector(info, http)
                 # Secrets a connector derives (a signed proof, a refreshed token) are masked too.
                 http.add_secrets(connector.secret_values())
@@ -233,6 +240,10 @@ class SyncRunner:
                 self.reporter.event("delivered", sync=sync.name, run_id=run_id, peak_rss_mb=peak_rss_mb())
                 connector.close(True)
                 http.close()
+        except DestinationUnreachable as error:
+            # Convention 4: one error for the run, starting "destination unreachable".
+            fatal = redact(str(error)).removeprefix("destination unreachable: ")
+            status, error_message = "error", f"destination unreachable: {sync.destination!r}: {fatal}"
         except FatalDestinationError as error:
             fatal = redact(str(error))
             status, error_message = "error", f"destination {sync.destination!r}: {fatal}"
