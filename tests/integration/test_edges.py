@@ -3,11 +3,16 @@ manifest freshness and per-sync config isolation. Real dbt, a real warehouse, th
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 
+import pytest
+
+from tests.integration.test_runner import wait_for
 from tests.support.syncs import (
     audsync,
+    audsync_process,
     run_rows,
     state_rows,
     write_audience,
@@ -26,6 +31,7 @@ def closed_port_url() -> str:
 # -- point 8: a dead destination ends the run in seconds, with one error ----------------------
 
 
+@pytest.mark.slow  # the dbt run; the audsync run itself takes about a second
 def test_a_run_against_a_closed_port_ends_in_seconds_as_destination_unreachable(dbt_project):
     write_sync(dbt_project, "s", mode="mirror", destination="hook")
     # 79 batches, as in the issue's report.
@@ -36,7 +42,7 @@ def test_a_run_against_a_closed_port_ends_in_seconds_as_destination_unreachable(
     started = time.monotonic()
     result = audsync(dbt_project, "run", "s", expect=1)
     elapsed = time.monotonic() - started
-    assert elapsed < 20, f"the run took {elapsed:.1f}s"
+    assert elapsed < 10, f"the run took {elapsed:.1f}s"
     [run] = run_rows(dbt_project, "s")
     assert run["status"] == "error"
     assert run["error_message"].startswith("destination unreachable: 'hook': POST http://127.0.0.1:")
@@ -48,3 +54,55 @@ def test_a_run_against_a_closed_port_ends_in_seconds_as_destination_unreachable(
     # Nothing was committed: the next run plans every member again.
     snapshot = dbt_project.query(f"select count(*) from {dbt_project.relation('s', '__snapshot')}")
     assert snapshot == [(0,)]
+
+
+# -- point 6: the file destination under kill -9 ------------------------------------------------
+
+
+def published_keys(folder, run_id: str) -> set[str]:
+    """Keys in the files a reader picks up (names not starting with a dot) of one run."""
+    import orjson
+
+    keys: set[str] = set()
+    for path in folder.glob(f"s__{run_id}__*.jsonl"):
+        keys.update(orjson.loads(line)["key"] for line in path.read_bytes().splitlines())
+    return keys
+
+
+@pytest.mark.slow
+def test_a_file_run_killed_mid_write_never_commits_rows_a_reader_cannot_see(dbt_project, monkeypatch):
+    folder = dbt_project.root / "out"
+    write_sync(dbt_project, "s", mode="mirror", destination="files")
+    # Small batches, one thread: thousands of fsynced files, so the kill lands mid-run.
+    write_destinations(dbt_project, {"files": {"type": "file", "path": "out", "batch_size": 4,
+                                               "max_concurrency": 1}})
+    rows = [(f"k{i:05d}@example.com", "n", float(i)) for i in range(4_000)]
+    write_audience(dbt_project, rows)
+    dbt_project.dbt("run")
+
+    process = audsync_process(dbt_project, "run", "s", env={"AUDSYNC_LOCK_TIMEOUT_S": "2"})
+    wait_for(lambda: len(list(folder.glob("s__*.jsonl"))) >= 20, what="twenty files published")
+    time.sleep(1.3)  # at least one flush of answered batches has happened
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    [killed] = run_rows(dbt_project, "s")
+    assert killed["status"] == "running"
+    visible = published_keys(folder, killed["run_id"])
+    assert 0 < len(visible) < len(rows), "the kill did not land mid-run"
+
+    monkeypatch.setenv("AUDSYNC_LOCK_TIMEOUT_S", "2")
+    time.sleep(2.2)  # the killed run's heartbeat is now stale
+    audsync(dbt_project, "run", "s")
+    history = {r["run_id"]: r for r in run_rows(dbt_project, "s")}
+    assert history[killed["run_id"]]["status"] == "aborted"
+    recovered = history[killed["run_id"]]["rows_added"]
+    assert recovered > 0
+    # What the recovery committed for the killed run is in files a reader can see.
+    committed = {k for (k,) in dbt_project.query(
+        f"select _audsync_key from {dbt_project.relation('s', '__snapshot')} where _audsync_run_id = %s",
+        [killed["run_id"]])}
+    assert committed and committed <= visible
+    # Every member is in some published file, and no temporary file is left.
+    everything = set().union(*(published_keys(folder, run_id) for run_id in history))
+    assert everything == {r[0] for r in rows}
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
