@@ -234,6 +234,8 @@ def check(app: App):
     except AudsyncError as error:
         destinations = {}
         problems.append(error.message)
+    # Syncs whose config is invalid: named here, while other commands leave them aside.
+    problems += [project.invalid[name] for name in sorted(project.invalid)]
     for sync in sorted(project.syncs.values(), key=lambda s: s.name):
         where = f"sync {sync.name!r} ({sync.path})"
         if sync.destination not in destinations and not any(f"destination {sync.destination!r}" in p for p in problems):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.fakes.webhook_server import FakeWebhook
 from tests.integration.test_runner import wait_for
 from tests.support.syncs import (
     audsync,
@@ -106,3 +107,64 @@ def test_a_file_run_killed_mid_write_never_commits_rows_a_reader_cannot_see(dbt_
     everything = set().union(*(published_keys(folder, run_id) for run_id in history))
     assert everything == {r[0] for r in rows}
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+# -- point 12: manifest freshness and per-sync isolation ----------------------------------------
+
+
+def listed(dbt_project) -> set[str]:
+    import json
+
+    return {row["sync"] for row in json.loads(audsync(dbt_project, "list", "--format", "json").stdout)}
+
+
+@pytest.mark.slow  # four dbt parses
+def test_adding_deleting_or_renaming_a_model_file_refreshes_the_manifest(dbt_project):
+    import os
+
+    write_destinations(dbt_project, {"hook": {"type": "webhook", "url": closed_port_url()}})
+    write_audience(dbt_project, [("a@example.com", "n", 1.0)])
+    write_sync(dbt_project, "a")
+    write_sync(dbt_project, "b")
+    dbt_project.dbt("run")
+    assert listed(dbt_project) == {"a", "b"}
+    models = dbt_project.root / "models"
+    [b_file] = models.rglob("b.sql")
+    [a_file] = models.rglob("a.sql")
+    past = a_file.stat().st_mtime - 3600  # no file is newer than the manifest
+    # Deleted.
+    b_file.unlink()
+    assert listed(dbt_project) == {"a"}
+    # Renamed (a rename keeps the file's old mtime).
+    os.utime(a_file, (past, past))
+    a_file.rename(a_file.with_name("c.sql"))
+    assert listed(dbt_project) == {"c"}
+    # Added with an old mtime (copied with its times kept).
+    b_file.write_text(a_file.with_name("c.sql").read_text())
+    os.utime(b_file, (past, past))
+    assert listed(dbt_project) == {"b", "c"}
+    # Nothing changed: the manifest is fresh and is not parsed again.
+    manifest = dbt_project.root / "target" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    assert listed(dbt_project) == {"b", "c"}
+    assert manifest.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow  # a dbt run and several commands
+def test_an_invalid_sync_fails_its_own_commands_and_check_not_the_others(dbt_project):
+    fake = FakeWebhook().start()
+    try:
+        write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url}})
+        write_audience(dbt_project, [("a@example.com", "n", 1.0), ("b@example.com", "m", 2.0)])
+        write_sync(dbt_project, "other")
+        write_sync(dbt_project, "bad", mode="sideways")
+        dbt_project.dbt("run", "--exclude", "bad")
+        audsync(dbt_project, "run", "other")
+        assert set(fake.members) == {"a@example.com", "b@example.com"}
+        assert "success" in audsync(dbt_project, "runs", "other").output
+        assert listed(dbt_project) == {"other"}
+        for args in (("run", "bad"), ("runs", "bad"), ("plan", "bad"), ("check",), ("run", "--select", "b*")):
+            failed = audsync(dbt_project, *args, expect=2)
+            assert "sync 'bad'" in failed.output and "sideways" in failed.output, args
+    finally:
+        fake.stop()
