@@ -257,6 +257,12 @@ def check(app: App):
         problems.append(error.message)
     except Exception as error:  # noqa: BLE001 - the warehouse is unreachable: a problem to name
         problems.append(f"warehouse: {type(error).__name__}: {error}")
+    from .config import normalise_warning
+
+    for sync in sorted(project.syncs.values(), key=lambda s: s.name):
+        warning = normalise_warning(sync, destinations.get(sync.destination))
+        if warning:
+            click.echo(f"  warning: {warning}", err=True)
     if problems:
         for problem in dict.fromkeys(problems):
             click.echo(f"  - {problem}", err=True)

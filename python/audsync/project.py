@@ -25,6 +25,10 @@ from .errors import ConfigError
 from .profiles import Credentials, load_credentials
 from .warehouse import Relation, Warehouse, open_warehouse
 
+# The values of a sync's ``identifier_normalise``, as macros/sync/config.sql
+# ``identifier_normalisations()`` spells them for dbt.
+IDENTIFIER_NORMALISATIONS = ("none", "trim", "lower_trim")
+
 # Written beside the manifest when audsync parses, so a later call with another target
 # knows the manifest's schemas are not its own.
 PARSE_STAMP = "audsync_parse.json"
@@ -55,6 +59,9 @@ class SyncModel:
     tags: tuple[str, ...] = ()
     fqn: tuple[str, ...] = ()
     path: str = ""
+    identifier_normalise: str = "none"
+    """How the destination tells keys apart (``none``, ``trim``, ``lower_trim``): keys that
+    are one key once normalised are duplicates, left out of ``S`` and shown in ``S__invalid``."""
 
     def relation_of(self, part: str) -> Relation:
         """The relation ``S`` (part ``""``) or ``S__<part>`` (``snapshot``, ``plan``, ...)."""
@@ -196,6 +203,13 @@ def _sync_model(unique_id: str, node: dict[str, Any], relation: Relation, config
         mode = names.normalise_mode(config.get("sync_mode", "mirror"))
     except ValueError as error:
         raise ConfigError(f"{where}: {error}", sync=node["name"], key="sync_mode") from None
+    normalise = config.get("identifier_normalise") or "none"
+    if normalise not in IDENTIFIER_NORMALISATIONS:
+        raise ConfigError(
+            f"{where}: config key 'identifier_normalise' is {normalise!r}; expected one of"
+            f" {', '.join(IDENTIFIER_NORMALISATIONS)}",
+            sync=node["name"], key="identifier_normalise",
+        )
     raw_mapping = config.get("field_mapping") or []
     if not isinstance(raw_mapping, list):
         raise ConfigError(
@@ -222,6 +236,7 @@ def _sync_model(unique_id: str, node: dict[str, Any], relation: Relation, config
         tags=tuple(node.get("tags") or config.get("tags") or ()),
         fqn=tuple(node.get("fqn") or ()),
         path=node.get("original_file_path") or "",
+        identifier_normalise=normalise,
     )
 
 
