@@ -168,6 +168,33 @@ def unexpected_answer(response: requests.Response, expected: str) -> Verdict:
     )
 
 
+def json_object_answer(expected: str, *, allow_empty: bool = False) -> Classify:
+    """A per-request ``classify`` hook for an API whose 2xx answers are JSON objects: a 2xx
+    whose body is not one (a proxy's HTML page, a truncated body) is :func:`unexpected_answer`.
+
+    It returns ``None`` for everything else, so the connector's own hook and the default policy
+    still sort the answer.
+
+    Args:
+        expected: the answer expected, in words, for the error message.
+        allow_empty: an empty 2xx body (a 204) is a success too.
+    """
+
+    def classify(response: requests.Response) -> Verdict | None:
+        if not 200 <= response.status_code < 300:
+            return None
+        content = response.content
+        if not content or not content.strip():
+            return None if allow_empty else unexpected_answer(response, expected)
+        try:
+            document = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return unexpected_answer(response, expected)
+        return None if isinstance(document, dict) else unexpected_answer(response, expected)
+
+    return classify
+
+
 # ----------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------
