@@ -1,5 +1,5 @@
 """A 2xx that is not the API's answer is an error for the batch, never a success (issue 10,
-point 7), for the connectors whose 2xx answers are JSON objects: Braze and Meta. A real
+point 7), for the connectors whose 2xx answers are JSON objects: Braze, Meta and Google. A real
 loopback server answers every request as a captive portal or a misconfigured proxy would."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from audsync.delivery.http import HttpClient, json_object_answer
 from audsync.destinations.base import Change, RetriesExhausted, SyncInfo
 from audsync.destinations.braze import BrazeConnector
 from audsync.destinations.facebook import FacebookCustomAudienceConnector
+from audsync.destinations.google import GoogleCustomerMatchConnector
 
 SYNC = SyncInfo("vip", "mirror", "run1", "email", ("email",))
 
@@ -79,6 +80,16 @@ def test_meta_html_200_is_retried_then_fails_as_retryable_rows(proxy):
     [result] = results
     assert {(r.error_code, r.retryable) for r in result.rejected} == {("unexpected_answer", True)}
     assert len(result.rejected) == 2 and proxy.requests == 3
+
+
+def test_google_html_200_is_retried_then_fails_as_retryable_rows(proxy):
+    google, _ = client(GoogleCustomerMatchConnector, {"access_token": "t", "customer_id": "1234567890",
+                                                      "user_list_id": "42", "base_url": base_url(proxy)})
+    results = []
+    deliver(google, [(0, batch())], max_concurrency=1, on_result=lambda n, b, r: results.append(r))
+    [result] = results
+    assert {(r.error_code, r.retryable) for r in result.rejected} == {("unexpected_answer", True)}
+    assert proxy.requests == 3
 
 
 class _Response:
