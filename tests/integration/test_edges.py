@@ -168,3 +168,24 @@ def test_an_invalid_sync_fails_its_own_commands_and_check_not_the_others(dbt_pro
             assert "sync 'bad'" in failed.output and "sideways" in failed.output, args
     finally:
         fake.stop()
+
+
+@pytest.mark.slow  # the dbt run
+def test_a_retry_after_wait_shows_in_the_progress_output(dbt_project):
+    import json
+
+    fake = FakeWebhook().start()
+    try:
+        write_sync(dbt_project, "s", mode="mirror", destination="hook")
+        write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url}})
+        write_audience(dbt_project, [("a@example.com", "n", 1.0)])
+        dbt_project.dbt("run")
+        fake.fail_next(1, 429, retry_after=1)
+        result = audsync(dbt_project, "--log-format", "json", "run", "s")
+        events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+        [waiting] = [e for e in events if e.get("event") == "waiting"]
+        assert waiting["sync"] == "s" and waiting["seconds"] == 1
+        assert "429" in waiting["reason"] and "Retry-After" in waiting["reason"]
+        assert set(fake.members) == {"a@example.com"}
+    finally:
+        fake.stop()
