@@ -393,7 +393,9 @@ class HttpClient:
         """Seconds waited so far for what answers asked (counted against the total limit)."""
         self._unanswered = 0
         self._unreachable: str | None = None
-        self._breaker_open = threading.Event()
+        self.breaker_opened = threading.Event()
+        """Set when the circuit breaker opens; an injected ``sleep`` may wait on it too, so a
+        backoff in progress ends as soon as nothing more will be sent."""
         self._limiter = TokenBucket(rate_limit) if rate_limit else None
         self.masker = SecretMasker(secrets)
         self._local = threading.local()
@@ -495,7 +497,7 @@ class HttpClient:
     @property
     def unreachable(self) -> bool:
         """True once the circuit breaker has opened: nothing more is sent."""
-        return self._breaker_open.is_set()
+        return self.breaker_opened.is_set()
 
     def close(self) -> None:
         """Close every thread's session and remove the log filters."""
@@ -520,7 +522,7 @@ class HttpClient:
         if self._sleep is not None:
             self._sleep(seconds)
         else:
-            self._breaker_open.wait(seconds)
+            self.breaker_opened.wait(seconds)
 
     def _charge_wait(self, where: str, failure: "_Failure", delay: float, attempt: int) -> None:
         """Count a wait an answer asked for against the run's total; past it, fail the batch."""
@@ -540,7 +542,7 @@ class HttpClient:
 
     def _check_breaker(self) -> None:
         """Raise :class:`DestinationUnreachable` once the circuit breaker is open."""
-        if self._breaker_open.is_set():
+        if self.breaker_opened.is_set():
             raise DestinationUnreachable(f"destination unreachable: {self._unreachable}")
 
     def _no_answer(self, where: str, code: str, message: str) -> "_Failure":
@@ -548,12 +550,12 @@ class HttpClient:
         text = self.mask(f"{where}: {code}: {message}")
         with self._lock:
             self._unanswered += 1
-            trip = 0 < self.unreachable_after <= self._unanswered and not self._breaker_open.is_set()
+            trip = 0 < self.unreachable_after <= self._unanswered and not self.breaker_opened.is_set()
             if trip:
                 self._unreachable = (
                     f"{text} ({self._unanswered} requests in a row got no answer)"
                 )
-                self._breaker_open.set()
+                self.breaker_opened.set()
         if trip:
             logger.warning("destination unreachable: %s", self._unreachable)
         self._check_breaker()
