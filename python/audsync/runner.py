@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import secrets as _secrets
 import threading
 import time
@@ -56,6 +57,8 @@ HEARTBEAT_MAX_INTERVAL_S = 5.0
 HEARTBEAT_STATEMENT_S = 10.0
 
 STOPPED_BEFORE_START = "stopped before it started"
+# How a recovered run's row names the run that took its lock over (recover_unfinished).
+TAKER_PATTERN = r"run (\S+) took the lock over"
 
 
 @dataclass
@@ -405,7 +408,7 @@ class _Run:
             opened = connector.open()
             if opened:
                 new_state = json.dumps({**self.destination_state, **opened}, sort_keys=True, default=str)
-                with self.warehouse.session() as session:
+                with self.heartbeat.held(), self.warehouse.session() as session:
                     self.state.fence(session, self.lock)
                     self.state.set_destination_state(session, self.sync.name, new_state)
             recorder = _DeliveryRecorder(self.warehouse, self.state, self.lock, self.in_flight)
@@ -521,7 +524,7 @@ class _Run:
         self.result.status = self.status
         self.result.error_message = self.error_message
         finished = self.status in ("success", "partial_failure")
-        with self.warehouse.session() as session:
+        with self.heartbeat.held(), self.warehouse.session() as session:
             held = self.state.release_lock(
                 session, self.lock,
                 status="error" if self.fatal else ("active" if finished else None),
@@ -552,7 +555,10 @@ class _Run:
             try:
                 with self.warehouse.session() as session:
                     row = self.state.sync_row(session, self.sync.name)
-                taken_by = row.lock_run_id if row else None
+                    own = self.state.run_row(session, self.run_id)
+                # The taker names itself in this run's row when it recovers it.
+                named = re.search(TAKER_PATTERN, (own.error_message or "") if own else "")
+                taken_by = named.group(1) if named else (row.lock_run_id or row.last_run_id if row else None)
             except Exception:  # noqa: BLE001 - the message is the best we can do then
                 logger.debug("could not read who took the lock", exc_info=True)
             if taken_by:
@@ -584,10 +590,18 @@ class _Heartbeat:
         self.last_ok = time.monotonic()
         self._stop = threading.Event()
         self._beat = threading.Condition()
+        self._writing = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="audsync-heartbeat", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No beat during the block: for another transaction of this process that updates the
+        sync's row (on DuckDB two open transactions updating one row conflict)."""
+        with self._writing:
+            yield
 
     def stop(self) -> None:
         """Stop beating; waits a bounded time for a beat in progress."""
@@ -608,7 +622,7 @@ class _Heartbeat:
             while not self._stop.wait(self.interval_s):
                 beat_started = time.monotonic()
                 try:
-                    with self.warehouse.session() as session:
+                    with self._writing, self.warehouse.session() as session:
                         self.warehouse.limit_statements(session, HEARTBEAT_STATEMENT_S)
                         held = self.state.heartbeat(session, self.lock)
                 except Exception:  # noqa: BLE001 - a missed beat is retried at the next tick

@@ -269,8 +269,17 @@ class StateStore:
         takeover waits for this transaction, and a transaction that waited for a takeover
         sees its outcome and changes nothing.
         """
-        if self.heartbeat(session, lock):
-            return
+        if self.warehouse.fence_writes:
+            if self.heartbeat(session, lock):
+                return
+        else:
+            held = session.scalar(
+                f"select count(*) from {self.syncs}"
+                f" where sync_name = ? and lock_run_id = ? and lock_generation = ?",
+                (lock.sync_name, lock.run_id, lock.generation),
+            )
+            if int(held or 0) > 0:
+                return
         row = self.sync_row(session, lock.sync_name)
         taken_by = row.lock_run_id if row else None
         by = f"run {taken_by} took the sync over" if taken_by else "the lock was released or reset"

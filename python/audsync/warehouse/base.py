@@ -101,6 +101,12 @@ class Warehouse:
         """Seconds from the naive-UTC timestamp ``column`` to :meth:`now_sql`, in SQL."""
         return f"extract(epoch from ({self.now_sql()} - {column}))"
 
+    fence_writes: bool = True
+    """Whether the lock's fence check writes the sync's row (taking its row lock, so a
+    takeover waits for the fenced transaction), or only reads it. DuckDB reads: one process at
+    a time holds its file, so transactions of two runs never overlap, and within one process
+    two open transactions that update one row conflict."""
+
     def on_conflict_do_nothing(self) -> str:
         """The clause that makes an insert skip a row its unique index already holds."""
         return " on conflict do nothing"

@@ -141,6 +141,8 @@ class DuckDBWarehouse(Warehouse):
         yield "nextval('audsync_row_numbers')"
         session.execute("drop sequence audsync_row_numbers")
 
+    fence_writes = False
+
     def on_conflict_do_nothing(self) -> str:
         # No unique index on DuckDB's state tables (one writing process at a time holds the
         # file, so the insert-if-missing cannot race), and DuckDB refuses the clause without one.
