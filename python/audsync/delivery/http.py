@@ -520,7 +520,8 @@ class HttpClient:
         """Wait before a retry; the default wait ends as soon as the circuit breaker opens
         (the retry then raises at once), so a stopping run is not held by a backoff."""
         if self._sleep is not None:
-            self._sleep(seconds)
+            if not self.breaker_opened.is_set():
+                self._sleep(seconds)
         else:
             self.breaker_opened.wait(seconds)
 
