@@ -26,7 +26,14 @@ Google's shapes: :meth:`FakeGoogle.fail_next` with ``rate_limit`` (429 ``RESOURC
 with ``RetryInfo.retryDelay``; option ``retry_delay_s``), ``server_error`` (503
 ``UNAVAILABLE``), ``expired_token`` (401 ``UNAUTHENTICATED``, ``ACCESS_TOKEN_EXPIRED``),
 ``permission`` (403 ``PERMISSION_DENIED``), ``timeout`` (answer after ``seconds``; the request
-is applied, as when an answer is lost).
+is applied, as when an answer is lost), ``account_error`` (a request-level reason that concerns
+the account: option ``reason``, default ``ADVERTISER_TOS_NOT_ACCEPTED``, and ``status``, default
+400, as ``google.rpc.Status`` with an ``ErrorInfo``).
+
+OAuth: :meth:`FakeGoogle.use_oauth` serves Google's token endpoint on ``/token``
+(:class:`tests.fakes._oauth.TokenIssuer`: the service-account JWT grant with the
+``datamanager`` scope, and the refresh-token grant); its tokens expire after a lifetime or a
+number of requests, and an expired one is answered 401 ``ACCESS_TOKEN_EXPIRED``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from typing import Any, Iterable, Mapping
 import orjson
 
 from ._http import Answer, Failure, FakeServer, drop_none, hold, media_type, target
+from ._oauth import TokenIssuer
 
 TOKEN = "ya29.fake-google-token-0123456789"
 CUSTOMER_ID = "1234567890"
@@ -69,6 +77,8 @@ INGEST_KEYS = {
 REMOVE_KEYS = {"destinations", "audienceMembers", "validateOnly", "encoding", "encryptionInfo"}
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DOMAIN = "datamanager.googleapis.com"
+SCOPE = "https://www.googleapis.com/auth/datamanager"
+SERVICE_ACCOUNT = "audsync-test@audsync-test.iam.gserviceaccount.com"
 
 
 def email_hash(email: str) -> str:
@@ -118,7 +128,14 @@ class FakeGoogle(FakeServer):
     """
 
     content_type = "application/json; charset=UTF-8"
-    failure_kinds = ("rate_limit", "server_error", "expired_token", "permission", "timeout")
+    failure_kinds = (
+        "rate_limit",
+        "server_error",
+        "expired_token",
+        "permission",
+        "timeout",
+        "account_error",
+    )
 
     def __init__(
         self,
@@ -134,7 +151,36 @@ class FakeGoogle(FakeServer):
         self.customer_id = customer_id
         self.user_list_id = user_list_id
         self.latency_s = latency_s
+        self.oauth: TokenIssuer | None = None
+        """The token endpoint, once :meth:`use_oauth` is called."""
         self.reset()
+
+    def use_oauth(self, *, public_key: str | None = None, **options: Any) -> TokenIssuer:
+        """Serve the token endpoint on ``/token``; tokens it issues are accepted (the static
+        ``access_token`` stays accepted too). ``public_key`` enables the service-account JWT
+        grant; ``options`` go to :class:`TokenIssuer` (``lifetime_s``, ``max_uses``, ...)."""
+        self.oauth = TokenIssuer(
+            lambda: self.base_url + "/token",
+            self._record_violation,
+            public_key=public_key,
+            issuer=SERVICE_ACCOUNT,
+            scope=SCOPE,
+            key_id="fake-key-id-1" if public_key else None,
+            **options,
+        )
+        return self.oauth
+
+    def service_account_key(self, private_key: str) -> dict[str, str]:
+        """A service account JSON key as Google's console gives it, for :meth:`use_oauth`."""
+        return {
+            "type": "service_account",
+            "project_id": "audsync-test",
+            "private_key_id": "fake-key-id-1",
+            "private_key": private_key,
+            "client_email": SERVICE_ACCOUNT,
+            "client_id": "100000000000000000001",
+            "token_uri": self.base_url + "/token",
+        }
 
     def reset(self) -> None:
         """Forget lists, counters, injected failures and violations."""
@@ -218,9 +264,11 @@ class FakeGoogle(FakeServer):
 
     def handle(self, method: str, path: str, query: str, headers: Any, body: bytes) -> Answer:
         """Check and apply one request; return status, body and extra headers."""
+        if path == "/token" and self.oauth is not None:
+            return self.oauth.handle(method, headers, body)
         with self._lock:
             self.requests.append((method, target(path, query), dict(headers.items()), body))
-        action = self._failures.take()
+        action = self._failures.take(method, path)
         with self._in_flight() as in_flight:
             if in_flight > MAX_IN_FLIGHT:
                 self._record_violation(f"more than {MAX_IN_FLIGHT} requests in flight")
@@ -250,7 +298,23 @@ class FakeGoogle(FakeServer):
                 ),
                 {},
             )
-        if authorization[7:] != self.access_token:
+        given = authorization[7:]
+        verdict = None
+        if given != self.access_token:
+            verdict = self.oauth.check(given) if self.oauth is not None else "unknown"
+        if verdict == "expired":
+            return (
+                401,
+                status_body(
+                    401,
+                    "UNAUTHENTICATED",
+                    "Request had invalid authentication"
+                    " credentials. Expected OAuth 2 access token.",
+                    reason="ACCESS_TOKEN_EXPIRED",
+                ),
+                {},
+            )
+        if verdict is not None:
             return (
                 401,
                 status_body(
@@ -308,6 +372,12 @@ class FakeGoogle(FakeServer):
                 ),
                 {},
             )
+        if kind == "account_error":
+            reason = str(action.options.get("reason", "ADVERTISER_TOS_NOT_ACCEPTED"))
+            status = int(action.options.get("status", 400))
+            state = "PERMISSION_DENIED" if status == 403 else "FAILED_PRECONDITION"
+            text = reason.replace("_", " ").capitalize() + "."
+            return status, status_body(status, state, text, reason=reason), {}
         if kind == "server_error":
             return 503, status_body(503, "UNAVAILABLE", "The service is currently unavailable."), {}
         if kind == "permission":

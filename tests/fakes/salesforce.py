@@ -30,6 +30,13 @@ Failures in Salesforce's shapes (``fail_next(kind, n, path=...)``): ``rate_limit
 of the collection failing ``UNABLE_TO_LOCK_ROW``), ``timeout`` (held ``timeout_s``, then
 applied). ``reject_keys(emails)`` fails those members' contact upserts, member creates and
 deletes per record with ``FIELD_CUSTOM_VALIDATION_EXCEPTION``.
+
+OAuth: :meth:`FakeSalesforce.use_oauth` serves ``/services/oauth2/token``
+(:class:`tests.fakes._oauth.TokenIssuer`): the refresh-token flow (``client_id``,
+``client_secret``, ``refresh_token``) and the JWT bearer flow (``iss`` the connected app's
+consumer key, ``sub`` the username, ``aud`` the login URL, at most three minutes of life);
+answers carry ``instance_url`` and no ``expires_in``, as Salesforce's do. Issued sessions end
+after a lifetime or a number of requests, then answer 401 ``INVALID_SESSION_ID``.
 """
 
 from __future__ import annotations
@@ -43,9 +50,10 @@ from urllib.parse import parse_qs, unquote
 import orjson
 
 from ._http import Answer, FakeServer, drop_none, media_type, seed_items, target
+from ._oauth import TokenIssuer
 
 TOKEN = "00Dfake!AQcAQFakeSalesforceSessionToken"
-API_VERSION = "v62.0"
+API_VERSION = "v66.0"
 COLLECTION_LIMIT = 200
 KEY_FIELD = "Audsync_Key__c"
 URI_LIMIT = 16_384
@@ -231,7 +239,7 @@ class FakeSalesforce(FakeServer):
 
     Args:
         token: the access token it accepts.
-        api_version: the version prefix it serves (``v62.0``).
+        api_version: the version prefix it serves (``v66.0``).
         port: the port (0: any free one).
         timeout_s: how long a ``timeout`` failure holds its request.
         page_size: records in one query answer before ``nextRecordsUrl``.
@@ -254,7 +262,29 @@ class FakeSalesforce(FakeServer):
         self.api_version = api_version
         self.timeout_s = timeout_s
         self.page_size = page_size
+        self.oauth: TokenIssuer | None = None
+        """The token endpoint, once :meth:`use_oauth` is called."""
         self.reset()
+
+    def use_oauth(
+        self, *, public_key: str | None = None, username: str = "sync@example.com", **options: Any
+    ) -> TokenIssuer:
+        """Serve ``/services/oauth2/token``; the sessions it issues are accepted beside the
+        static token. ``public_key`` enables the JWT bearer flow for ``username``."""
+        self.oauth = TokenIssuer(
+            lambda: self.base_url + "/services/oauth2/token",
+            self._record_violation,
+            client_id="3MVG9fakeConsumerKey",
+            public_key=public_key,
+            issuer="3MVG9fakeConsumerKey",
+            audience=self.base_url,
+            subject=username if public_key else None,
+            max_assertion_s=180,
+            state_expires_in=False,
+            extra=lambda: {"instance_url": self.base_url, "id": "fake-id", "issued_at": "0"},
+            **options,
+        )
+        return self.oauth
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -404,6 +434,8 @@ class FakeSalesforce(FakeServer):
 
     def handle(self, method: str, path: str, query: str, headers: Any, raw: bytes) -> Answer:
         """Check and serve one request; return status, body and extra headers."""
+        if path == "/services/oauth2/token" and self.oauth is not None:
+            return self.oauth.handle(method, headers, raw)
         with self._lock:
             self.requests += 1
         with self._in_flight():
@@ -427,7 +459,9 @@ class FakeSalesforce(FakeServer):
         if not authorization.startswith("Bearer "):
             self._violation(f"{method} {path}: no 'Authorization: Bearer' header", 401)
             return 401, _errors("INVALID_SESSION_ID", "Session expired or invalid"), {}
-        if authorization != f"Bearer {self.token}":
+        if authorization != f"Bearer {self.token}" and (
+            self.oauth is None or self.oauth.check(authorization[7:]) is not None
+        ):
             return 401, _errors("INVALID_SESSION_ID", "Session expired or invalid"), {}
         body: Any = None
         if method in ("POST", "PATCH"):

@@ -206,17 +206,18 @@ def test_consent_and_login_account_come_from_settings(fake):
     assert "consent" not in bodies(fake, ":remove")[0]
 
 
-def test_gmail_normalisation_is_an_option(fake):
-    off = Harness(fake)
-    off.open()
-    assert off.send([change(1, "John.Smith+ads@gmail.com")]).destination_ids == {
-        "John.Smith+ads@gmail.com": sha("john.smith+ads@gmail.com")
-    }
-    on = Harness(fake, normalize_gmail="yes")
-    on.open()
-    assert on.send([change(1, "John.Smith+ads@gmail.com")]).destination_ids == {
-        "John.Smith+ads@gmail.com": sha("johnsmith@gmail.com")
-    }
+def test_gmail_rule_is_always_on(fake, caplog):
+    util = Formatter()
+    for settings in ({}, {"normalize_gmail": False}, {"normalize_gmail": "yes"}):
+        harness = Harness(fake, **settings)
+        harness.open()
+        sent = harness.send([change(1, "John.Smith+ads@gmail.com")]).destination_ids
+        # Google's own helper is the oracle: dots and the +suffix go before hashing.
+        expected = util.process_email_address("John.Smith+ads@gmail.com", Encoding.HEX)
+        assert sent == {"John.Smith+ads@gmail.com": expected} == {
+            "John.Smith+ads@gmail.com": sha("johnsmith@gmail.com")
+        }
+    assert "normalize_gmail is ignored" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,14 +316,15 @@ def test_member_violation_parsing():
 
 
 def test_removal_uses_the_stored_id_even_when_normalisation_changed(fake):
-    first = Harness(fake, normalize_gmail=True, fields=())
+    first = Harness(fake, fields=())
     first.open()
-    added = first.send([Change(1, "add", "J.Doe@gmail.com", {}, None)])
-    stored = added.destination_ids["J.Doe@gmail.com"]
-    assert stored == sha("jdoe@gmail.com")
-    second = Harness(fake, run_id="run-2", fields=())  # the gmail rule is off now
+    added = first.send([Change(1, "add", "J.Doe@example.com", {}, None)])
+    stored = added.destination_ids["J.Doe@example.com"]
+    assert stored == sha("j.doe@example.com")
+    # A later run whose normalisation would give another hash still removes the stored one.
+    second = Harness(fake, run_id="run-2", fields=())
     second.open()
-    assert second.send([Change(1, "remove", "J.Doe@gmail.com", {}, stored)]).rejected == []
+    assert second.send([Change(1, "remove", "J.Doe@example.com ", {}, stored)]).rejected == []
     assert fake.member_identifiers() == []
 
 
@@ -509,7 +511,9 @@ def test_registered_under_its_type_and_the_contracts_alias():
     keys = {k.name: k for k in GoogleCustomerMatchConnector.config_keys}
     # The contract's example (section 7) loads: customer_id, user_list_id, developer_token.
     assert {"customer_id", "user_list_id", "developer_token", "access_token"} <= set(keys)
-    assert {k for k, v in keys.items() if v.secret} == {"access_token", "developer_token"}
+    assert {k for k, v in keys.items() if v.secret} == {
+        "access_token", "developer_token", "client_secret", "refresh_token", "service_account_json"
+    }
 
 
 # ----------------------------------------------------------------------------------------

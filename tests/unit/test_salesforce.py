@@ -251,7 +251,7 @@ def test_batches_over_the_limit_are_split_by_the_engine(fake):
 def test_the_fake_refuses_collections_over_200(fake):
     body = {"allOrNone": False, "records": [{"attributes": {"type": "CampaignMember"}}] * 201}
     answer = requests.post(
-        f"{fake.base_url}/services/data/v62.0/composite/sobjects",
+        f"{fake.base_url}/services/data/v66.0/composite/sobjects",
         json=body,
         headers={"Authorization": f"Bearer {fake.token}"},
         timeout=5,
@@ -260,7 +260,7 @@ def test_the_fake_refuses_collections_over_200(fake):
     assert answer.json()[0]["errorCode"] == "EXCEEDED_ID_LIMIT"
     ids = ",".join(f"00v{i:012d}AAA" for i in range(201))
     answer = requests.delete(
-        f"{fake.base_url}/services/data/v62.0/composite/sobjects?ids={ids}&allOrNone=false",
+        f"{fake.base_url}/services/data/v66.0/composite/sobjects?ids={ids}&allOrNone=false",
         headers={"Authorization": f"Bearer {fake.token}"},
         timeout=5,
     )
@@ -308,14 +308,14 @@ def test_the_fake_parses_soql_and_rejects_malformed_queries(fake):
         with pytest.raises(SoqlError):
             parse_soql(bad)
     answer = requests.get(
-        f"{fake.base_url}/services/data/v62.0/query",
+        f"{fake.base_url}/services/data/v66.0/query",
         params={"q": "SELECT Id FROM Contact WHERE Email IN (a@x.com)"},
         headers={"Authorization": f"Bearer {fake.token}"},
         timeout=5,
     )
     assert answer.status_code == 400 and answer.json()[0]["errorCode"] == "MALFORMED_QUERY"
     answer = requests.get(
-        f"{fake.base_url}/services/data/v62.0/query",
+        f"{fake.base_url}/services/data/v66.0/query",
         params={"q": "SELECT Id, Nope__c FROM Contact"},
         headers={"Authorization": f"Bearer {fake.token}"},
         timeout=5,
@@ -550,7 +550,7 @@ def test_simple_salesforce_talks_to_the_fake(fake):
     contact = fake.add_contact("o'brien@example.com", LastName="O")
     sf = Salesforce(instance_url=fake.base_url, session_id=fake.token, version="62.0")
     # The client builds https:// URLs; the fake speaks plain HTTP on loopback.
-    sf.base_url = f"{fake.base_url}/services/data/v62.0/"
+    sf.base_url = f"{fake.base_url}/services/data/v66.0/"
     found = sf.query(
         format_soql("SELECT Id, Email FROM Contact WHERE Email IN {}", ["o'brien@example.com"])
     )

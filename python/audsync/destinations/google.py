@@ -27,18 +27,37 @@ The API fails fast: one bad member fails the whole request, which applies nothin
 the members at fault (``audience_members[3]``). Those rows are rejected and the rest sent again.
 
 The id kept for each member is the key's hash: a removal sends exactly what was added even if
-``normalize_gmail`` or ``default_country`` changed in between.
+a normalisation rule or ``default_country`` changed in between. Google's gmail rule is always
+applied (:mod:`audsync.identifiers`); ``normalize_gmail: false`` is ignored with a warning.
+
+Credentials (:mod:`audsync.destinations.auth`): a service account's JSON key
+(``service_account_file`` or ``service_account_json``: the JWT grant, scope ``datamanager``), an
+OAuth refresh token (``client_id``, ``client_secret``, ``refresh_token``), or a static
+``access_token`` (it expires within the hour: for a one-off run). Tokens are refreshed before
+they expire and once after a 401; ``token_url`` points the exchange elsewhere (a fake in tests).
+
+Errors that concern the account, not a member (:data:`FATAL_REASONS`: terms of service not
+accepted, an account of the wrong type, a list type the account cannot use) stop the run.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import orjson
 
 from audsync.delivery.http import Verdict, answer_text
+from audsync.destinations.auth import (
+    BearerAuth,
+    JwtBearerGrant,
+    RefreshTokenGrant,
+    StaticToken,
+    TokenSource,
+    load_json_key,
+)
 from audsync.destinations.base import (
     BatchResult,
     Change,
@@ -69,6 +88,8 @@ logger = logging.getLogger("audsync.destinations.google")
 # -- the API ------------------------------------------------------------------------------
 
 DATA_MANAGER_URL = "https://datamanager.googleapis.com"
+TOKEN_URL = "https://oauth2.googleapis.com/token"
+SCOPE = "https://www.googleapis.com/auth/datamanager"
 INGEST_PATH = "v1/audienceMembers:ingest"
 REMOVE_PATH = "v1/audienceMembers:remove"
 MAX_MEMBERS_PER_REQUEST = 10_000
@@ -109,7 +130,11 @@ FIELD_NAMES = {
 }
 CONSENT_VALUES = {"granted": "CONSENT_GRANTED", "denied": "CONSENT_DENIED"}
 
-# Error reasons that concern the destination, not a member: every batch would fail alike.
+# Error reasons that concern the destination, not a member: every batch would fail alike, so
+# the run stops (sync status ``error`` with Google's message). Taken from the Data Manager
+# API's ``ErrorReason`` enum (google.ads.datamanager_v1 types/error.py): those about the
+# account, its terms, its allowlists and the list's type; member-level reasons (INVALID_FORMAT,
+# ...) and request-shape reasons stay row errors.
 FATAL_REASONS = frozenset(
     {
         "INVALID_DESTINATION",
@@ -120,6 +145,23 @@ FATAL_REASONS = frozenset(
         "NOT_ALLOWLISTED",
         "DATA_PARTNER_USER_LIST_MUTATE_NOT_ALLOWED",
         "PERMISSION_DENIED",
+        "ADVERTISER_TOS_NOT_ACCEPTED",
+        "DESTINATION_ACCOUNT_TYPE_MISMATCH",
+        "MISMATCHED_ACCOUNT_TYPE",
+        "USER_LIST_TYPE_NOT_SUPPORTED_FOR_ACCOUNT",
+        "UNSUPPORTED_ACCOUNT_TYPES_FOR_USER_LIST_TYPE",
+        "DIFFERENT_LOGIN_ACCOUNTS_NOT_ALLOWED_FOR_DATA_PARTNER",
+        "UNSUPPORTED_OPERATING_ACCOUNT_FOR_DATA_PARTNER",
+        "UNSUPPORTED_LINKED_ACCOUNT_FOR_DATA_PARTNER",
+        "LINKED_ACCOUNT_ONLY_ALLOWED_WITH_DATA_PARTNER_LOGIN_ACCOUNT",
+        "ADVERTISER_NOT_ALLOWLISTED_FOR_UPLOADED_DATA",
+        "ADVERTISER_NOT_ALLOWLISTED_FOR_THIRD_PARTY_PARTNER_DATA",
+        "DATA_PARTNER_NOT_ALLOWLISTED_FOR_THIRD_PARTY_PARTNER_DATA",
+        "CUSTOMER_NOT_ALLOWLISTED_FOR_COMMERCE_AUDIENCE",
+        "EU_POLITICAL_ADVERTISING_DECLARATION_REQUIRED",
+        "THIRD_PARTY_USER_DATA_NOT_ALLOWED",
+        "REQUIRED_PREREQUISITE_LINK_MISSING",
+        "USER_LIST_MUTATION_NOT_SUPPORTED",
     }
 )
 MEMBER_FIELD = re.compile(r"audience_?members\[(\d+)\]", re.IGNORECASE)
@@ -200,11 +242,21 @@ class GoogleCustomerMatchConnector(Connector):
     )
     config_keys: ClassVar[tuple[ConfigKey, ...]] = (
         ConfigKey(
+            "service_account_file",
+            "path of a service account's JSON key (JWT grant; relative to the dbt project)",
+        ),
+        ConfigKey(
+            "service_account_json", "a service account's JSON key, inline", secret=True
+        ),
+        ConfigKey("client_id", "OAuth client id (with client_secret and refresh_token)"),
+        ConfigKey("client_secret", "OAuth client secret", secret=True),
+        ConfigKey("refresh_token", "OAuth refresh token with the datamanager scope", secret=True),
+        ConfigKey(
             "access_token",
-            "an OAuth access token with the datamanager scope",
-            required=True,
+            "a static OAuth access token with the datamanager scope (expires within an hour)",
             secret=True,
         ),
+        ConfigKey("token_url", "the OAuth token endpoint", default=TOKEN_URL),
         ConfigKey(
             "customer_id",
             "the account that owns the user list (a Google Ads customer id)",
@@ -222,11 +274,6 @@ class GoogleCustomerMatchConnector(Connector):
         ConfigKey("user_list_description", "description of a created user list"),
         ConfigKey("key_type", "what the sync's identifier is: EMAIL or PHONE", default="EMAIL"),
         ConfigKey("default_country", "ISO country of phone numbers written without a country code"),
-        ConfigKey(
-            "normalize_gmail",
-            "drop dots and +suffix in gmail.com / googlemail.com addresses before hashing",
-            default=False,
-        ),
         ConfigKey(
             "ad_user_data_consent",
             "granted or denied: consent for ad user data, sent for every member",
@@ -250,7 +297,8 @@ class GoogleCustomerMatchConnector(Connector):
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
-        self._token = required(self, "access_token")
+        self._key_secrets: list[str] = []
+        self._auth = BearerAuth(self._token_source(), http)
         self._account = self._account_id("customer_id", required=True)
         self._login = self._account_id("login_customer_id", required=False)
         self._account_type = upper_choice(self, "account_type", ACCOUNT_TYPES, "GOOGLE_ADS")
@@ -260,9 +308,15 @@ class GoogleCustomerMatchConnector(Connector):
                 f"destination {name!r}: key 'key_type' must be EMAIL or PHONE, got {key_type!r}"
             )
         self._key_field = KEY_TYPES[key_type]
+        gmail = self.setting("normalize_gmail")
+        if gmail not in (None, "") and not flag(gmail):
+            logger.warning(
+                "destination %r: normalize_gmail is ignored: Google's gmail rule is always"
+                " applied (without it gmail addresses with dots or a +suffix lose their match)",
+                name,
+            )
         self._options = Options(
-            default_country=default_country(name, self.setting("default_country")),
-            gmail=flag(self.setting("normalize_gmail")),
+            default_country=default_country(name, self.setting("default_country")), gmail=True
         )
         self._consent = self._consent_setting()
         # Mapped fields -> identifier kinds; the key's own kind comes from the key.
@@ -326,8 +380,50 @@ class GoogleCustomerMatchConnector(Connector):
             consent[field_name] = CONSENT_VALUES[text]
         return consent or None
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token}"}
+    def _token_source(self) -> TokenSource:
+        """The credentials: a service account, else a refresh token, else a static token."""
+        token_url = str(self.setting("token_url") or "").strip()
+        inline = self.setting("service_account_json")
+        path = self.setting("service_account_file")
+        if inline or path:
+            if path and not inline:
+                base = Path(self.sync.project_dir or ".")
+                path = str(base / Path(str(path)).expanduser())
+            key = load_json_key(self.name, inline or path, "service account key")
+            missing = [k for k in ("client_email", "private_key") if not key.get(k)]
+            if missing:
+                raise FatalDestinationError(
+                    f"destination {self.name!r}: the service account key has no"
+                    f" {', '.join(missing)} (download a JSON key of the service account)"
+                )
+            self._key_secrets.append(str(key["private_key"]))
+            url = token_url or str(key.get("token_uri") or TOKEN_URL)
+            return JwtBearerGrant(
+                self.name,
+                url,
+                claims={"iss": key["client_email"], "scope": SCOPE, "aud": url},
+                private_key=str(key["private_key"]),
+                key_id=str(key.get("private_key_id") or "") or None,
+            )
+        if self.setting("refresh_token"):
+            return RefreshTokenGrant(
+                self.name,
+                token_url or TOKEN_URL,
+                client_id=required(self, "client_id", strip=True),
+                client_secret=required(self, "client_secret", strip=True),
+                refresh_token=str(self.setting("refresh_token")).strip(),
+            )
+        if self.setting("access_token"):
+            return StaticToken(self.name, str(self.setting("access_token")))
+        raise FatalDestinationError(
+            f"destination {self.name!r}: no credentials; set service_account_file (or"
+            " service_account_json), or client_id, client_secret and refresh_token, or"
+            " access_token"
+        )
+
+    def secret_values(self) -> list[str]:
+        """The settings' secrets and a key file's private key."""
+        return [*super().secret_values(), *self._key_secrets]
 
     def _destination(self) -> dict[str, Any]:
         destination: dict[str, Any] = {
@@ -357,16 +453,17 @@ class GoogleCustomerMatchConnector(Connector):
             return Verdict.retry(
                 retry_delay_seconds(error), code="google_resource_exhausted", message=message
             )
+        reasons = error_reasons(error)
+        fatal = sorted(reasons & FATAL_REASONS)
+        if fatal and status < 500:
+            # Whatever the status (400, 403, 412): the account, not the batch, is at fault.
+            return Verdict.fatal(f"{', '.join(fatal)} ({message})")
         if status == 401:
             return Verdict.fatal(f"the access token is invalid or expired ({message})")
         if status == 403:
             return Verdict.fatal(f"the token may not write to this account or list ({message})")
         if status == 404:
             return Verdict.fatal(f"the account or user list does not exist ({message})")
-        reasons = error_reasons(error)
-        fatal = sorted(reasons & FATAL_REASONS)
-        if status == 400 and fatal:
-            return Verdict.fatal(f"{', '.join(fatal)} ({message})")
         if status in (408, 409) or status >= 500:
             return Verdict.retry(code=f"google_{state.lower()}", message=message)
         reason = sorted(reasons - {"INVALID_ARGUMENT"}) or [state]
@@ -414,8 +511,8 @@ class GoogleCustomerMatchConnector(Connector):
         if description:
             body["description"] = str(description)
         path = f"v1/accountTypes/{self._account_type}/accounts/{self._account}/userLists"
-        response = self.http.request(
-            "POST", self.url(path, DATA_MANAGER_URL), json=body, headers=self._headers()
+        response = self._auth.request(
+            "POST", self.url(path, DATA_MANAGER_URL), json=body
         )
         try:
             created = orjson.loads(response.content)
@@ -474,11 +571,10 @@ class GoogleCustomerMatchConnector(Connector):
         pending = items
         for _ in range(MAX_FAST_FAIL_ROUNDS):
             body = self._body(op, destination, [member for _, member in pending])
-            response = self.http.request(
+            response = self._auth.request(
                 "POST",
                 self.url(path, DATA_MANAGER_URL),
                 json=body,
-                headers=self._headers(),
                 classify=self._fast_fail,
             )
             if response.status_code < 300:

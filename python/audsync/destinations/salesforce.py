@@ -18,7 +18,15 @@ Each batch (at most 200 rows, the sObject Collections limit) runs, under
    snapshot kept; for a member without one, the contact and then the member are looked up
    first. A member already deleted counts as removed (at-least-once delivery repeats deletes).
 
-Failures: 401 ``INVALID_SESSION_ID`` and 403 ``REQUEST_LIMIT_EXCEEDED`` stop the run; 503 and
+Credentials (:mod:`audsync.destinations.auth`): the OAuth refresh-token flow (``client_id``,
+``client_secret``, ``refresh_token``), the JWT bearer flow (``client_id``, ``username``, and
+the connected app's certificate key as ``private_key`` or ``private_key_file``), or a static
+``access_token``. Both flows post to ``{login_url}/services/oauth2/token`` (``token_url``
+overrides it); the answer's ``instance_url`` is used when ``instance_url`` is not set.
+Salesforce states no expiry: a session is renewed after a 401 ``INVALID_SESSION_ID`` (once per
+request, the request then sent again) or after ``token_lifetime_s`` when set.
+
+Failures: a 401 that a refresh does not cure and 403 ``REQUEST_LIMIT_EXCEEDED`` stop the run; 503 and
 ``UNABLE_TO_LOCK_ROW`` (for a whole request, or for records inside a collection answer) are
 retried; other per-record errors fail their rows with Salesforce's ``statusCode``.
 """
@@ -29,6 +37,7 @@ import logging
 import math
 import re
 import threading
+from pathlib import Path
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
@@ -38,6 +47,13 @@ from urllib.parse import quote
 import requests
 
 from audsync.delivery.http import Verdict, dumps
+from audsync.destinations.auth import (
+    BearerAuth,
+    JwtBearerGrant,
+    RefreshTokenGrant,
+    StaticToken,
+    TokenSource,
+)
 from audsync.destinations.base import (
     BatchResult,
     Change,
@@ -52,7 +68,11 @@ logger = logging.getLogger("audsync.destinations.salesforce")
 
 # -- the API ------------------------------------------------------------------------------
 
-DEFAULT_API_VERSION = "v62.0"
+DEFAULT_API_VERSION = "v66.0"
+"""Spring '26 (destinations.md, "Versions to default to"); ``api_version`` picks another."""
+LOGIN_URL = "https://login.salesforce.com"
+JWT_LIFETIME_S = 180
+"""Salesforce refuses a JWT bearer assertion whose ``exp`` is more than three minutes away."""
 COLLECTION_LIMIT = 200
 """Records of one sObject Collections request (create, upsert, delete)."""
 QUERY_URL_BUDGET = 6000
@@ -203,9 +223,30 @@ class SalesforceCampaignConnector(Connector):
     )
     config_keys: ClassVar[tuple[ConfigKey, ...]] = (
         ConfigKey(
-            "instance_url", "the org's URL, e.g. https://yourorg.my.salesforce.com", required=True
+            "instance_url",
+            "the org's URL, e.g. https://yourorg.my.salesforce.com (default: the one the token"
+            " endpoint answers)",
         ),
-        ConfigKey("access_token", "an OAuth access token (session id)", required=True, secret=True),
+        ConfigKey("client_id", "the connected app's consumer key (refresh-token or JWT flow)"),
+        ConfigKey("client_secret", "the connected app's consumer secret", secret=True),
+        ConfigKey("refresh_token", "an OAuth refresh token (refresh-token flow)", secret=True),
+        ConfigKey("username", "the user the JWT bearer flow acts as"),
+        ConfigKey(
+            "private_key", "PEM private key of the connected app's certificate (JWT flow)",
+            secret=True,
+        ),
+        ConfigKey("private_key_file", "path of that PEM key (relative to the dbt project)"),
+        ConfigKey(
+            "login_url",
+            "https://login.salesforce.com, https://test.salesforce.com for a sandbox, or the"
+            " org's My Domain URL",
+            default=LOGIN_URL,
+        ),
+        ConfigKey("token_url", "the token endpoint (default: {login_url}/services/oauth2/token)"),
+        ConfigKey(
+            "token_lifetime_s", "renew the session after this many seconds (default: on a 401)"
+        ),
+        ConfigKey("access_token", "a static OAuth access token (session id)", secret=True),
         ConfigKey("campaign_id", "the campaign whose members the audience sets"),
         ConfigKey(
             "create_if_missing",
@@ -245,15 +286,16 @@ class SalesforceCampaignConnector(Connector):
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
         where = f"destination {name!r}"
-        self._token = str(self.setting("access_token") or "")
-        if not self._token:
-            raise FatalDestinationError(f"{where}: key 'access_token' is not set")
+        self._key_secrets: list[str] = []
+        self._auth = BearerAuth(self._token_source(), http)
         instance = str(self.setting("instance_url") or self.settings.get("base_url") or "")
-        if not instance.startswith(("https://", "http://")):
+        if instance and not instance.startswith(("https://", "http://")):
             raise FatalDestinationError(
                 f"{where}: key 'instance_url' must be the org's https URL, got {instance!r}"
             )
-        self._instance = instance.rstrip("/")
+        if not instance and not self._auth.source.refreshable:
+            raise FatalDestinationError(f"{where}: key 'instance_url' is not set")
+        self._instance = instance.rstrip("/") or None
         try:
             self._version = api_version(self.setting("api_version") or DEFAULT_API_VERSION)
         except ValueError as exc:
@@ -281,17 +323,90 @@ class SalesforceCampaignConnector(Connector):
         )
         status = self.setting("member_status")
         self._member_status = str(status) if status not in (None, "") else None
-        self._headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        self._headers = {"Accept": "application/json"}
         self._campaign_id: str | None = None
         self._usage_lock = threading.Lock()
         self._usage_warned = False
 
+    def _token_source(self) -> TokenSource:
+        """The credentials: the JWT bearer flow, else the refresh-token flow, else a static
+        token."""
+        where = f"destination {self.name!r}"
+        login = str(self.setting("login_url") or LOGIN_URL).strip().rstrip("/")
+        token_url = str(self.setting("token_url") or f"{login}/services/oauth2/token").strip()
+        lifetime = self.setting("token_lifetime_s")
+        try:
+            lifetime_s = float(lifetime) if lifetime not in (None, "") else None
+        except (TypeError, ValueError):
+            raise FatalDestinationError(
+                f"{where}: token_lifetime_s must be a number of seconds, got {lifetime!r}"
+            ) from None
+        key = self.setting("private_key")
+        key_file = self.setting("private_key_file")
+        if key or key_file:
+            if not key:
+                path = Path(self.sync.project_dir or ".") / Path(str(key_file)).expanduser()
+                try:
+                    key = path.read_text("utf-8")
+                except OSError as exc:
+                    raise FatalDestinationError(
+                        f"{where}: cannot read private_key_file {str(path)!r}"
+                        f" ({exc.strerror or exc})"
+                    ) from None
+                self._key_secrets.append(str(key))
+            client_id = str(self.setting("client_id") or "").strip()
+            username = str(self.setting("username") or "").strip()
+            if not client_id or not username:
+                raise FatalDestinationError(
+                    f"{where}: the JWT bearer flow needs client_id (the consumer key) and"
+                    " username beside the private key"
+                )
+            return JwtBearerGrant(
+                self.name,
+                token_url,
+                claims={"iss": client_id, "sub": username, "aud": login},
+                private_key=str(key),
+                assertion_lifetime_s=JWT_LIFETIME_S,
+                lifetime_s=lifetime_s,
+            )
+        if self.setting("refresh_token"):
+            client_id = str(self.setting("client_id") or "").strip()
+            if not client_id:
+                raise FatalDestinationError(f"{where}: the refresh-token flow needs client_id")
+            return RefreshTokenGrant(
+                self.name,
+                token_url,
+                client_id=client_id,
+                client_secret=str(self.setting("client_secret") or "").strip() or None,
+                refresh_token=str(self.setting("refresh_token")).strip(),
+                lifetime_s=lifetime_s,
+            )
+        token = str(self.setting("access_token") or "")
+        if not token:
+            raise FatalDestinationError(
+                f"{where}: no credentials; set client_id and refresh_token (refresh-token"
+                " flow), client_id, username and private_key_file (JWT bearer flow), or"
+                " access_token"
+            )
+        return StaticToken(self.name, token)
+
     def secret_values(self) -> list[str]:
-        """The access token, wherever it was set."""
-        return [v for v in {*super().secret_values(), self._token} if v]
+        """The settings' secrets (the access token wherever it was set) and a key file's key."""
+        static = self._auth.source.value if isinstance(self._auth.source, StaticToken) else ""
+        return [v for v in {*super().secret_values(), static, *self._key_secrets} if v]
 
     def _api(self, path: str) -> str:
         """A URL under ``/services/data/{version}`` of the org (or of ``base_url``)."""
+        if self._instance is None:
+            # Not set: the org's URL comes with the first token.
+            self._auth.source.token()
+            instance = str(self._auth.source.extra.get("instance_url") or "")
+            if not instance.startswith(("https://", "http://")):
+                raise FatalDestinationError(
+                    f"destination {self.name!r}: the token endpoint gave no instance_url;"
+                    " set instance_url"
+                )
+            self._instance = instance.rstrip("/")
         return self.url(f"/services/data/{self._version}/{path.lstrip('/')}", self._instance)
 
     # -- answers ----------------------------------------------------------------------------
@@ -305,9 +420,15 @@ class SalesforceCampaignConnector(Connector):
         errors = _errors_of(json_body(response))
         codes = {code for code, _ in errors}
         if status == 401 or "INVALID_SESSION_ID" in codes:
+            if self._auth.source.refreshable:
+                return Verdict.fatal(
+                    "Salesforce refused a freshly obtained session (INVALID_SESSION_ID): check"
+                    " the connected app's policies and the user's permissions"
+                )
             return Verdict.fatal(
                 "Salesforce refused the access token (INVALID_SESSION_ID): the session expired"
-                " or is invalid; set a fresh access_token"
+                " or is invalid; set a fresh access_token, or use the refresh-token or JWT"
+                " bearer flow"
             )
         if "REQUEST_LIMIT_EXCEEDED" in codes:
             message = " ".join(m for c, m in errors if c == "REQUEST_LIMIT_EXCEEDED")
@@ -394,7 +515,7 @@ class SalesforceCampaignConnector(Connector):
             raise FatalDestinationError(
                 f"destination {self.name!r}: {campaign_id!r} is not a Salesforce id"
             )
-        response = self.http.request(
+        response = self._auth.request(
             "GET",
             self._api(f"sobjects/Campaign/{campaign_id}") + "?fields=Id",
             headers=self._headers,
@@ -414,7 +535,7 @@ class SalesforceCampaignConnector(Connector):
         if ids:
             logger.info("destination %r: using the existing campaign %s", self.name, ids[0])
             return ids[0]
-        response = self.http.request(
+        response = self._auth.request(
             "POST",
             self._api("sobjects/Campaign"),
             json={"Name": name, "IsActive": True},
@@ -671,7 +792,7 @@ class SalesforceCampaignConnector(Connector):
             results: list[Any] = []
             for start in range(0, len(indexes), COLLECTION_LIMIT):
                 chunk = indexes[start : start + COLLECTION_LIMIT]
-                response = self.http.request(
+                response = self._auth.request(
                     method,
                     self._api(path),
                     json={"allOrNone": False, "records": [records[i] for i in chunk]},
@@ -693,7 +814,7 @@ class SalesforceCampaignConnector(Connector):
                 + ",".join(ids[i] for i in indexes)
                 + "&allOrNone=false"
             )
-            response = self.http.request("DELETE", url, headers=self._headers)
+            response = self._auth.request("DELETE", url, headers=self._headers)
             return _one_each(json_body(response), len(indexes))
 
         return _resend_locked(len(ids), send)
@@ -719,7 +840,7 @@ class SalesforceCampaignConnector(Connector):
         records: list[dict[str, Any]] = []
         url = self._api("query") + "?q=" + quote(soql, safe="")
         while url:
-            response = self.http.request("GET", url, headers=self._headers)
+            response = self._auth.request("GET", url, headers=self._headers)
             answer = json_body(response)
             if not isinstance(answer, dict):
                 break
