@@ -3,9 +3,9 @@
 :class:`FakeFacebook` is a real HTTP server on 127.0.0.1 (``ThreadingHTTPServer`` in a daemon
 thread) serving:
 
-* ``POST /v25.0/act_{ad_account}/customaudiences``: create a customer-list audience
+* ``POST /v26.0/act_{ad_account}/customaudiences``: create a customer-list audience
   (``name``, ``subtype: CUSTOM``, ``customer_file_source``), answering ``{"id": ...}``;
-* ``POST`` and ``DELETE /v25.0/{audience_id}/users``: add and remove users, answering
+* ``POST`` and ``DELETE /v26.0/{audience_id}/users``: add and remove users, answering
   ``{"audience_id", "session_id", "num_received", "num_invalid_entries",
   "invalid_entry_samples"}``.
 
@@ -21,7 +21,9 @@ Failures are injected in Meta's own shapes with :meth:`FakeFacebook.fail_next`: 
 (a 400 with code 80003 (or ``code=17``, 4, 613) and ``X-Business-Use-Case-Usage``, whose
 ``estimated_time_to_regain_access`` is option ``regain_minutes``),
 ``server_error`` (500, code 2, transient), ``expired_token`` (code 190, subcode 463),
-``permission`` (code 200), ``invalid_parameter`` (code 100), ``timeout`` (the answer comes
+``permission`` (code 200), ``invalid_parameter`` (code 100), ``terms_not_accepted`` (code 2655:
+the ad account has not accepted the Custom Audience terms), ``upload_blocked`` (code 100,
+subcode 1713230: uploads to the audience are blocked), ``timeout`` (the answer comes
 after ``seconds``, the request is still applied, as when an answer is lost).
 :meth:`FakeFacebook.reject_keys` makes rows come back as ``num_invalid_entries`` with
 ``invalid_entry_samples``, unapplied: Meta's per-row outcome.
@@ -39,7 +41,7 @@ import orjson
 
 from ._http import Answer, Failure, FakeServer, drop_none, hold, media_type, target
 
-API_VERSION = "v25.0"
+API_VERSION = "v26.0"
 TOKEN = "EAAfakeMetaToken0123456789"
 AD_ACCOUNT = "1234567890"
 AUDIENCE = "23850000000000001"
@@ -119,6 +121,8 @@ class FakeFacebook(FakeServer):
         "expired_token",
         "permission",
         "invalid_parameter",
+        "terms_not_accepted",
+        "upload_blocked",
         "timeout",
     )
 
@@ -327,6 +331,22 @@ class FakeFacebook(FakeServer):
             return 403, meta_error(200, "(#200) Permissions error"), {}
         if kind == "invalid_parameter":
             return 400, meta_error(100, "(#100) Invalid parameter", 1870034), {}
+        if kind == "terms_not_accepted":
+            return (
+                400,
+                meta_error(
+                    2655,
+                    "Terms of service has not been accepted. To accept, go to"
+                    " https://www.facebook.com/customaudiences/app/tos/?act=" + self.ad_account_id,
+                ),
+                {},
+            )
+        if kind == "upload_blocked":
+            return (
+                400,
+                meta_error(100, "(#100) Audience upload blocked for this ad account", 1713230),
+                {},
+            )
         raise AssertionError(kind)
 
     def _create(self, account: str, document: dict, action: Failure | None) -> Answer:

@@ -97,7 +97,7 @@ def test_add_update_remove_land(fake):
     _, target, headers, raw = fake.requests[0]
     assert b"example.com" not in raw and TOKEN.encode() not in raw and TOKEN not in target
     assert headers["Authorization"] == f"Bearer {TOKEN}"
-    assert target.startswith("/v25.0/") and headers["Content-Type"].startswith("application/json")
+    assert target.startswith("/v26.0/") and headers["Content-Type"].startswith("application/json")
 
 
 def test_bodies_match_the_meta_sdk(fake):

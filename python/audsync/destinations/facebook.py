@@ -59,7 +59,8 @@ logger = logging.getLogger("audsync.destinations.facebook")
 # -- the API ------------------------------------------------------------------------------
 
 GRAPH_URL = "https://graph.facebook.com"
-API_VERSION = "v25.0"
+API_VERSION = "v26.0"
+"""The Graph API version by default (destinations.md, late 2026); ``api_version`` picks another."""
 MAX_ROWS_PER_REQUEST = 10_000
 """Meta's limit on users in one ``/users`` request."""
 
@@ -82,6 +83,10 @@ PERMISSION_CODES = frozenset({10}) | frozenset(range(200, 300))
 INVALID_PARAMETER = 100
 OBJECT_MISSING_SUBCODE = 33
 """Code 100 with subcode 33: the audience does not exist or this token cannot see it."""
+TERMS_NOT_ACCEPTED = 2655
+"""The ad account has not accepted the Custom Audience terms: no upload can succeed."""
+UPLOAD_BLOCKED_SUBCODE = 1713230
+"""Code 100 with subcode 1713230: uploads to this audience or account are blocked."""
 USAGE_HEADER = "X-Business-Use-Case-Usage"
 
 
@@ -267,6 +272,14 @@ class FacebookCustomAudienceConnector(Connector):
             return Verdict.fatal(f"the token lacks a permission for this audience ({message})")
         if code == INVALID_PARAMETER and str(subcode) == str(OBJECT_MISSING_SUBCODE):
             return Verdict.fatal(f"the custom audience does not exist or is not shared ({message})")
+        # Account-level refusals stop the run (sync status error, with Meta's message) rather
+        # than failing every row of every batch alike.
+        if code == TERMS_NOT_ACCEPTED:
+            return Verdict.fatal(
+                f"the ad account has not accepted the Custom Audience terms ({message})"
+            )
+        if code == INVALID_PARAMETER and str(subcode) == str(UPLOAD_BLOCKED_SUBCODE):
+            return Verdict.fatal(f"audience uploads are blocked for this account ({message})")
         if error.get("is_transient") is True or response.status_code >= 500:
             return Verdict.retry(code=f"meta_{code}", message=message)
         return Verdict.reject(f"meta_{code}", message)
