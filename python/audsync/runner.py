@@ -200,11 +200,20 @@ class SyncRunner:
 
             # 3. Deliver.
             if planned.sent:
+                # connectors branch: a connector saves a created list's id at once (before
+                # open() returns), so that a crash cannot lose it.
+                def remember(state: Mapping[str, Any], sync_name: str = sync.name) -> None:
+                    destination_state.update(state)
+                    with self.warehouse.session() as session:
+                        self.state.set_destination_state(
+                            session, sync_name, json.dumps(destination_state, sort_keys=True, default=str)
+                        )
+
                 info = SyncInfo(
                     name=sync.name, mode=sync.mode, run_id=run_id, identifier=sync.identifier,
                     fields=tuple(m.destination_field for m in sync.mapping),
-                    settings=dict(sync.settings), state=destination_state,
-                    project_dir=str(self.project.project_dir),
+                    settings=dict(sync.settings), state=dict(destination_state),
+                    project_dir=str(self.project.project_dir), remember=remember,
                 )
                 http = delivery.http_client(secrets=destination.secret_values())
                 connector = destination.create_connector(info, http)

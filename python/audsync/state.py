@@ -24,7 +24,7 @@ RUN_COLUMNS = (
     "run_id", "sync_name", "trigger", "status", "started_at", "finished_at", "duration_ms",
     "planned_adds", "planned_removes", "planned_updates", "rows_added", "rows_removed",
     "rows_updated", "rows_failed", "error_message", "destination", "sync_mode",
-    "rows_recorded", "rows_unmatched", "full_resync",
+    "rows_recorded", "rows_unmatched", "full_resync", "match_rate",
 )
 SYNC_COLUMNS = (
     "sync_name", "status", "status_error", "last_synced_at", "last_run_id", "lock_run_id",

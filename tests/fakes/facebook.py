@@ -5,6 +5,9 @@ thread) serving:
 
 * ``POST /v26.0/act_{ad_account}/customaudiences``: create a customer-list audience
   (``name``, ``subtype: CUSTOM``, ``customer_file_source``), answering ``{"id": ...}``;
+* ``GET /v26.0/{audience_id}?fields=id,name``: the audience, or code 100 subcode 33;
+* ``GET /v26.0/act_{ad_account}/customaudiences?fields=id,name&limit=n[&after=cursor]``: the
+  account's audiences, paged with ``paging.cursors.after`` and ``paging.next`` as Graph does;
 * ``POST`` and ``DELETE /v26.0/{audience_id}/users``: add and remove users, answering
   ``{"audience_id", "session_id", "num_received", "num_invalid_entries",
   "invalid_entry_samples"}``.
@@ -151,6 +154,8 @@ class FakeFacebook(FakeServer):
         super().reset()
         with self._lock:
             self._audiences: dict[str, _Audience] = {self.audience_id: _Audience()}
+            self.names: dict[str, str] = {self.audience_id: "audsync fake audience"}
+            """Audience id -> name."""
             self.created: list[dict[str, Any]] = []
             """Bodies of the audiences created, in order."""
             self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
@@ -159,6 +164,8 @@ class FakeFacebook(FakeServer):
             self._session_rows: dict[tuple[int, int], bytes] = {}
             self.sessions: dict[int, list[int]] = {}
             """``batch_seq`` values received per ``session_id``, in arrival order."""
+            self.closed_sessions: list[int] = []
+            """Sessions ended by a request with ``last_batch_flag: true``, in order."""
             self.rows_applied = 0
 
     # -- the common fake surface ----------------------------------------------------------
@@ -234,7 +241,7 @@ class FakeFacebook(FakeServer):
         """Check and apply one request; return status, body and extra headers."""
         with self._lock:
             self.requests.append((method, target(path, query), dict(headers.items()), body))
-        action = self._failures.take()
+        action = self._failures.take(method, path)
         with self._in_flight():
             action = hold(action, "seconds", 2.0, self.latency_s)
             return self._handle(method, path, query, headers, body, action)
@@ -285,6 +292,8 @@ class FakeFacebook(FakeServer):
                 {},
             )
 
+        if method == "GET":
+            return self._get(path, params, action)
         content_type = media_type(headers)
         if content_type != "application/json":
             return self._violation(f"Content-Type is {content_type!r}, not application/json")
@@ -349,6 +358,59 @@ class FakeFacebook(FakeServer):
             )
         raise AssertionError(kind)
 
+    def _get(self, path: str, params: dict[str, str], action: Failure | None) -> Answer:
+        """An audience by id, or the account's audiences a page at a time."""
+        if action is not None:
+            return self._failure(action)
+        listing = re.match(r"^act_(\d+)/customaudiences$", path)
+        if listing:
+            if listing.group(1) != self.ad_account_id:
+                return 400, meta_error(100, "(#100) Unknown ad account", 33), {}
+            fields = set((params.get("fields") or "id").split(","))
+            if not fields <= {"id", "name", "subtype", "approximate_count_lower_bound"}:
+                return self._violation(f"unknown fields {sorted(fields)}")
+            limit = int(params.get("limit") or 25)
+            start = int(params.get("after") or 0)
+            with self._lock:
+                ids = sorted(self._audiences)
+                names = dict(self.names)
+            page = ids[start : start + limit]
+            data = [{"id": i, **({"name": names.get(i, "")} if "name" in fields else {})} for i in page]
+            answer: dict[str, Any] = {"data": data}
+            if start + limit < len(ids):
+                after = str(start + limit)
+                answer["paging"] = {
+                    "cursors": {"before": str(start), "after": after},
+                    "next": f"{self.base_url}/{self.version}/{path}?fields={','.join(sorted(fields))}"
+                    f"&limit={limit}&after={after}&access_token={self.access_token}",
+                }
+            return 200, orjson.dumps(answer), {}
+        single = re.match(r"^(\d+)$", path)
+        if single:
+            with self._lock:
+                exists = single.group(1) in self._audiences
+                name = self.names.get(single.group(1), "")
+            if not exists:
+                return (
+                    400,
+                    meta_error(
+                        100,
+                        f"Unsupported get request. Object with ID '{single.group(1)}' does not"
+                        " exist, cannot be loaded due to missing permissions, or does not"
+                        " support this operation",
+                        33,
+                    ),
+                    {},
+                )
+            return 200, orjson.dumps({"id": single.group(1), "name": name}), {}
+        return self._violation(f"Unknown path components: GET /{path}", code=2500)
+
+    def delete_audience(self, audience_id: str) -> None:
+        """Delete an audience (as a user in Ads Manager would)."""
+        with self._lock:
+            self._audiences.pop(audience_id, None)
+            self.names.pop(audience_id, None)
+
     def _create(self, account: str, document: dict, action: Failure | None) -> Answer:
         if account != self.ad_account_id:
             return 400, meta_error(100, f"(#100) Unknown ad account act_{account}", 33), {}
@@ -367,6 +429,7 @@ class FakeFacebook(FakeServer):
         with self._lock:
             new_id = str(int(self.audience_id) + 1000 + len(self.created))
             self._audiences[new_id] = _Audience()
+            self.names[new_id] = name
             self.created.append(dict(document))
         return 200, orjson.dumps({"id": new_id}), {}
 
@@ -399,6 +462,12 @@ class FakeFacebook(FakeServer):
                     self.violations.append(
                         f"batch_seq {key[1]} of session {key[0]} reused with other data"
                     )
+                if session["session_id"] in self.closed_sessions:
+                    self.violations.append(
+                        f"session {session['session_id']} used after its last batch"
+                    )
+                if session.get("last_batch_flag"):
+                    self.closed_sessions.append(session["session_id"])
                 self._session_rows[key] = data
                 self.sessions.setdefault(session["session_id"], []).append(session["batch_seq"])
             audience = self._audiences.get(audience_id)

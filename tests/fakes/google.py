@@ -6,7 +6,11 @@ thread) serving:
 * ``POST /v1/audienceMembers:ingest`` and ``POST /v1/audienceMembers:remove``, answering
   ``{"requestId": ...}``;
 * ``POST /v1/accountTypes/{type}/accounts/{id}/userLists``: create a user list, answering the
-  ``UserList`` (``name``, ``id``, ...).
+  ``UserList`` (``name``, ``id``, ...); a display name already used answers 400
+  ``DISPLAY_NAME_ALREADY_USED``, as the API does;
+* ``GET /v1/accountTypes/{type}/accounts/{id}/userLists/{list}``: one user list (404 when none);
+* ``GET /v1/accountTypes/{type}/accounts/{id}/userLists?filter=display_name="..."&pageSize=n
+  &pageToken=t``: user lists, paged with ``nextPageToken``.
 
 Every request is checked: method and path, ``Authorization: Bearer`` with the right token,
 ``Content-Type: application/json``, the body's fields (unknown names are refused, as Google's
@@ -187,6 +191,8 @@ class FakeGoogle(FakeServer):
         super().reset()
         with self._lock:
             self._lists: dict[str, _UserList] = {self.user_list_id: _UserList()}
+            self.list_names: dict[str, str] = {self.user_list_id: "audsync fake list"}
+            """User list id -> display name."""
             self.created: list[dict[str, Any]] = []
             """Bodies of the user lists created, in order."""
             self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
@@ -280,10 +286,16 @@ class FakeGoogle(FakeServer):
                     {},
                 )
             action = hold(action, "seconds", 2.0, self.latency_s)
-            return self._handle(method, path, headers, body, action)
+            return self._handle(method, path, headers, body, action, query)
 
     def _handle(
-        self, method: str, path: str, headers: Any, body: bytes, action: Failure | None
+        self,
+        method: str,
+        path: str,
+        headers: Any,
+        body: bytes,
+        action: Failure | None,
+        query: str = "",
     ) -> Answer:
         authorization = headers.get("Authorization") or ""
         if not authorization.startswith("Bearer "):
@@ -337,8 +349,10 @@ class FakeGoogle(FakeServer):
                 ),
                 {},
             )
+        if method == "GET":
+            return self._get(path, query, action)
         if method != "POST":
-            return self._violation(f"{method} {path}: only POST is served")
+            return self._violation(f"{method} {path}: only GET and POST are served")
         content_type = media_type(headers)
         if content_type != "application/json":
             return self._violation(f"Content-Type is {content_type!r}, not application/json")
@@ -357,6 +371,61 @@ class FakeGoogle(FakeServer):
             return self._create(lists.group(1), lists.group(2), document, action)
         self._record_violation(f"POST {path}: no such method")
         return 404, status_body(404, "NOT_FOUND", f"The requested URL {path} was not found."), {}
+
+    def _get(self, path: str, query: str, action: Failure | None) -> Answer:
+        """One user list, or a page of them (filtered by display name)."""
+        from urllib.parse import parse_qs
+
+        if action is not None:
+            return self._failure(action)
+        one = re.match(r"^/v1/accountTypes/([A-Z_]+)/accounts/(\d+)/userLists/(\d+)$", path)
+        many = re.match(r"^/v1/accountTypes/([A-Z_]+)/accounts/(\d+)/userLists$", path)
+        if one:
+            with self._lock:
+                found = one.group(3) in self._lists and one.group(2) == self.customer_id
+                name = self.list_names.get(one.group(3), "")
+            if not found:
+                return 404, status_body(404, "NOT_FOUND", "Requested entity was not found."), {}
+            return 200, orjson.dumps(self._list_json(one.group(1), one.group(2), one.group(3), name)), {}
+        if many:
+            params = {k: v[-1] for k, v in parse_qs(query).items()}
+            wanted = None
+            text = params.get("filter")
+            if text:
+                match = re.match(r'^display_name\s*=\s*"((?:[^"\\]|\\.)*)"$', text)
+                if match is None:
+                    return self._violation(f"unsupported filter {text!r}", "INVALID_FILTER", "filter")
+                wanted = re.sub(r"\\(.)", r"\1", match.group(1))
+            size = int(params.get("pageSize") or 50)
+            start = int(params.get("pageToken") or 0)
+            with self._lock:
+                rows = sorted(
+                    (i, n) for i, n in self.list_names.items() if wanted is None or n == wanted
+                )
+            page = rows[start : start + size]
+            answer: dict[str, Any] = {
+                "userLists": [self._list_json(many.group(1), many.group(2), i, n) for i, n in page]
+            }
+            if start + size < len(rows):
+                answer["nextPageToken"] = str(start + size)
+            return 200, orjson.dumps(answer), {}
+        self._record_violation(f"GET {path}: no such method")
+        return 404, status_body(404, "NOT_FOUND", f"The requested URL {path} was not found."), {}
+
+    @staticmethod
+    def _list_json(account_type: str, account: str, list_id: str, name: str) -> dict[str, Any]:
+        return {
+            "name": f"accountTypes/{account_type}/accounts/{account}/userLists/{list_id}",
+            "id": list_id,
+            "displayName": name,
+            "membershipStatus": "OPEN",
+        }
+
+    def delete_user_list(self, list_id: str) -> None:
+        """Remove a user list (as a user in Google Ads would)."""
+        with self._lock:
+            self._lists.pop(list_id, None)
+            self.list_names.pop(list_id, None)
 
     def _failure(self, action: Failure) -> Answer:
         kind = action.kind
@@ -428,8 +497,19 @@ class FakeGoogle(FakeServer):
         if action is not None:
             return self._failure(action)
         with self._lock:
+            if document["displayName"] in self.list_names.values():
+                return _bad_request(
+                    [
+                        {
+                            "field": "user_list.display_name",
+                            "description": "The display name is already used by another list.",
+                            "reason": "DISPLAY_NAME_ALREADY_USED",
+                        }
+                    ]
+                )
             new_id = str(int(self.user_list_id) + 1000 + len(self.created))
             self._lists[new_id] = _UserList()
+            self.list_names[new_id] = document["displayName"]
             self.created.append(dict(document))
         answer = {
             "name": f"accountTypes/{account_type}/accounts/{account}/userLists/{new_id}",

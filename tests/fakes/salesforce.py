@@ -59,13 +59,17 @@ KEY_FIELD = "Audsync_Key__c"
 URI_LIMIT = 16_384
 SOQL_LIMIT = 100_000
 API_LIMIT = 15_000
-PREFIXES = {"Contact": "003", "Campaign": "701", "CampaignMember": "00v"}
+PREFIXES = {"Contact": "003", "Lead": "00Q", "Campaign": "701", "CampaignMember": "00v"}
 SCHEMA: dict[str, frozenset[str]] = {
     "Contact": frozenset({"Id", "Email", "FirstName", "LastName", "Phone", "LTV__c", KEY_FIELD}),
+    # A Lead needs LastName and Company, as Salesforce's does.
+    "Lead": frozenset(
+        {"Id", "Email", "FirstName", "LastName", "Company", "Phone", "LTV__c", KEY_FIELD}
+    ),
     "Campaign": frozenset({"Id", "Name", "IsActive", "Status"}),
     "CampaignMember": frozenset({"Id", "CampaignId", "ContactId", "LeadId", "Status"}),
 }
-EXTERNAL_IDS = {"Contact": frozenset({KEY_FIELD})}
+EXTERNAL_IDS = {"Contact": frozenset({KEY_FIELD}), "Lead": frozenset({KEY_FIELD})}
 KINDS = (
     "rate_limit",
     "concurrent_limit",
@@ -348,7 +352,9 @@ class FakeSalesforce(FakeServer):
             for member in self.records["CampaignMember"].values():
                 if member["CampaignId"] != campaign:
                     continue
-                contact = self.records["Contact"].get(member.get("ContactId") or "")
+                contact = self.records["Contact"].get(member.get("ContactId") or "") or self.records[
+                    "Lead"
+                ].get(member.get("LeadId") or "")
                 if contact is None:
                     continue
                 key = contact.get(KEY_FIELD) or (contact.get("Email") or "").lower()
@@ -397,7 +403,9 @@ class FakeSalesforce(FakeServer):
         campaign = campaign_id or self.default_campaign_id
         with self._lock:
             for member in self.records["CampaignMember"].values():
-                contact = self.records["Contact"].get(member.get("ContactId") or "", {})
+                contact = self.records["Contact"].get(
+                    member.get("ContactId") or ""
+                ) or self.records["Lead"].get(member.get("LeadId") or "", {})
                 if member["CampaignId"] == campaign and email.lower() in (
                     (contact.get(KEY_FIELD) or "").lower(),
                     (contact.get("Email") or "").lower(),
@@ -679,7 +687,9 @@ class FakeSalesforce(FakeServer):
         return 200, orjson.dumps(results), {}
 
     def _key_of_contact(self, contact_id: Any) -> str:
-        contact = self.records["Contact"].get(contact_id or "", {})
+        contact = self.records["Contact"].get(contact_id or "") or self.records["Lead"].get(
+            contact_id or "", {}
+        )
         return str(contact.get(KEY_FIELD) or contact.get("Email") or "").lower()
 
     def _create_one(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -700,18 +710,29 @@ class FakeSalesforce(FakeServer):
                 return _record_failure(
                     "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id", ["ContactId"]
                 )
-            if self._key_of_contact(fields.get("ContactId")) in self._reject:
+            if fields.get("LeadId") and fields["LeadId"] not in self.records["Lead"]:
+                return _record_failure(
+                    "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id", ["LeadId"]
+                )
+            if self._key_of_contact(fields.get("ContactId") or fields.get("LeadId")) in self._reject:
                 return _record_failure(
                     "FIELD_CUSTOM_VALIDATION_EXCEPTION", "Rejected by a validation rule (fake)"
                 )
             for member in self.records["CampaignMember"].values():
-                if member["CampaignId"] == fields["CampaignId"] and member.get(
-                    "ContactId"
-                ) == fields.get("ContactId"):
+                if member["CampaignId"] == fields["CampaignId"] and (
+                    member.get("ContactId"),
+                    member.get("LeadId"),
+                ) == (fields.get("ContactId"), fields.get("LeadId")):
                     return _record_failure("DUPLICATE_VALUE", "Already a campaign member.")
         if kind == "Contact" and not fields.get("LastName"):
             return _record_failure(
                 "REQUIRED_FIELD_MISSING", "Required fields are missing: [LastName]", ["LastName"]
+            )
+        if kind == "Lead" and not (fields.get("LastName") and fields.get("Company")):
+            return _record_failure(
+                "REQUIRED_FIELD_MISSING",
+                "Required fields are missing: [LastName, Company]",
+                ["LastName", "Company"],
             )
         record_id = self._insert(kind, fields)
         return {"id": record_id, "success": True, "errors": []}
@@ -799,7 +820,7 @@ class FakeSalesforce(FakeServer):
                 record = self.records[obj][record_id]
                 if (
                     obj == "CampaignMember"
-                    and self._key_of_contact(record.get("ContactId")) in self._reject
+                    and self._key_of_contact(record.get("ContactId") or record.get("LeadId")) in self._reject
                 ):
                     results.append(
                         {

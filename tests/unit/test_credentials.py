@@ -156,9 +156,8 @@ def test_google_refused_credentials_are_fatal_without_the_secret(google, key_pai
         token_url=google.base_url + "/token",
         fields=(),
     )
-    harness.open()
     with pytest.raises(FatalDestinationError) as caught:
-        harness.send(adds(1))
+        harness.open()  # the list's check needs the first token
     assert "invalid_grant" in str(caught.value)
     assert "revoked-refresh-token-999" not in str(caught.value)
     # A JWT signed by another key is refused by the fake's signature check.
@@ -166,9 +165,8 @@ def test_google_refused_credentials_are_fatal_without_the_secret(google, key_pai
     _, public = new_key_pair()
     google.use_oauth(public_key=public)
     bad = google_service_account(google, other_private)
-    bad.open()
     with pytest.raises(FatalDestinationError, match="invalid_grant"):
-        bad.send(adds(1))
+        bad.open()
     assert "InvalidSignatureError" in google.oauth.refused[0]
 
 

@@ -41,6 +41,9 @@ def sha(text: str) -> str:
 def proto_check(fake) -> None:
     """Parse every body sent with the API's message types (unknown fields refused)."""
     for method, path, _, body in fake.requests:
+        if method == "GET":
+            assert not body, path  # a look-up carries no body
+            continue
         proto = PROTOS.get(path)
         if proto is None and path.endswith("/userLists"):
             proto = dm.UserList
@@ -75,7 +78,11 @@ def change(seq, email, op="add", destination_id=None, **fields):
 
 
 def bodies(fake, path=None):
-    return [orjson.loads(b) for _, p, _, b in fake.requests if path is None or p.endswith(path)]
+    return [
+        orjson.loads(b)
+        for m, p, _, b in fake.requests
+        if m != "GET" and (path is None or p.endswith(path))
+    ]
 
 
 # ----------------------------------------------------------------------------------------
@@ -119,7 +126,7 @@ def test_add_update_remove_land(fake):
         "b@example.com": sha("b@example.com"),
         "stays@example.com": sha("stays@example.com"),
     }
-    _, _, headers, raw = fake.requests[0]
+    _, _, headers, raw = [r for r in fake.requests if r[0] == "POST"][0]
     assert headers["Authorization"] == f"Bearer {TOKEN}" and TOKEN.encode() not in raw
     assert b"example.com" not in raw
 
@@ -440,7 +447,8 @@ def test_expired_token_is_fatal_and_the_message_has_no_secret(fake):
     with pytest.raises(FatalDestinationError) as caught:
         h.send([change(1, "a@example.com")])
     assert "UNAUTHENTICATED" in str(caught.value) and TOKEN not in str(caught.value)
-    assert len(fake.requests) == 1
+    # A static token is not refreshed: one POST, not retried.
+    assert [m for m, *_ in fake.requests] == ["GET", "POST"]
 
 
 def test_permission_and_missing_list_are_fatal(fake):
@@ -449,10 +457,11 @@ def test_permission_and_missing_list_are_fatal(fake):
     fake.fail_next("permission")
     with pytest.raises(FatalDestinationError, match="PERMISSION_DENIED"):
         h.send([change(1, "a@example.com")])
-    missing = Harness(fake, user_list_id="42")
-    missing.open()
+    with pytest.raises(FatalDestinationError, match="no user list 42"):
+        Harness(fake, user_list_id="42").open()
+    # A list deleted after open() is fatal on the send.
     with pytest.raises(FatalDestinationError, match="INVALID_USER_LIST_ID"):
-        missing.send([change(1, "a@example.com")])
+        Harness(fake, user_list_id="42").send([change(1, "a@example.com")])
 
 
 # ----------------------------------------------------------------------------------------

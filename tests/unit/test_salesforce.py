@@ -463,7 +463,7 @@ def test_create_if_missing_creates_once_then_reuses(fake):
     second = connect(
         fake, state={"campaign_id": campaign}, campaign_id=None, create_if_missing=True
     )
-    assert second.opened == {"campaign_id": campaign}
+    assert second.opened is None  # remembered: nothing new to save
     third = connect(fake, campaign_id=None, create_if_missing=True, campaign_name="VIP 2026")
     assert third.opened == {"campaign_id": campaign}  # found by name
     assert len(fake.calls_to("sobjects/Campaign", "POST")) == 1
@@ -584,3 +584,34 @@ def test_simple_salesforce_talks_to_the_fake(fake):
     assert run(connector, [remove(1, "O'Brien@example.com")]).rejected == []
     assert fake.members() == {}
     assert fake.violations == []
+
+
+# -- members made of Leads ------------------------------------------------------------------
+
+
+def test_members_by_lead_found_or_upserted(fake):
+    lead = fake.add_record("Lead", Email="lee@example.com", LastName="Lee", Company="Acme")
+    found = connect(fake, sync_config={"member_type": "lead"})
+    result = found.send_batch([add(1, "Lee@Example.com")])
+    assert result.rejected == []
+    (member,) = [m for m in fake.records["CampaignMember"].values() if m.get("LeadId")]
+    assert member["LeadId"] == lead and "ContactId" not in member
+    assert result.destination_ids == {"Lee@Example.com": member["Id"]}
+    # A key with no lead fails alone, naming the Lead.
+    missing = found.send_batch([add(1, "nobody@example.com")])
+    assert errors(missing) == [("nobody@example.com", "add", "contact_not_found")]
+    assert "no Lead has Email" in missing.rejected[0].error_message
+    # Upserted by an external id field, with the Lead's required Company mapped.
+    upserting = connect(
+        fake,
+        sync_config={"member_type": "Lead", "upsert_contacts": True, "contact_match_field": KEY_FIELD},
+    )
+    change = Change(1, "add", "new@example.com", {"LastName": "New", "Company": "Beta"}, None)
+    assert upserting.send_batch([change]).rejected == []
+    assert "new@example.com" in fake.members(["new@example.com"])
+    assert any(c[1].endswith(f"/composite/sobjects/Lead/{KEY_FIELD}") for c in fake.calls)
+    # Removal deletes the Lead's member, never the Lead.
+    assert found.send_batch([remove(1, "lee@example.com", member["Id"])]).rejected == []
+    assert member["Id"] not in fake.records["CampaignMember"] and lead in fake.records["Lead"]
+    with pytest.raises(FatalDestinationError, match="member_type must be Contact or Lead"):
+        connect(fake, sync_config={"member_type": "Account"})

@@ -278,7 +278,8 @@ class BearerAuth:
     ):
         self.source = source
         self.http = http
-        source.http = http
+        if source.http is None:
+            source.http = http
         self.header = header
         self.prefix = prefix
 

@@ -64,21 +64,20 @@ from audsync.destinations.base import (
     ConfigKey,
     Connector,
     FatalDestinationError,
-    RequestRejected,
-    RetriesExhausted,
     RowError,
 )
 from audsync.destinations.common import (
+    ListLifecycle,
     Once,
+    json_object,
     default_country,
     flag,
     json_error,
     match_value,
     open_list,
     opened_list,
-    request_failed,
     required,
-    split_by_op,
+    send_hashed,
     upper_choice,
 )
 from audsync.identifiers import GOOGLE_RULES, InvalidIdentifier, Options, is_blank
@@ -96,6 +95,9 @@ MAX_MEMBERS_PER_REQUEST = 10_000
 """The request limit (TOO_MANY_AUDIENCE_MEMBERS); destinations.md marks it unconfirmed, the
 API's own error reasons state it."""
 MAX_CONCURRENT_REQUESTS = 10
+LIST_PAGE = 100
+MAX_LIST_PAGES = 100
+"""Pages of user lists read to find one by display name."""
 
 ACCOUNT_TYPES = ("GOOGLE_ADS", "DISPLAY_VIDEO_ADVERTISER", "DISPLAY_VIDEO_PARTNER", "DATA_PARTNER")
 KEY_TYPES = {"EMAIL": "email_address", "PHONE": "phone_number"}
@@ -294,6 +296,9 @@ class GoogleCustomerMatchConnector(Connector):
     max_concurrency: ClassVar[int] = MAX_CONCURRENT_REQUESTS
     default_concurrency: ClassVar[int] = 4
     returns_destination_ids: ClassVar[bool] = True
+    cannot_list_reason: ClassVar[str] = (
+        "the Data Manager API does not list a Customer Match list's members (it keeps hashes)"
+    )
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
@@ -483,17 +488,61 @@ class GoogleCustomerMatchConnector(Connector):
     # -- lifecycle ------------------------------------------------------------------------
 
     def open(self) -> dict[str, Any] | None:
-        """Find the user list: ``user_list_id``, else the one created on an earlier run, else
-        create it (``create_if_missing``). Returns ``{"user_list_id": ...}`` once created."""
+        """Find the user list (:func:`~audsync.destinations.common.open_list`):
+        ``user_list_id``, else the one an earlier run created, else one of the display name,
+        else a new one (``create_if_missing``). Returns ``{"user_list_id": ...}``."""
         self._user_list, state = open_list(
             self,
-            "user_list_id",
-            self._create_user_list,
-            "create_if_missing: true to create a Customer Match list",
+            ListLifecycle(
+                key="user_list_id",
+                what="user list",
+                name=str(self.setting("user_list_name") or self.sync.name),
+                exists=self._user_list_exists,
+                find=self._find_user_list,
+                create=self._create_user_list,
+                how_to_create="create_if_missing: true to create a Customer Match list",
+            ),
         )
         return state
 
-    def _create_user_list(self) -> str:
+    def _lists_path(self) -> str:
+        return f"v1/accountTypes/{self._account_type}/accounts/{self._account}/userLists"
+
+    def _user_list_exists(self, list_id: str) -> bool:
+        if not list_id.isdigit():
+            raise FatalDestinationError(
+                f"destination {self.name!r}: user_list_id must be digits, got {list_id!r}"
+            )
+        response = self._auth.request(
+            "GET",
+            self.url(f"{self._lists_path()}/{list_id}", DATA_MANAGER_URL),
+            classify=lambda r: Verdict.ok() if r.status_code == 404 else None,
+        )
+        return response.status_code < 300
+
+    def _find_user_list(self, name: str) -> str | None:
+        """The id of the account's user list whose display name is ``name``, if any."""
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        token: str | None = None
+        for _ in range(MAX_LIST_PAGES):
+            params = {"filter": f'display_name = "{quoted}"', "pageSize": str(LIST_PAGE)}
+            if token:
+                params["pageToken"] = token
+            response = self._auth.request(
+                "GET", self.url(self._lists_path(), DATA_MANAGER_URL), params=params
+            )
+            answer = json_object(response.content) or {}
+            for item in answer.get("userLists") or []:
+                if isinstance(item, dict) and item.get("displayName") == name:
+                    found = item.get("id") or str(item.get("name") or "").rsplit("/", 1)[-1]
+                    if found:
+                        return str(found)
+            token = answer.get("nextPageToken")
+            if not token:
+                return None
+        return None
+
+    def _create_user_list(self, name: str, http: Any) -> str:
         """Create a Customer Match (contact data, first party) user list; return its id.
 
         destinations.md is silent on creation: this follows the Data Manager API's
@@ -501,7 +550,7 @@ class GoogleCustomerMatchConnector(Connector):
         (``POST /v1/{parent=accountTypes/*/accounts/*}/userLists``, body a ``UserList``).
         """
         body: dict[str, Any] = {
-            "displayName": str(self.setting("user_list_name") or self.sync.name),
+            "displayName": name,
             "ingestedUserListInfo": {
                 "uploadKeyTypes": ["CONTACT_ID"],
                 "contactIdInfo": {"dataSourceType": "DATA_SOURCE_TYPE_FIRST_PARTY"},
@@ -510,9 +559,9 @@ class GoogleCustomerMatchConnector(Connector):
         description = self.setting("user_list_description")
         if description:
             body["description"] = str(description)
-        path = f"v1/accountTypes/{self._account_type}/accounts/{self._account}/userLists"
-        response = self._auth.request(
-            "POST", self.url(path, DATA_MANAGER_URL), json=body
+        # Sent once (``http`` does not retry): a lost answer is followed by a name look-up.
+        response = BearerAuth(self._auth.source, http).request(
+            "POST", self.url(self._lists_path(), DATA_MANAGER_URL), json=body
         )
         try:
             created = orjson.loads(response.content)
@@ -521,7 +570,6 @@ class GoogleCustomerMatchConnector(Connector):
             raise FatalDestinationError(
                 f"destination {self.name!r}: creating the user list gave no id"
             ) from None
-        logger.info("destination %r: created user list %s", self.name, list_id)
         return list_id
 
     def _list_id(self) -> str:
@@ -535,19 +583,12 @@ class GoogleCustomerMatchConnector(Connector):
         """Ingest adds and updates, remove removals; bad identifiers and the members the API
         names fail alone."""
         destination = self._destination()
-        rejected, ids, groups = split_by_op(batch, self._member)
-        for op, path in (("add", INGEST_PATH), ("remove", REMOVE_PATH)):
-            items = groups[op]
-            if not items:
-                continue
-            try:
-                failed = self._send(path, op, destination, items)
-            except (RequestRejected, RetriesExhausted) as exc:
-                failed = request_failed(items, exc)
-            rejected.extend(failed)
-            for row in failed:
-                ids.pop(row.key, None)
-        return BatchResult(rejected=rejected, destination_ids=ids)
+
+        def send(op: str, items: list[tuple[Change, dict]]) -> tuple[list[RowError], int]:
+            path = INGEST_PATH if op == "add" else REMOVE_PATH
+            return self._send(path, op, destination, items), 0
+
+        return send_hashed(batch, self._member, send)
 
     def _body(self, op: str, destination: dict[str, Any], members: list[dict[str, Any]]) -> dict:
         body: dict[str, Any] = {
