@@ -239,6 +239,11 @@ class SyncRunner:
                 finally:
                     recorder.flush()
                     self.reporter.progress_stop()
+                # connectors branch (convention 5): rows refused after their request was
+                # accepted (Google's asynchronous processing), recorded as rejected rows.
+                late = connector.late_row_errors()
+                if late:
+                    recorder.record_late(late)
                 self.reporter.event("delivered", sync=sync.name, run_id=run_id, peak_rss_mb=peak_rss_mb())
                 connector.close(True)
                 http.close()
@@ -428,6 +433,13 @@ class _DeliveryRecorder:
             self.ids.extend(result.destination_ids.items())
         if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
             self.flush()
+
+    def record_late(self, errors: Sequence[RowError]) -> None:
+        """Rows refused after delivery (connectors branch): recorded as rejected rows, counted
+        by an empty-range batch row so that the run's ``rows_failed`` includes them."""
+        self.batches.append((-1, 1, 0, len(errors), 0))
+        self.errors.extend(errors)
+        self.flush()
 
     def flush(self) -> None:
         if self.batches or self.errors or self.ids:

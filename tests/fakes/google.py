@@ -34,6 +34,13 @@ is applied, as when an answer is lost), ``account_error`` (a request-level reaso
 the account: option ``reason``, default ``ADVERTISER_TOS_NOT_ACCEPTED``, and ``status``, default
 400, as ``google.rpc.Status`` with an ``ErrorInfo``).
 
+Ingestion is asynchronous: an accepted ingest answers ``{"requestId"}`` and
+``GET /v1/requestStatus:retrieve?requestId=...`` answers ``requestStatusPerDestination`` (first
+``PROCESSING`` for ``processing_polls`` polls, then ``SUCCESS``, ``FAILED`` or
+``PARTIAL_SUCCESS`` with ``errorInfo.errorCounts`` of ``recordCount`` and ``reason``).
+:meth:`FakeGoogle.fail_processing` makes members with those emails fail in processing
+(``PROCESSING_ERROR_REASON_NO_CONSENT`` by default): they are not applied.
+
 OAuth: :meth:`FakeGoogle.use_oauth` serves Google's token endpoint on ``/token``
 (:class:`tests.fakes._oauth.TokenIssuer`: the service-account JWT grant with the
 ``datamanager`` scope, and the refresh-token grant); its tokens expire after a lifetime or a
@@ -200,6 +207,11 @@ class FakeGoogle(FakeServer):
             self._rejected_hashes: set[str] = set()
             self.fast_failed = 0
             """Requests refused whole because of named members."""
+            self._processing_failures: dict[str, str] = {}
+            self.request_status: dict[str, dict[str, Any]] = {}
+            """requestId -> {"status", "errors": {reason: count}, "polls_left", "records"}."""
+            self.processing_polls = 1
+            self.status_polls = 0
 
     # -- the common fake surface ----------------------------------------------------------
 
@@ -251,6 +263,13 @@ class FakeGoogle(FakeServer):
         """Requests holding these emails fail fast, naming each of those members."""
         with self._lock:
             self._rejected_hashes = {email_hash(e) for e in emails}
+
+    def fail_processing(
+        self, emails: Iterable[str], reason: str = "PROCESSING_ERROR_REASON_NO_CONSENT"
+    ) -> None:
+        """Members with these emails fail in processing (after the ingest was accepted)."""
+        with self._lock:
+            self._processing_failures.update({email_hash(e): reason for e in emails})
 
     def user_list_ids(self) -> list[str]:
         """Every user list that exists."""
@@ -349,6 +368,8 @@ class FakeGoogle(FakeServer):
                 ),
                 {},
             )
+        if method == "GET" and path == "/v1/requestStatus:retrieve":
+            return self._request_status(query)
         if method == "GET":
             return self._get(path, query, action)
         if method != "POST":
@@ -614,10 +635,51 @@ class FakeGoogle(FakeServer):
                 for i in bad
             ]
             return _bad_request(violations)
+        request_id = str(uuid.uuid4())
+        errors: dict[str, int] = {}
         with self._lock:
             for identifiers in parsed:
+                failing = [
+                    self._processing_failures[v]
+                    for k, v in identifiers
+                    if k == "emailAddress" and v in self._processing_failures
+                ]
+                if failing:  # refused in processing: not applied
+                    errors[failing[0]] = errors.get(failing[0], 0) + 1
+                    continue
                 (user_list.ingest if kind == "ingest" else user_list.remove)(identifiers)
-        return 200, orjson.dumps({"requestId": str(uuid.uuid4())}), {}
+            failed = sum(errors.values())
+            status = "SUCCESS" if not failed else "FAILED" if failed == len(parsed) else "PARTIAL_SUCCESS"
+            self.request_status[request_id] = {
+                "status": status, "errors": errors, "polls_left": self.processing_polls,
+                "records": len(parsed), "kind": kind, "destination": document["destinations"][0],
+            }  # fmt: skip
+        return 200, orjson.dumps({"requestId": request_id}), {}
+
+    def _request_status(self, query: str) -> Answer:
+        from urllib.parse import parse_qs
+
+        request_id = (parse_qs(query).get("requestId") or [""])[0]
+        with self._lock:
+            self.status_polls += 1
+            entry = self.request_status.get(request_id)
+            if entry is None:
+                return self._violation(f"unknown requestId {request_id!r}", "INVALID_REQUEST_ID", "request_id")
+            status = entry["status"]
+            if entry["polls_left"] > 0:
+                entry["polls_left"] -= 1
+                status = "PROCESSING"
+        per: dict[str, Any] = {"destination": entry["destination"], "requestStatus": status}
+        counts = {"recordCount": str(entry["records"]), "userIdentifierCount": str(entry["records"])}
+        if entry["kind"] == "ingest":
+            per["audienceMembersIngestionStatus"] = {"userDataIngestionStatus": counts}
+        else:
+            per["audienceMembersRemovalStatus"] = {"userDataRemovalStatus": counts}
+        if status in ("FAILED", "PARTIAL_SUCCESS"):
+            per["errorInfo"] = {
+                "errorCounts": [{"recordCount": str(c), "reason": r} for r, c in entry["errors"].items()]
+            }
+        return 200, orjson.dumps({"requestStatusPerDestination": [per]}), {}
 
     def _check_destinations(self, destinations: Any) -> tuple[str, str, str] | None:
         if not isinstance(destinations, list) or not 1 <= len(destinations) <= 10:

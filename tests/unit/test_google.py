@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import orjson
 import pytest
@@ -532,3 +533,42 @@ def test_registered_under_its_type_and_the_contracts_alias():
 
 def test_mirror_property_over_the_common_surface(fake):
     mirror_runs(fake, Harness, [f"Person{i}@Example.com " for i in range(24)])
+
+
+# ----------------------------------------------------------------------------------------
+# Asynchronous processing: requestStatus:retrieve
+# ----------------------------------------------------------------------------------------
+
+
+def test_rows_failed_in_processing_become_late_row_errors(fake):
+    fake.fail_processing(["nc1@example.com", "nc2@example.com"])
+    h = Harness(fake, fields=())
+    h.open()
+    failing = [Change(i + 1, "add", f"nc{i + 1}@example.com", {}, None) for i in range(2)]
+    fine = [Change(3, "add", "ok@example.com", {}, None), Change(4, "add", "ok2@example.com", {}, None)]
+    assert h.send(failing).rejected == [] and h.send(fine).rejected == []  # accepted at first
+    late = h.connector.late_row_errors()
+    assert sorted((e.key, e.op, e.error_code) for e in late) == [
+        ("nc1@example.com", "add", "google_no_consent"),
+        ("nc2@example.com", "add", "google_no_consent"),
+    ]
+    assert "PROCESSING_ERROR_REASON_NO_CONSENT" in late[0].error_message
+    assert fake.status_polls >= 4  # each request was PROCESSING once, then final
+    assert fake.members(["ok@example.com", "nc1@example.com"]) == {"ok@example.com": {}}
+    # Polled once per run: nothing left to poll.
+    assert h.connector.late_row_errors() == []
+
+
+def test_status_polling_is_bounded_and_can_be_off(fake):
+    fake.processing_polls = 1000  # never done
+    h = Harness(fake, fields=(), request_status_timeout_s=1)
+    h.open()
+    h.send([Change(1, "add", "a@example.com", {}, None)])
+    started = time.monotonic()
+    assert h.connector.late_row_errors() == []
+    assert time.monotonic() - started < 3
+    off = Harness(fake, fields=(), request_status_timeout_s=0)
+    off.open()
+    off.send([Change(1, "add", "b@example.com", {}, None)])
+    polls = fake.status_polls
+    assert off.connector.late_row_errors() == [] and fake.status_polls == polls

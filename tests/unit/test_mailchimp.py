@@ -103,10 +103,10 @@ def test_add_update_remove_land_as_the_mode_expects(fake):
         "ann@example.com": {"email_address": "ann@example.com", "FNAME": "Ann", "LTV": 10.5},
         "bob@example.com": {"email_address": "bob@example.com", "FNAME": "Robert", "LTV": 4},
     }
-    # The update needed no tag call (bob is tagged already); the removal untagged cat, who
-    # stays on the list.
+    # One request tags bob again (idempotent; it heals a tag removed by hand) and untags cat,
+    # who stays on the list.
     assert segment_bodies(fake)[1:] == [
-        {"members_to_add": [], "members_to_remove": ["cat@example.com"]}
+        {"members_to_add": ["bob@example.com"], "members_to_remove": ["cat@example.com"]}
     ]
     assert fake.member("cat@example.com")["status"] == "transactional"
     assert fake.violations == []

@@ -36,6 +36,16 @@ OAuth refresh token (``client_id``, ``client_secret``, ``refresh_token``), or a 
 ``access_token`` (it expires within the hour: for a one-off run). Tokens are refreshed before
 they expire and once after a 401; ``token_url`` points the exchange elsewhere (a fake in tests).
 
+Ingestion is asynchronous: an accepted request answers a ``requestId``, and members can still
+fail in processing (``NO_CONSENT``, ``INVALID_FORMAT``, ...). The connector keeps the ids of
+the run's requests and, after delivery, polls ``GET /v1/requestStatus:retrieve`` (for at most
+``request_status_timeout_s``, 0 to skip): the rows of a request that ``FAILED`` become row
+errors with Google's reason (:meth:`GoogleCustomerMatchConnector.late_row_errors`), so that the
+next run plans them again. A ``PARTIAL_SUCCESS`` gives counts per reason, not the members:
+those counts are logged, and no row can be named. Consent (``adUserData``,
+``adPersonalization``) is sent only when set (``ad_user_data_consent``,
+``ad_personalization_consent``).
+
 Errors that concern the account, not a member (:data:`FATAL_REASONS`: terms of service not
 accepted, an account of the wrong type, a list type the account cannot use) stop the run.
 """
@@ -44,6 +54,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -95,6 +107,13 @@ MAX_MEMBERS_PER_REQUEST = 10_000
 """The request limit (TOO_MANY_AUDIENCE_MEMBERS); destinations.md marks it unconfirmed, the
 API's own error reasons state it."""
 MAX_CONCURRENT_REQUESTS = 10
+STATUS_PATH = "v1/requestStatus:retrieve"
+DEFAULT_STATUS_TIMEOUT_S = 30.0
+STATUS_POLL_S = 0.5
+"""First wait between polls of the request status; it doubles up to 8 s."""
+MAX_PENDING_REQUESTS = 1000
+"""Requests whose status is kept for polling (each holds its rows' keys): beyond it the
+oldest are dropped with a warning, so that memory stays bounded on a huge run."""
 LIST_PAGE = 100
 MAX_LIST_PAGES = 100
 """Pages of user lists read to find one by display name."""
@@ -285,6 +304,12 @@ class GoogleCustomerMatchConnector(Connector):
             "granted or denied: consent for ad personalization, sent for every member",
         ),
         ConfigKey(
+            "request_status_timeout_s",
+            "seconds to poll requestStatus:retrieve after delivery for processing errors"
+            " (0: do not poll)",
+            default=DEFAULT_STATUS_TIMEOUT_S,
+        ),
+        ConfigKey(
             "developer_token",
             "Google Ads API developer token; the Data Manager API does not use it (accepted so"
             " that an Ads API configuration loads)",
@@ -348,6 +373,19 @@ class GoogleCustomerMatchConnector(Connector):
                 name, ", ".join(ADDRESS_PARTS), ", ".join(missing),
             )  # fmt: skip
         self._address = len(parts) == len(ADDRESS_PARTS)
+        try:
+            self._status_timeout_s = float(
+                self.setting("request_status_timeout_s", DEFAULT_STATUS_TIMEOUT_S)
+                if self.setting("request_status_timeout_s") not in (None, "")
+                else DEFAULT_STATUS_TIMEOUT_S
+            )
+        except (TypeError, ValueError):
+            raise FatalDestinationError(
+                f"destination {name!r}: request_status_timeout_s must be a number of seconds"
+            ) from None
+        self._pending: list[tuple[str, list[tuple[str, str]]]] = []
+        """(requestId, the request's rows as (key, op)) of accepted requests, to poll."""
+        self._pending_lock = threading.Lock()
         self._user_list: str | None = None
         self._skipped = Once()
 
@@ -619,6 +657,7 @@ class GoogleCustomerMatchConnector(Connector):
                 classify=self._fast_fail,
             )
             if response.status_code < 300:
+                self._remember_request(response, pending)
                 return rejected
             bad = member_violations(google_error(response) or {})
             for index, (reason, text) in sorted(bad.items()):
@@ -636,6 +675,85 @@ class GoogleCustomerMatchConnector(Connector):
             RowError(c.key, c.op, "google_fast_fail", message, True) for c, _ in pending
         )
         return rejected
+
+    # -- asynchronous processing --------------------------------------------------------
+
+    def _remember_request(self, response: Any, items: list[tuple[Change, dict]]) -> None:
+        if self._status_timeout_s <= 0:
+            return
+        request_id = (json_object(response.content) or {}).get("requestId")
+        if not request_id:
+            return
+        with self._pending_lock:
+            self._pending.append((str(request_id), [(c.key, c.op) for c, _ in items]))
+            if len(self._pending) > MAX_PENDING_REQUESTS:
+                dropped = self._pending.pop(0)
+                if self._dropped == 0:
+                    logger.warning(
+                        "destination %r: more than %d requests to check; the oldest are not"
+                        " checked for processing errors",
+                        self.name, MAX_PENDING_REQUESTS,
+                    )  # fmt: skip
+                self._dropped += len(dropped[1])
+
+    _dropped = 0
+
+    def late_row_errors(self) -> list[RowError]:
+        """Rows of requests that failed in processing, polled after delivery (bounded by
+        ``request_status_timeout_s``); a request still processing at the end is left alone."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        errors: list[RowError] = []
+        deadline = time.monotonic() + self._status_timeout_s
+        wait = STATUS_POLL_S
+        while pending:
+            still = []
+            for request_id, rows in pending:
+                status, reasons = self._request_status(request_id)
+                if status == "PROCESSING" or status == "REQUEST_STATUS_UNKNOWN":
+                    still.append((request_id, rows))
+                elif status == "FAILED":
+                    reason = max(reasons, key=lambda r: reasons[r]) if reasons else "UNKNOWN"
+                    code = "google_" + reason.lower().replace("processing_error_reason_", "")
+                    text = (
+                        f"failed in Google's processing: {reason}"
+                        f" (request {request_id}: {', '.join(f'{r} x{c}' for r, c in reasons.items())})"
+                    )
+                    errors += [RowError(key, op, code, text[:500]) for key, op in rows]
+                elif status == "PARTIAL_SUCCESS":
+                    logger.warning(
+                        "destination %r: request %s partly failed in processing (%s); Google"
+                        " does not name the members",
+                        self.name, request_id, ", ".join(f"{r} x{c}" for r, c in reasons.items()),
+                    )  # fmt: skip
+            pending = still
+            if not pending or time.monotonic() + wait > deadline:
+                break
+            time.sleep(wait)
+            wait = min(wait * 2, 8.0)
+        if pending:
+            logger.warning(
+                "destination %r: %d request(s) still processing after %gs; their processing"
+                " errors are not checked",
+                self.name, len(pending), self._status_timeout_s,
+            )  # fmt: skip
+        return errors
+
+    def _request_status(self, request_id: str) -> tuple[str, dict[str, int]]:
+        """A request's status and its error counts by reason."""
+        response = self._auth.request(
+            "GET", self.url(STATUS_PATH, DATA_MANAGER_URL), params={"requestId": request_id}
+        )
+        answer = json_object(response.content) or {}
+        status, reasons = "REQUEST_STATUS_UNKNOWN", {}
+        for per in answer.get("requestStatusPerDestination") or []:
+            if not isinstance(per, dict):
+                continue
+            status = str(per.get("requestStatus") or status)
+            for count in (per.get("errorInfo") or {}).get("errorCounts") or []:
+                if isinstance(count, dict) and count.get("reason"):
+                    reasons[str(count["reason"])] = int(count.get("recordCount") or 0)
+        return status, reasons
 
     def _member(self, change: Change) -> tuple[dict[str, Any], str]:
         """The member's ``AudienceMember`` JSON, and the key's hash (the member's id)."""

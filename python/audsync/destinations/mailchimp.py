@@ -13,9 +13,9 @@ A batch is sent in two steps:
    entered and untags every one that left (destinations.md, "Corrections": one request per
    member is the slow path). An address the answer's ``errors[]`` names failed: a joiner's row
    fails, a leaver that is no member has nothing to remove. With ``archive_on_remove: true`` a
-   leaver is archived instead (``DELETE .../members/{hash}``, one request each). An update is
-   tagged only when the upsert created the member (it had been deleted in Mailchimp
-   meanwhile); otherwise it is in the audience already. :meth:`MailchimpConnector.open` finds
+   leaver is archived instead (``DELETE .../members/{hash}``, one request each). Updates are
+   tagged too: in bulk it costs nothing, and it heals a tag removed by hand (``audsync verify
+   --repair`` marks such a member, and the next run may send it as an update). :meth:`MailchimpConnector.open` finds
    the tag's segment by name (``GET .../segments?type=static``), creating it when missing.
 
 Every step is safe to repeat: the upsert is an upsert, and setting a tag active or inactive
@@ -279,17 +279,13 @@ class MailchimpConnector(Connector):
                     RowError(change.key, change.op, "unknown_op", f"unknown op {change.op!r}")
                 )
 
-        created: set[str] = set()
         if upserts:
-            failed, created, invalid = self._upsert(upserts)
+            failed, _created, invalid = self._upsert(upserts)
             rejected += invalid
             for email in failed:
                 upserts.pop(email, None)
-        joining = {
-            email: rows
-            for email, rows in upserts.items()
-            if any(c.op == "add" for c in rows) or email in created
-        }
+        # Every upserted member, updates too (see the module's doc).
+        joining = dict(upserts)
         leaving = {} if self._archive else removes
         if joining or leaving:
             rejected += self._tag_in_bulk(joining, leaving)
