@@ -519,3 +519,12 @@ def test_registered_under_its_type():
 
 def test_mirror_property_over_the_common_surface(fake):
     mirror_runs(fake, Harness, [f"Person{i}@Example.com " for i in range(24)])
+
+
+def test_a_failed_session_close_does_not_fail_the_run(fake, caplog):
+    h = Harness(fake, max_retries=0)
+    h.open()
+    h.send([add(1, "a@example.com")])
+    fake.fail_next("server_error")
+    h.connector.close(True)  # no exception: every batch was answered
+    assert "closing the add session failed" in caplog.text

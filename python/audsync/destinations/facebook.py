@@ -37,6 +37,7 @@ from audsync.destinations.base import (
     Change,
     ConfigKey,
     Connector,
+    DestinationError,
     FatalDestinationError,
     RowError,
 )
@@ -461,8 +462,17 @@ class FacebookCustomAudienceConnector(Connector):
             return
         for op, method in (("add", "POST"), ("remove", "DELETE")):
             row = self._last_rows.get(op)
-            if row is not None:
+            if row is None:
+                continue
+            try:
                 self._post_session(method, self._audience_id, op, [row], last=True)
+            except DestinationError as exc:
+                # Every batch was answered already: a session left open is ended by Meta, and
+                # must not turn a run that delivered everything into a failed one.
+                logger.warning(
+                    "destination %r: closing the %s session failed (%s); Meta ends it itself",
+                    self.name, op, exc,
+                )  # fmt: skip
 
     def _post_session(
         self, method: str, audience: str, op: str, rows: list[list[str]], *, last: bool
