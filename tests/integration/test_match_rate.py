@@ -12,7 +12,6 @@ import pytest
 
 from audsync import names
 from tests.fakes.facebook import FakeFacebook
-from tests.support.dbt_project import DbtProject
 from tests.support.syncs import audsync, write_audience, write_destinations, write_sync
 
 
@@ -31,8 +30,8 @@ def match_rates(project, sync: str) -> list:
 
 
 @pytest.mark.slow
-def test_match_rate_and_a_created_audience_through_the_cli(tmp_path):
-    project = DbtProject(tmp_path / "proj", "duckdb")
+def test_match_rate_and_a_created_audience_through_the_cli(dbt_project_factory):
+    project = dbt_project_factory()
     with FakeFacebook() as fake:
         write_destinations(project, {"meta": fake.destination_config(audience_id=None, create_if_missing=True)})
         write_sync(project, "mr", destination="meta", mapping=fake.field_mapping())

@@ -68,8 +68,17 @@ def verify_json(project, *args, expect):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_verify_finds_drift_and_repair_heals_it(tmp_path, small_pages, name):
+    drift_and_heal(DbtProject(tmp_path / "proj", "duckdb"), name)
+
+
+@pytest.mark.slow
+def test_verify_compares_inside_every_warehouse(dbt_project_factory, small_pages):
+    """The temporary table and the comparison's SQL on each warehouse (HubSpot's read-back)."""
+    drift_and_heal(dbt_project_factory(), "hubspot")
+
+
+def drift_and_heal(project, name):
     fake_class, drop = CASES[name]
-    project = DbtProject(tmp_path / "proj", "duckdb")
     with fake_class() as fake:
         write_destinations(project, {"dest": fake.destination_config()})
         write_sync(project, "s", destination="dest", mapping=fake.field_mapping(),
