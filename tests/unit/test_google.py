@@ -572,3 +572,26 @@ def test_status_polling_is_bounded_and_can_be_off(fake):
     off.send([Change(1, "add", "b@example.com", {}, None)])
     polls = fake.status_polls
     assert off.connector.late_row_errors() == [] and fake.status_polls == polls
+
+
+def test_a_long_run_is_polled_in_the_background(fake, monkeypatch):
+    from audsync.destinations import google
+
+    monkeypatch.setattr(google, "BACKGROUND_POLL_S", 0.2)
+    monkeypatch.setattr(google, "BACKGROUND_AFTER_REQUESTS", 3)
+    fake.fail_processing(["bad@example.com"])
+    h = Harness(fake, fields=())
+    h.open()
+    h.send([Change(1, "add", "bad@example.com", {}, None)])
+    for i in range(4):
+        h.send([Change(i + 2, "add", f"ok{i}@example.com", {}, None)])
+    deadline = time.monotonic() + 5
+    # Each request answers PROCESSING once, then its result: two rounds of the poller.
+    while time.monotonic() < deadline and fake.status_polls < 10:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    with h.connector._pending_lock:
+        assert h.connector._pending == [] and fake.status_polls >= 10
+    late = h.connector.late_row_errors()
+    assert [(e.key, e.error_code) for e in late] == [("bad@example.com", "google_no_consent")]
+    assert not h.connector._poller.is_alive()

@@ -38,8 +38,9 @@ they expire and once after a 401; ``token_url`` points the exchange elsewhere (a
 
 Ingestion is asynchronous: an accepted request answers a ``requestId``, and members can still
 fail in processing (``NO_CONSENT``, ``INVALID_FORMAT``, ...). The connector keeps the ids of
-the run's requests and, after delivery, polls ``GET /v1/requestStatus:retrieve`` (for at most
-``request_status_timeout_s``, 0 to skip): the rows of a request that ``FAILED`` become row
+the run's requests and polls ``GET /v1/requestStatus:retrieve``: in the background while
+delivery goes on, then, after delivery, until all are done or ``request_status_timeout_s``
+has passed (0 to skip): the rows of a request that ``FAILED`` become row
 errors with Google's reason (:meth:`GoogleCustomerMatchConnector.late_row_errors`), so that the
 next run plans them again. A ``PARTIAL_SUCCESS`` gives counts per reason, not the members:
 those counts are logged, and no row can be named. Consent (``adUserData``,
@@ -75,6 +76,7 @@ from audsync.destinations.base import (
     Change,
     ConfigKey,
     Connector,
+    DestinationError,
     FatalDestinationError,
     RowError,
 )
@@ -109,6 +111,10 @@ API's own error reasons state it."""
 MAX_CONCURRENT_REQUESTS = 10
 STATUS_PATH = "v1/requestStatus:retrieve"
 DEFAULT_STATUS_TIMEOUT_S = 30.0
+BACKGROUND_POLL_S = 5.0
+"""Seconds between the background poller's rounds while delivery goes on."""
+BACKGROUND_AFTER_REQUESTS = 20
+"""Requests waiting for their status before the background poller starts."""
 STATUS_POLL_S = 0.5
 """First wait between polls of the request status; it doubles up to 8 s."""
 MAX_PENDING_REQUESTS = 1000
@@ -386,6 +392,9 @@ class GoogleCustomerMatchConnector(Connector):
         self._pending: list[tuple[str, list[tuple[str, str]]]] = []
         """(requestId, the request's rows as (key, op)) of accepted requests, to poll."""
         self._pending_lock = threading.Lock()
+        self._late: list[RowError] = []
+        self._poller: threading.Thread | None = None
+        self._stop_polling = threading.Event()
         self._user_list: str | None = None
         self._skipped = Once()
 
@@ -686,6 +695,13 @@ class GoogleCustomerMatchConnector(Connector):
             return
         with self._pending_lock:
             self._pending.append((str(request_id), [(c.key, c.op) for c, _ in items]))
+            # Background polling pays on long runs (memory, the wait at the end); a short
+            # run's few requests are polled once delivery is over.
+            if self._poller is None and len(self._pending) >= BACKGROUND_AFTER_REQUESTS:
+                self._poller = threading.Thread(
+                    target=self._poll_in_background, name="audsync-google-status", daemon=True
+                )
+                self._poller.start()
             if len(self._pending) > MAX_PENDING_REQUESTS:
                 dropped = self._pending.pop(0)
                 if self._dropped == 0:
@@ -698,35 +714,68 @@ class GoogleCustomerMatchConnector(Connector):
 
     _dropped = 0
 
+    def _poll_in_background(self) -> None:
+        """While delivery goes on, poll the requests sent so far every few seconds, so that
+        finished ones (and their rows' keys) are dropped early and fewer are left to wait
+        for at the end. Failures here are left to :meth:`late_row_errors`."""
+        while not self._stop_polling.wait(BACKGROUND_POLL_S):
+            with self._pending_lock:
+                pending, self._pending = self._pending, []
+            try:
+                still = self._poll_once(pending)
+            except DestinationError as exc:
+                # Left to late_row_errors, which polls with the run's retries.
+                logger.info("destination %r: polling request status failed (%s)", self.name, exc)
+                with self._pending_lock:
+                    self._pending[:0] = pending
+                return
+            with self._pending_lock:
+                self._pending[:0] = still
+
+    def _poll_once(self, pending: list[tuple[str, list[tuple[str, str]]]]) -> list:
+        """Poll each request once; record the failed ones' rows; return those still processing.
+
+        On an error the caller keeps ``pending`` whole: a request polled twice is harmless
+        (its failed rows are recorded once, as it leaves ``pending`` only when done)."""
+        still = []
+        done: list[RowError] = []
+        for request_id, rows in pending:
+            status, reasons = self._request_status(request_id)
+            if status in ("PROCESSING", "REQUEST_STATUS_UNKNOWN"):
+                still.append((request_id, rows))
+            elif status == "FAILED":
+                reason = max(reasons, key=lambda r: reasons[r]) if reasons else "UNKNOWN"
+                code = "google_" + reason.lower().replace("processing_error_reason_", "")
+                counts = ", ".join(f"{r} x{c}" for r, c in reasons.items())
+                text = f"failed in Google's processing: {reason} (request {request_id}: {counts})"
+                done += [RowError(key, op, code, text[:500]) for key, op in rows]
+            elif status == "PARTIAL_SUCCESS":
+                logger.warning(
+                    "destination %r: request %s partly failed in processing (%s); Google"
+                    " does not name the members",
+                    self.name, request_id, ", ".join(f"{r} x{c}" for r, c in reasons.items()),
+                )  # fmt: skip
+        with self._pending_lock:
+            self._late += done
+        return still
+
+    def _stop_poller(self) -> None:
+        self._stop_polling.set()
+        poller = self._poller
+        if poller is not None:
+            poller.join(timeout=60)
+
     def late_row_errors(self) -> list[RowError]:
-        """Rows of requests that failed in processing, polled after delivery (bounded by
-        ``request_status_timeout_s``); a request still processing at the end is left alone."""
+        """Rows of requests that failed in processing: those the background poller found, then
+        the requests left polled until done or ``request_status_timeout_s`` has passed; a
+        request still processing at the end is left alone (logged)."""
+        self._stop_poller()
         with self._pending_lock:
             pending, self._pending = self._pending, []
-        errors: list[RowError] = []
         deadline = time.monotonic() + self._status_timeout_s
         wait = STATUS_POLL_S
         while pending:
-            still = []
-            for request_id, rows in pending:
-                status, reasons = self._request_status(request_id)
-                if status == "PROCESSING" or status == "REQUEST_STATUS_UNKNOWN":
-                    still.append((request_id, rows))
-                elif status == "FAILED":
-                    reason = max(reasons, key=lambda r: reasons[r]) if reasons else "UNKNOWN"
-                    code = "google_" + reason.lower().replace("processing_error_reason_", "")
-                    text = (
-                        f"failed in Google's processing: {reason}"
-                        f" (request {request_id}: {', '.join(f'{r} x{c}' for r, c in reasons.items())})"
-                    )
-                    errors += [RowError(key, op, code, text[:500]) for key, op in rows]
-                elif status == "PARTIAL_SUCCESS":
-                    logger.warning(
-                        "destination %r: request %s partly failed in processing (%s); Google"
-                        " does not name the members",
-                        self.name, request_id, ", ".join(f"{r} x{c}" for r, c in reasons.items()),
-                    )  # fmt: skip
-            pending = still
+            pending = self._poll_once(pending)
             if not pending or time.monotonic() + wait > deadline:
                 break
             time.sleep(wait)
@@ -737,7 +786,13 @@ class GoogleCustomerMatchConnector(Connector):
                 " errors are not checked",
                 self.name, len(pending), self._status_timeout_s,
             )  # fmt: skip
-        return errors
+        with self._pending_lock:
+            late, self._late = self._late, []
+        return late
+
+    def close(self, succeeded: bool) -> None:
+        """Stop the background poller (a failed run does not wait for request statuses)."""
+        self._stop_poller()
 
     def _request_status(self, request_id: str) -> tuple[str, dict[str, int]]:
         """A request's status and its error counts by reason."""
