@@ -1,7 +1,7 @@
 {#-
   A typed, empty select: the whole definition of a table that other code fills (run
   history, row errors). `columns` is a list of (name, type) with types in dbt's portable
-  names: string, bigint, integer, boolean, timestamp.
+  names: string, bigint, float, integer, boolean, timestamp.
 -#}
 {% macro empty_table(columns) %}
 select * from (
@@ -17,6 +17,7 @@ where 1 = 0
   {%- set types = {
       'string': dbt.type_string(),
       'bigint': dbt.type_bigint(),
+      'float': dbt.type_float(),
       'integer': dbt.type_int(),
       'boolean': dbt.type_boolean(),
       'timestamp': dbt.type_timestamp(),

@@ -1,4 +1,5 @@
-{#- One row per run of a sync (contract section 6). Filled by the runner. -#}
+{#- One row per run of a sync (contract section 6). Filled by the runner.
+    match_rate (connectors branch): (accepted - unmatched) / sent, null when nothing was sent. -#}
 {{ audsync.empty_table([
     ('run_id', 'string'),
     ('sync_name', 'string'),
@@ -21,4 +22,5 @@
     ('rows_unmatched', 'bigint'),
     ('full_resync', 'boolean'),
     ('rows_unknown', 'bigint'),
+    ('match_rate', 'float'),
 ]) }}

@@ -183,11 +183,12 @@ def runs(app: App, sync_name: str, limit: int, fmt: str):
         return
     print_table(
         ["run_id", "status", "trigger", "started_at", "duration", "planned a/r/u", "added", "removed", "updated",
-         "failed", "unknown", "error"],
+         "failed", "unknown", "match", "error"],
         [[r.run_id, r.status, r.trigger, r.started_at,
           f"{(r.duration_ms or 0) / 1000:.1f}s",
           f"{r.planned_adds or 0}/{r.planned_removes or 0}/{r.planned_updates or 0}",
-          r.rows_added, r.rows_removed, r.rows_updated, r.rows_failed, r.rows_unknown, r.error_message]
+          r.rows_added, r.rows_removed, r.rows_updated, r.rows_failed, r.rows_unknown,
+          "" if r.match_rate is None else f"{r.match_rate:.0%}", r.error_message]
          for r in history],
         title=f"runs of {sync.name}",
     )
@@ -449,6 +450,45 @@ def _config_error(message: str):
     from .errors import ConfigError
 
     return ConfigError(message)
+
+
+# -- audsync verify (connectors branch) ------------------------------------------------------
+
+
+@cli.command()
+@click.argument("sync_name")
+@click.option("--repair", is_flag=True, help="Mark drifted keys so that the next run sends the truth.")
+@click.option("--sample", default=5, show_default=True, type=click.IntRange(min=0))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_app
+def verify(app: App, sync_name: str, repair: bool, sample: int, fmt: str):
+    """Read SYNC_NAME's destination back and compare it with the snapshot.
+
+    Exit 0 when they agree, 3 when they drift (after --repair too: the next run heals it),
+    2 when the destination cannot list its members.
+    """
+    from .output import print_json
+    from .verify import verify as verify_sync
+
+    result = verify_sync(app.runner(), app.project.get(sync_name), repair=repair, sample=sample)
+    if fmt == "json":
+        print_json(result.as_dict())
+    else:
+        click.echo(
+            f"{result.sync} -> {result.destination}: {result.listed} member(s) in the destination,"
+            f" {result.committed} committed by audsync"
+        )
+        click.echo(f"  missing from the destination: {result.missing}"
+                   + (f" (e.g. {', '.join(result.missing_sample)})" if result.missing_sample else ""))
+        click.echo(f"  in the destination, never sent: {result.unexpected}"
+                   + (f" (e.g. {', '.join(result.unexpected_sample)})" if result.unexpected_sample else ""))
+        if result.drifted:
+            click.echo(f"  {result.repaired} key(s) marked unknown: the next run sends them" if repair
+                       else f"  drift: `audsync verify {result.sync} --repair`, then run the sync")
+        else:
+            click.echo("  in agreement")
+    if result.drifted:
+        sys.exit(3)
 
 
 def run_cli(argv: list[str] | None = None) -> int:

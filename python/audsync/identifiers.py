@@ -20,6 +20,15 @@ Shared rules:
 
 Phones are parsed with ``phonenumbers`` (Google's libphonenumber): E.164 is what both platforms
 want, Meta without the ``+``, Google with it. A national number needs ``default_country``.
+
+Google's gmail rule is always on for Google (destinations.md, "Corrections"): for gmail.com and
+googlemail.com, dots before ``@`` and any ``+suffix`` are removed before hashing, as Google's
+``Formatter`` does. There is no setting to turn it off: without it every gmail address with a
+dot or a plus hashes differently from the user's Google account and loses its match.
+
+Meta's email rule strips leading and trailing dots as well as whitespace, as the
+``facebook-business`` SDK does; its state rule turns US state names into their two-letter
+codes (Meta's documented rule: "use the 2-character ANSI abbreviation code").
 """
 
 from __future__ import annotations
@@ -65,7 +74,10 @@ class Options:
     default_country: str | None = None
     """ISO 3166 alpha-2 region of phone numbers written without a country code (``GB``)."""
     gmail: bool = False
-    """Drop dots and ``+suffix`` from the local part of gmail.com / googlemail.com addresses."""
+    """Drop dots and ``+suffix`` from the local part of gmail.com / googlemail.com addresses.
+
+    Google's rules ignore it (they always apply the gmail rule); kept for callers of
+    :func:`normalize_email` that choose."""
 
 
 def sha256_hex(text: str) -> str:
@@ -126,13 +138,17 @@ def mailchimp_subscriber_hash(email: str) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def normalize_email(value: Any, *, gmail: bool = False) -> str:
-    """Trim and lowercase an email; with ``gmail``, drop dots and ``+suffix`` on gmail domains.
+def normalize_email(value: Any, *, gmail: bool = False, strip_dots: bool = False) -> str:
+    """Trim and lowercase an email; with ``gmail``, drop dots and ``+suffix`` on gmail domains;
+    with ``strip_dots``, drop dots at both ends first (Meta's SDK strips them with the spaces).
 
     Rejected: empty, whitespace inside, not exactly one ``@``, an empty local part or domain
     (the checks of Google's ``Formatter.format_email_address``).
     """
     text = as_text(value).strip()
+    if strip_dots:
+        # The SDK strips " \t\r\n\0\x0B." together: dots inside surrounding spaces go too.
+        text = text.strip(" \t\r\n\0\x0b.")
     if not text:
         raise InvalidIdentifier("invalid_email", "the email is empty")
     if _WHITESPACE.search(text):
@@ -326,6 +342,31 @@ class Rule:
         return self.normalize(value, options)
 
 
+US_STATES: Mapping[str, str] = {
+    "alabama": "al", "alaska": "ak", "arizona": "az", "arkansas": "ar", "california": "ca",
+    "colorado": "co", "connecticut": "ct", "delaware": "de", "districtofcolumbia": "dc",
+    "florida": "fl", "georgia": "ga", "hawaii": "hi", "idaho": "id", "illinois": "il",
+    "indiana": "in", "iowa": "ia", "kansas": "ks", "kentucky": "ky", "louisiana": "la",
+    "maine": "me", "maryland": "md", "massachusetts": "ma", "michigan": "mi", "minnesota": "mn",
+    "mississippi": "ms", "missouri": "mo", "montana": "mt", "nebraska": "ne", "nevada": "nv",
+    "newhampshire": "nh", "newjersey": "nj", "newmexico": "nm", "newyork": "ny",
+    "northcarolina": "nc", "northdakota": "nd", "ohio": "oh", "oklahoma": "ok", "oregon": "or",
+    "pennsylvania": "pa", "rhodeisland": "ri", "southcarolina": "sc", "southdakota": "sd",
+    "tennessee": "tn", "texas": "tx", "utah": "ut", "vermont": "vt", "virginia": "va",
+    "washington": "wa", "westvirginia": "wv", "wisconsin": "wi", "wyoming": "wy",
+    "puertorico": "pr", "guam": "gu", "americansamoa": "as", "virginislands": "vi",
+    "usvirginislands": "vi", "northernmarianaislands": "mp",
+}  # fmt: skip
+"""US state and territory names (lowercase letters only) -> their two-letter ANSI code."""
+
+
+def normalize_state(value: Any) -> str:
+    """Meta's ST: lowercase letters only, a US state's name turned into its two-letter code
+    (``California`` -> ``ca``); other regions' states stay as their letters."""
+    letters = _letters_only(value, "invalid_st", "state")
+    return US_STATES.get(letters, letters)
+
+
 def _meta_phone(value: Any, options: Options) -> str:
     # Meta: E.164 digits, no '+'.
     return normalize_phone(value, default_country=options.default_country).lstrip("+")
@@ -336,7 +377,7 @@ def _first_initial(value: Any, options: Options) -> str:
 
 
 META_RULES: Mapping[str, Rule] = {
-    "EMAIL": Rule("EMAIL", "invalid_email", lambda v, o: normalize_email(v)),
+    "EMAIL": Rule("EMAIL", "invalid_email", lambda v, o: normalize_email(v, strip_dots=True)),
     "PHONE": Rule("PHONE", "invalid_phone", _meta_phone),
     "FN": Rule("FN", "invalid_fn", lambda v, o: _letters_only(v, "invalid_fn", "first name")),
     "LN": Rule("LN", "invalid_ln", lambda v, o: _letters_only(v, "invalid_ln", "last name")),
@@ -346,7 +387,7 @@ META_RULES: Mapping[str, Rule] = {
     "DOBM": Rule("DOBM", "invalid_birth_month", lambda v, o: normalize_birth_month(v)),
     "DOBD": Rule("DOBD", "invalid_birth_day", lambda v, o: normalize_birth_day(v)),
     "CT": Rule("CT", "invalid_ct", lambda v, o: _letters_only(v, "invalid_ct", "city")),
-    "ST": Rule("ST", "invalid_st", lambda v, o: _letters_only(v, "invalid_st", "state")),
+    "ST": Rule("ST", "invalid_st", lambda v, o: normalize_state(v)),
     "ZIP": Rule("ZIP", "invalid_zip", lambda v, o: normalize_zip(v)),
     "COUNTRY": Rule("COUNTRY", "invalid_country", lambda v, o: normalize_country(v).lower()),
     # Device ids and the advertiser's own ids are sent in clear (destinations.md).
@@ -371,8 +412,9 @@ def _extern_id(value: Any) -> str:
 
 
 GOOGLE_RULES: Mapping[str, Rule] = {
+    # The gmail rule always: Google's own Formatter applies it to every address.
     "email_address": Rule(
-        "email_address", "invalid_email", lambda v, o: normalize_email(v, gmail=o.gmail)
+        "email_address", "invalid_email", lambda v, o: normalize_email(v, gmail=True)
     ),
     "phone_number": Rule(
         "phone_number",

@@ -65,12 +65,22 @@ class CommitCounts:
         """Rows sent and applied to the snapshot."""
         return self.added + self.removed + self.updated
 
-    def run_columns(self) -> dict[str, int]:
+    @property
+    def match_rate(self) -> float | None:
+        """Rows the destination accepted and matched over rows sent (``(accepted - unmatched) /
+        sent``, Meta's ``num_invalid_entries`` being the unmatched); ``None`` when none was sent."""
+        sent = self.applied + self.failed
+        if sent <= 0:
+            return None
+        return max(0.0, (self.applied - self.unmatched) / sent)
+
+    def run_columns(self) -> dict[str, int | float | None]:
         """These counts as the columns of the run's row in ``audsync_runs``."""
         return {
             "rows_added": self.added, "rows_removed": self.removed, "rows_updated": self.updated,
             "rows_failed": self.failed, "rows_recorded": self.recorded, "rows_unmatched": self.unmatched,
             "rows_unknown": self.unknown,
+            "match_rate": self.match_rate,
         }
 
 

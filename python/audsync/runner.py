@@ -251,7 +251,8 @@ def recover_unfinished(runner: SyncRunner, sync: SyncModel, tables: SyncTables, 
                         f" {committed.unknown} of unknown outcome")
                 runner.state.update_run(
                     session, other, error_message=((row.error_message or "") + note)[:4000],
-                    **{k: (getattr(row, k) or 0) + v for k, v in counts.items()},
+                    # Counts add up; a rate does not, and is left as the run recorded it.
+                    **{k: (getattr(row, k) or 0) + v for k, v in counts.items() if k != "match_rate"},
                 )
             return committed
 
@@ -397,8 +398,8 @@ class _Run:
             info = SyncInfo(
                 name=self.sync.name, mode=self.sync.mode, run_id=self.run_id, identifier=self.sync.identifier,
                 fields=tuple(m.destination_field for m in self.sync.mapping),
-                settings=dict(self.sync.settings), state=self.destination_state,
-                project_dir=str(self.runner.project.project_dir),
+                settings=dict(self.sync.settings), state=dict(self.destination_state),
+                project_dir=str(self.runner.project.project_dir), remember=self._remember,
             )
             # Retry waits wake at once on a stop request, or when the lease runs out.
             # Waits the destination asks for (Retry-After) show in the progress output.
@@ -433,6 +434,11 @@ class _Run:
                     recorder.flush()
                 finally:
                     self.reporter.progress_stop()
+            # Rows refused after their request was accepted (Google's asynchronous
+            # processing, convention 5): recorded as rejected rows before the commit.
+            late = connector.late_row_errors()
+            if late:
+                recorder.record_late(late)
             completed = True
             self.reporter.event("delivered", sync=self.sync.name, run_id=self.run_id, peak_rss_mb=peak_rss_mb())
         except LockLost:
@@ -462,6 +468,15 @@ class _Run:
                     http.close()
                 except Exception:  # noqa: BLE001 - the first failure is the one to report
                     logger.debug("connector close failed", exc_info=True)
+
+    def _remember(self, state: Mapping[str, Any]) -> None:
+        """Save what a connector learnt (a created list's id) at once, before ``open()``
+        returns, so that a crash right after a create cannot lose it (fenced like a flush)."""
+        self.destination_state.update(state)
+        with self.heartbeat.held(), self.warehouse.session() as session:
+            self.state.fence(session, self.lock)
+            self.state.set_destination_state(
+                session, self.sync.name, json.dumps(self.destination_state, sort_keys=True, default=str))
 
     def _batches(self, batch_size: int, guard: "_SendGuard") -> Iterator[tuple[int, list[Change]]]:
         """The plan's sent rows in batches, read one chunk per warehouse session; ends early
@@ -762,6 +777,13 @@ class _DeliveryRecorder:
             self.ids.extend(result.destination_ids.items())
         if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
             self.flush()
+
+    def record_late(self, errors: Sequence[RowError]) -> None:
+        """Rows refused after delivery (connectors branch): recorded as rejected rows, counted
+        by an empty-range batch row so that the run's ``rows_failed`` includes them."""
+        self.batches.append((-1, 1, 0, len(errors), 0))
+        self.errors.extend(errors)
+        self.flush()
 
     def flush(self) -> None:
         if self.batches or self.errors or self.ids:

@@ -25,6 +25,7 @@ RUN_COLUMNS = (
     "planned_adds", "planned_removes", "planned_updates", "rows_added", "rows_removed",
     "rows_updated", "rows_failed", "error_message", "destination", "sync_mode",
     "rows_recorded", "rows_unmatched", "full_resync", "rows_unknown",
+    "rows_recorded", "rows_unmatched", "full_resync", "match_rate",
 )
 SYNC_COLUMNS = (
     "sync_name", "status", "status_error", "last_synced_at", "last_run_id", "lock_run_id",
@@ -99,6 +100,8 @@ class RunRow:
     rows_unmatched: int | None = None
     full_resync: bool | None = None
     rows_unknown: int | None = None
+    match_rate: float | None = None
+    """Accepted minus unmatched over sent, where the destination reports unmatched rows."""
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> "RunRow":

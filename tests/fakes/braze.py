@@ -188,7 +188,7 @@ class FakeBraze(FakeServer):
         path = target(route, query)
         with self._lock:
             self.requests.append((method, path))
-        action = self._failures.take()
+        action = self._failures.take(method, path)
         with self._in_flight():
             action = hold(action, "delay_s", 1.0)
             return self._handle(method, route, path, headers, body, action)

@@ -3,9 +3,12 @@
 :class:`FakeFacebook` is a real HTTP server on 127.0.0.1 (``ThreadingHTTPServer`` in a daemon
 thread) serving:
 
-* ``POST /v25.0/act_{ad_account}/customaudiences``: create a customer-list audience
+* ``POST /v26.0/act_{ad_account}/customaudiences``: create a customer-list audience
   (``name``, ``subtype: CUSTOM``, ``customer_file_source``), answering ``{"id": ...}``;
-* ``POST`` and ``DELETE /v25.0/{audience_id}/users``: add and remove users, answering
+* ``GET /v26.0/{audience_id}?fields=id,name``: the audience, or code 100 subcode 33;
+* ``GET /v26.0/act_{ad_account}/customaudiences?fields=id,name&limit=n[&after=cursor]``: the
+  account's audiences, paged with ``paging.cursors.after`` and ``paging.next`` as Graph does;
+* ``POST`` and ``DELETE /v26.0/{audience_id}/users``: add and remove users, answering
   ``{"audience_id", "session_id", "num_received", "num_invalid_entries",
   "invalid_entry_samples"}``.
 
@@ -21,7 +24,9 @@ Failures are injected in Meta's own shapes with :meth:`FakeFacebook.fail_next`: 
 (a 400 with code 80003 (or ``code=17``, 4, 613) and ``X-Business-Use-Case-Usage``, whose
 ``estimated_time_to_regain_access`` is option ``regain_minutes``),
 ``server_error`` (500, code 2, transient), ``expired_token`` (code 190, subcode 463),
-``permission`` (code 200), ``invalid_parameter`` (code 100), ``timeout`` (the answer comes
+``permission`` (code 200), ``invalid_parameter`` (code 100), ``terms_not_accepted`` (code 2655:
+the ad account has not accepted the Custom Audience terms), ``upload_blocked`` (code 100,
+subcode 1713230: uploads to the audience are blocked), ``timeout`` (the answer comes
 after ``seconds``, the request is still applied, as when an answer is lost).
 :meth:`FakeFacebook.reject_keys` makes rows come back as ``num_invalid_entries`` with
 ``invalid_entry_samples``, unapplied: Meta's per-row outcome.
@@ -39,7 +44,7 @@ import orjson
 
 from ._http import Answer, Failure, FakeServer, drop_none, hold, media_type, target
 
-API_VERSION = "v25.0"
+API_VERSION = "v26.0"
 TOKEN = "EAAfakeMetaToken0123456789"
 AD_ACCOUNT = "1234567890"
 AUDIENCE = "23850000000000001"
@@ -119,6 +124,8 @@ class FakeFacebook(FakeServer):
         "expired_token",
         "permission",
         "invalid_parameter",
+        "terms_not_accepted",
+        "upload_blocked",
         "timeout",
     )
 
@@ -147,6 +154,8 @@ class FakeFacebook(FakeServer):
         super().reset()
         with self._lock:
             self._audiences: dict[str, _Audience] = {self.audience_id: _Audience()}
+            self.names: dict[str, str] = {self.audience_id: "audsync fake audience"}
+            """Audience id -> name."""
             self.created: list[dict[str, Any]] = []
             """Bodies of the audiences created, in order."""
             self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
@@ -155,6 +164,8 @@ class FakeFacebook(FakeServer):
             self._session_rows: dict[tuple[int, int], bytes] = {}
             self.sessions: dict[int, list[int]] = {}
             """``batch_seq`` values received per ``session_id``, in arrival order."""
+            self.closed_sessions: list[int] = []
+            """Sessions ended by a request with ``last_batch_flag: true``, in order."""
             self.rows_applied = 0
 
     # -- the common fake surface ----------------------------------------------------------
@@ -230,7 +241,7 @@ class FakeFacebook(FakeServer):
         """Check and apply one request; return status, body and extra headers."""
         with self._lock:
             self.requests.append((method, target(path, query), dict(headers.items()), body))
-        action = self._failures.take()
+        action = self._failures.take(method, path)
         with self._in_flight():
             action = hold(action, "seconds", 2.0, self.latency_s)
             return self._handle(method, path, query, headers, body, action)
@@ -281,6 +292,8 @@ class FakeFacebook(FakeServer):
                 {},
             )
 
+        if method == "GET":
+            return self._get(path, params, action)
         content_type = media_type(headers)
         if content_type != "application/json":
             return self._violation(f"Content-Type is {content_type!r}, not application/json")
@@ -327,7 +340,76 @@ class FakeFacebook(FakeServer):
             return 403, meta_error(200, "(#200) Permissions error"), {}
         if kind == "invalid_parameter":
             return 400, meta_error(100, "(#100) Invalid parameter", 1870034), {}
+        if kind == "terms_not_accepted":
+            return (
+                400,
+                meta_error(
+                    2655,
+                    "Terms of service has not been accepted. To accept, go to"
+                    " https://www.facebook.com/customaudiences/app/tos/?act=" + self.ad_account_id,
+                ),
+                {},
+            )
+        if kind == "upload_blocked":
+            return (
+                400,
+                meta_error(100, "(#100) Audience upload blocked for this ad account", 1713230),
+                {},
+            )
         raise AssertionError(kind)
+
+    def _get(self, path: str, params: dict[str, str], action: Failure | None) -> Answer:
+        """An audience by id, or the account's audiences a page at a time."""
+        if action is not None:
+            return self._failure(action)
+        listing = re.match(r"^act_(\d+)/customaudiences$", path)
+        if listing:
+            if listing.group(1) != self.ad_account_id:
+                return 400, meta_error(100, "(#100) Unknown ad account", 33), {}
+            fields = set((params.get("fields") or "id").split(","))
+            if not fields <= {"id", "name", "subtype", "approximate_count_lower_bound"}:
+                return self._violation(f"unknown fields {sorted(fields)}")
+            limit = int(params.get("limit") or 25)
+            start = int(params.get("after") or 0)
+            with self._lock:
+                ids = sorted(self._audiences)
+                names = dict(self.names)
+            page = ids[start : start + limit]
+            data = [{"id": i, **({"name": names.get(i, "")} if "name" in fields else {})} for i in page]
+            answer: dict[str, Any] = {"data": data}
+            if start + limit < len(ids):
+                after = str(start + limit)
+                answer["paging"] = {
+                    "cursors": {"before": str(start), "after": after},
+                    "next": f"{self.base_url}/{self.version}/{path}?fields={','.join(sorted(fields))}"
+                    f"&limit={limit}&after={after}&access_token={self.access_token}",
+                }
+            return 200, orjson.dumps(answer), {}
+        single = re.match(r"^(\d+)$", path)
+        if single:
+            with self._lock:
+                exists = single.group(1) in self._audiences
+                name = self.names.get(single.group(1), "")
+            if not exists:
+                return (
+                    400,
+                    meta_error(
+                        100,
+                        f"Unsupported get request. Object with ID '{single.group(1)}' does not"
+                        " exist, cannot be loaded due to missing permissions, or does not"
+                        " support this operation",
+                        33,
+                    ),
+                    {},
+                )
+            return 200, orjson.dumps({"id": single.group(1), "name": name}), {}
+        return self._violation(f"Unknown path components: GET /{path}", code=2500)
+
+    def delete_audience(self, audience_id: str) -> None:
+        """Delete an audience (as a user in Ads Manager would)."""
+        with self._lock:
+            self._audiences.pop(audience_id, None)
+            self.names.pop(audience_id, None)
 
     def _create(self, account: str, document: dict, action: Failure | None) -> Answer:
         if account != self.ad_account_id:
@@ -347,6 +429,7 @@ class FakeFacebook(FakeServer):
         with self._lock:
             new_id = str(int(self.audience_id) + 1000 + len(self.created))
             self._audiences[new_id] = _Audience()
+            self.names[new_id] = name
             self.created.append(dict(document))
         return 200, orjson.dumps({"id": new_id}), {}
 
@@ -379,6 +462,12 @@ class FakeFacebook(FakeServer):
                     self.violations.append(
                         f"batch_seq {key[1]} of session {key[0]} reused with other data"
                     )
+                if session["session_id"] in self.closed_sessions:
+                    self.violations.append(
+                        f"session {session['session_id']} used after its last batch"
+                    )
+                if session.get("last_batch_flag"):
+                    self.closed_sessions.append(session["session_id"])
                 self._session_rows[key] = data
                 self.sessions.setdefault(session["session_id"], []).append(session["batch_seq"])
             audience = self._audiences.get(audience_id)

@@ -6,7 +6,11 @@ thread) serving:
 * ``POST /v1/audienceMembers:ingest`` and ``POST /v1/audienceMembers:remove``, answering
   ``{"requestId": ...}``;
 * ``POST /v1/accountTypes/{type}/accounts/{id}/userLists``: create a user list, answering the
-  ``UserList`` (``name``, ``id``, ...).
+  ``UserList`` (``name``, ``id``, ...); a display name already used answers 400
+  ``DISPLAY_NAME_ALREADY_USED``, as the API does;
+* ``GET /v1/accountTypes/{type}/accounts/{id}/userLists/{list}``: one user list (404 when none);
+* ``GET /v1/accountTypes/{type}/accounts/{id}/userLists?filter=display_name="..."&pageSize=n
+  &pageToken=t``: user lists, paged with ``nextPageToken``.
 
 Every request is checked: method and path, ``Authorization: Bearer`` with the right token,
 ``Content-Type: application/json``, the body's fields (unknown names are refused, as Google's
@@ -26,7 +30,21 @@ Google's shapes: :meth:`FakeGoogle.fail_next` with ``rate_limit`` (429 ``RESOURC
 with ``RetryInfo.retryDelay``; option ``retry_delay_s``), ``server_error`` (503
 ``UNAVAILABLE``), ``expired_token`` (401 ``UNAUTHENTICATED``, ``ACCESS_TOKEN_EXPIRED``),
 ``permission`` (403 ``PERMISSION_DENIED``), ``timeout`` (answer after ``seconds``; the request
-is applied, as when an answer is lost).
+is applied, as when an answer is lost), ``account_error`` (a request-level reason that concerns
+the account: option ``reason``, default ``ADVERTISER_TOS_NOT_ACCEPTED``, and ``status``, default
+400, as ``google.rpc.Status`` with an ``ErrorInfo``).
+
+Ingestion is asynchronous: an accepted ingest answers ``{"requestId"}`` and
+``GET /v1/requestStatus:retrieve?requestId=...`` answers ``requestStatusPerDestination`` (first
+``PROCESSING`` for ``processing_polls`` polls, then ``SUCCESS``, ``FAILED`` or
+``PARTIAL_SUCCESS`` with ``errorInfo.errorCounts`` of ``recordCount`` and ``reason``).
+:meth:`FakeGoogle.fail_processing` makes members with those emails fail in processing
+(``PROCESSING_ERROR_REASON_NO_CONSENT`` by default): they are not applied.
+
+OAuth: :meth:`FakeGoogle.use_oauth` serves Google's token endpoint on ``/token``
+(:class:`tests.fakes._oauth.TokenIssuer`: the service-account JWT grant with the
+``datamanager`` scope, and the refresh-token grant); its tokens expire after a lifetime or a
+number of requests, and an expired one is answered 401 ``ACCESS_TOKEN_EXPIRED``.
 """
 
 from __future__ import annotations
@@ -39,6 +57,7 @@ from typing import Any, Iterable, Mapping
 import orjson
 
 from ._http import Answer, Failure, FakeServer, drop_none, hold, media_type, target
+from ._oauth import TokenIssuer
 
 TOKEN = "ya29.fake-google-token-0123456789"
 CUSTOMER_ID = "1234567890"
@@ -69,6 +88,8 @@ INGEST_KEYS = {
 REMOVE_KEYS = {"destinations", "audienceMembers", "validateOnly", "encoding", "encryptionInfo"}
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DOMAIN = "datamanager.googleapis.com"
+SCOPE = "https://www.googleapis.com/auth/datamanager"
+SERVICE_ACCOUNT = "audsync-test@audsync-test.iam.gserviceaccount.com"
 
 
 def email_hash(email: str) -> str:
@@ -118,7 +139,14 @@ class FakeGoogle(FakeServer):
     """
 
     content_type = "application/json; charset=UTF-8"
-    failure_kinds = ("rate_limit", "server_error", "expired_token", "permission", "timeout")
+    failure_kinds = (
+        "rate_limit",
+        "server_error",
+        "expired_token",
+        "permission",
+        "timeout",
+        "account_error",
+    )
 
     def __init__(
         self,
@@ -134,13 +162,44 @@ class FakeGoogle(FakeServer):
         self.customer_id = customer_id
         self.user_list_id = user_list_id
         self.latency_s = latency_s
+        self.oauth: TokenIssuer | None = None
+        """The token endpoint, once :meth:`use_oauth` is called."""
         self.reset()
+
+    def use_oauth(self, *, public_key: str | None = None, **options: Any) -> TokenIssuer:
+        """Serve the token endpoint on ``/token``; tokens it issues are accepted (the static
+        ``access_token`` stays accepted too). ``public_key`` enables the service-account JWT
+        grant; ``options`` go to :class:`TokenIssuer` (``lifetime_s``, ``max_uses``, ...)."""
+        self.oauth = TokenIssuer(
+            lambda: self.base_url + "/token",
+            self._record_violation,
+            public_key=public_key,
+            issuer=SERVICE_ACCOUNT,
+            scope=SCOPE,
+            key_id="fake-key-id-1" if public_key else None,
+            **options,
+        )
+        return self.oauth
+
+    def service_account_key(self, private_key: str) -> dict[str, str]:
+        """A service account JSON key as Google's console gives it, for :meth:`use_oauth`."""
+        return {
+            "type": "service_account",
+            "project_id": "audsync-test",
+            "private_key_id": "fake-key-id-1",
+            "private_key": private_key,
+            "client_email": SERVICE_ACCOUNT,
+            "client_id": "100000000000000000001",
+            "token_uri": self.base_url + "/token",
+        }
 
     def reset(self) -> None:
         """Forget lists, counters, injected failures and violations."""
         super().reset()
         with self._lock:
             self._lists: dict[str, _UserList] = {self.user_list_id: _UserList()}
+            self.list_names: dict[str, str] = {self.user_list_id: "audsync fake list"}
+            """User list id -> display name."""
             self.created: list[dict[str, Any]] = []
             """Bodies of the user lists created, in order."""
             self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
@@ -148,6 +207,11 @@ class FakeGoogle(FakeServer):
             self._rejected_hashes: set[str] = set()
             self.fast_failed = 0
             """Requests refused whole because of named members."""
+            self._processing_failures: dict[str, str] = {}
+            self.request_status: dict[str, dict[str, Any]] = {}
+            """requestId -> {"status", "errors": {reason: count}, "polls_left", "records"}."""
+            self.processing_polls = 1
+            self.status_polls = 0
 
     # -- the common fake surface ----------------------------------------------------------
 
@@ -200,6 +264,13 @@ class FakeGoogle(FakeServer):
         with self._lock:
             self._rejected_hashes = {email_hash(e) for e in emails}
 
+    def fail_processing(
+        self, emails: Iterable[str], reason: str = "PROCESSING_ERROR_REASON_NO_CONSENT"
+    ) -> None:
+        """Members with these emails fail in processing (after the ingest was accepted)."""
+        with self._lock:
+            self._processing_failures.update({email_hash(e): reason for e in emails})
+
     def user_list_ids(self) -> list[str]:
         """Every user list that exists."""
         with self._lock:
@@ -218,9 +289,11 @@ class FakeGoogle(FakeServer):
 
     def handle(self, method: str, path: str, query: str, headers: Any, body: bytes) -> Answer:
         """Check and apply one request; return status, body and extra headers."""
+        if path == "/token" and self.oauth is not None:
+            return self.oauth.handle(method, headers, body)
         with self._lock:
             self.requests.append((method, target(path, query), dict(headers.items()), body))
-        action = self._failures.take()
+        action = self._failures.take(method, path)
         with self._in_flight() as in_flight:
             if in_flight > MAX_IN_FLIGHT:
                 self._record_violation(f"more than {MAX_IN_FLIGHT} requests in flight")
@@ -232,10 +305,16 @@ class FakeGoogle(FakeServer):
                     {},
                 )
             action = hold(action, "seconds", 2.0, self.latency_s)
-            return self._handle(method, path, headers, body, action)
+            return self._handle(method, path, headers, body, action, query)
 
     def _handle(
-        self, method: str, path: str, headers: Any, body: bytes, action: Failure | None
+        self,
+        method: str,
+        path: str,
+        headers: Any,
+        body: bytes,
+        action: Failure | None,
+        query: str = "",
     ) -> Answer:
         authorization = headers.get("Authorization") or ""
         if not authorization.startswith("Bearer "):
@@ -250,7 +329,23 @@ class FakeGoogle(FakeServer):
                 ),
                 {},
             )
-        if authorization[7:] != self.access_token:
+        given = authorization[7:]
+        verdict = None
+        if given != self.access_token:
+            verdict = self.oauth.check(given) if self.oauth is not None else "unknown"
+        if verdict == "expired":
+            return (
+                401,
+                status_body(
+                    401,
+                    "UNAUTHENTICATED",
+                    "Request had invalid authentication"
+                    " credentials. Expected OAuth 2 access token.",
+                    reason="ACCESS_TOKEN_EXPIRED",
+                ),
+                {},
+            )
+        if verdict is not None:
             return (
                 401,
                 status_body(
@@ -273,8 +368,12 @@ class FakeGoogle(FakeServer):
                 ),
                 {},
             )
+        if method == "GET" and path == "/v1/requestStatus:retrieve":
+            return self._request_status(query)
+        if method == "GET":
+            return self._get(path, query, action)
         if method != "POST":
-            return self._violation(f"{method} {path}: only POST is served")
+            return self._violation(f"{method} {path}: only GET and POST are served")
         content_type = media_type(headers)
         if content_type != "application/json":
             return self._violation(f"Content-Type is {content_type!r}, not application/json")
@@ -294,6 +393,61 @@ class FakeGoogle(FakeServer):
         self._record_violation(f"POST {path}: no such method")
         return 404, status_body(404, "NOT_FOUND", f"The requested URL {path} was not found."), {}
 
+    def _get(self, path: str, query: str, action: Failure | None) -> Answer:
+        """One user list, or a page of them (filtered by display name)."""
+        from urllib.parse import parse_qs
+
+        if action is not None:
+            return self._failure(action)
+        one = re.match(r"^/v1/accountTypes/([A-Z_]+)/accounts/(\d+)/userLists/(\d+)$", path)
+        many = re.match(r"^/v1/accountTypes/([A-Z_]+)/accounts/(\d+)/userLists$", path)
+        if one:
+            with self._lock:
+                found = one.group(3) in self._lists and one.group(2) == self.customer_id
+                name = self.list_names.get(one.group(3), "")
+            if not found:
+                return 404, status_body(404, "NOT_FOUND", "Requested entity was not found."), {}
+            return 200, orjson.dumps(self._list_json(one.group(1), one.group(2), one.group(3), name)), {}
+        if many:
+            params = {k: v[-1] for k, v in parse_qs(query).items()}
+            wanted = None
+            text = params.get("filter")
+            if text:
+                match = re.match(r'^display_name\s*=\s*"((?:[^"\\]|\\.)*)"$', text)
+                if match is None:
+                    return self._violation(f"unsupported filter {text!r}", "INVALID_FILTER", "filter")
+                wanted = re.sub(r"\\(.)", r"\1", match.group(1))
+            size = int(params.get("pageSize") or 50)
+            start = int(params.get("pageToken") or 0)
+            with self._lock:
+                rows = sorted(
+                    (i, n) for i, n in self.list_names.items() if wanted is None or n == wanted
+                )
+            page = rows[start : start + size]
+            answer: dict[str, Any] = {
+                "userLists": [self._list_json(many.group(1), many.group(2), i, n) for i, n in page]
+            }
+            if start + size < len(rows):
+                answer["nextPageToken"] = str(start + size)
+            return 200, orjson.dumps(answer), {}
+        self._record_violation(f"GET {path}: no such method")
+        return 404, status_body(404, "NOT_FOUND", f"The requested URL {path} was not found."), {}
+
+    @staticmethod
+    def _list_json(account_type: str, account: str, list_id: str, name: str) -> dict[str, Any]:
+        return {
+            "name": f"accountTypes/{account_type}/accounts/{account}/userLists/{list_id}",
+            "id": list_id,
+            "displayName": name,
+            "membershipStatus": "OPEN",
+        }
+
+    def delete_user_list(self, list_id: str) -> None:
+        """Remove a user list (as a user in Google Ads would)."""
+        with self._lock:
+            self._lists.pop(list_id, None)
+            self.list_names.pop(list_id, None)
+
     def _failure(self, action: Failure) -> Answer:
         kind = action.kind
         if kind == "rate_limit":
@@ -308,6 +462,12 @@ class FakeGoogle(FakeServer):
                 ),
                 {},
             )
+        if kind == "account_error":
+            reason = str(action.options.get("reason", "ADVERTISER_TOS_NOT_ACCEPTED"))
+            status = int(action.options.get("status", 400))
+            state = "PERMISSION_DENIED" if status == 403 else "FAILED_PRECONDITION"
+            text = reason.replace("_", " ").capitalize() + "."
+            return status, status_body(status, state, text, reason=reason), {}
         if kind == "server_error":
             return 503, status_body(503, "UNAVAILABLE", "The service is currently unavailable."), {}
         if kind == "permission":
@@ -358,8 +518,19 @@ class FakeGoogle(FakeServer):
         if action is not None:
             return self._failure(action)
         with self._lock:
+            if document["displayName"] in self.list_names.values():
+                return _bad_request(
+                    [
+                        {
+                            "field": "user_list.display_name",
+                            "description": "The display name is already used by another list.",
+                            "reason": "DISPLAY_NAME_ALREADY_USED",
+                        }
+                    ]
+                )
             new_id = str(int(self.user_list_id) + 1000 + len(self.created))
             self._lists[new_id] = _UserList()
+            self.list_names[new_id] = document["displayName"]
             self.created.append(dict(document))
         answer = {
             "name": f"accountTypes/{account_type}/accounts/{account}/userLists/{new_id}",
@@ -464,10 +635,51 @@ class FakeGoogle(FakeServer):
                 for i in bad
             ]
             return _bad_request(violations)
+        request_id = str(uuid.uuid4())
+        errors: dict[str, int] = {}
         with self._lock:
             for identifiers in parsed:
+                failing = [
+                    self._processing_failures[v]
+                    for k, v in identifiers
+                    if k == "emailAddress" and v in self._processing_failures
+                ]
+                if failing:  # refused in processing: not applied
+                    errors[failing[0]] = errors.get(failing[0], 0) + 1
+                    continue
                 (user_list.ingest if kind == "ingest" else user_list.remove)(identifiers)
-        return 200, orjson.dumps({"requestId": str(uuid.uuid4())}), {}
+            failed = sum(errors.values())
+            status = "SUCCESS" if not failed else "FAILED" if failed == len(parsed) else "PARTIAL_SUCCESS"
+            self.request_status[request_id] = {
+                "status": status, "errors": errors, "polls_left": self.processing_polls,
+                "records": len(parsed), "kind": kind, "destination": document["destinations"][0],
+            }  # fmt: skip
+        return 200, orjson.dumps({"requestId": request_id}), {}
+
+    def _request_status(self, query: str) -> Answer:
+        from urllib.parse import parse_qs
+
+        request_id = (parse_qs(query).get("requestId") or [""])[0]
+        with self._lock:
+            self.status_polls += 1
+            entry = self.request_status.get(request_id)
+            if entry is None:
+                return self._violation(f"unknown requestId {request_id!r}", "INVALID_REQUEST_ID", "request_id")
+            status = entry["status"]
+            if entry["polls_left"] > 0:
+                entry["polls_left"] -= 1
+                status = "PROCESSING"
+        per: dict[str, Any] = {"destination": entry["destination"], "requestStatus": status}
+        counts = {"recordCount": str(entry["records"]), "userIdentifierCount": str(entry["records"])}
+        if entry["kind"] == "ingest":
+            per["audienceMembersIngestionStatus"] = {"userDataIngestionStatus": counts}
+        else:
+            per["audienceMembersRemovalStatus"] = {"userDataRemovalStatus": counts}
+        if status in ("FAILED", "PARTIAL_SUCCESS"):
+            per["errorInfo"] = {
+                "errorCounts": [{"recordCount": str(c), "reason": r} for r, c in entry["errors"].items()]
+            }
+        return 200, orjson.dumps({"requestStatusPerDestination": [per]}), {}
 
     def _check_destinations(self, destinations: Any) -> tuple[str, str, str] | None:
         if not isinstance(destinations, list) or not 1 <= len(destinations) <= 10:

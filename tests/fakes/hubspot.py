@@ -13,6 +13,12 @@ thread) serving the part of the API the ``hubspot_list`` connector uses, in HubS
 * ``PUT /crm/v3/lists/{id}/memberships/add-and-remove`` (MANUAL/SNAPSHOT lists only; answer
   ``recordsIdsAdded`` (sic), ``recordIdsRemoved``, ``recordIdsMissing``).
 
+Paths are served in HubSpot's date-versioned spelling (``/crm/objects/2026-03/...``,
+``/crm/lists/2026-03/...``, published 2026-03-30) and in the legacy v3 one shown above; the
+versions served are ``api_versions`` (a v3 request to a fake that no longer serves v3 is a
+404, as after September 2027), and :attr:`FakeHubSpot.versions_seen` records each request's.
+``GET .../lists/{id}/memberships?limit=n&after=cursor`` pages with ``paging.next.after``.
+
 Every request is checked: method and path, ``Authorization: Bearer <token>``, JSON content type,
 body keys and types (property values are strings, record ids strings, as the official SDK's
 models type them), batch limits. A breach is answered as HubSpot would (400 ``VALIDATION_ERROR``,
@@ -108,8 +114,10 @@ class FakeHubSpot(FakeServer):
         timeout_s: float = 2.0,
         membership_limit: int = 10_000,
         reject_mode: str = "multi_status",
+        api_versions: tuple[str, ...] = ("2026-03", "v3"),
     ):
         super().__init__(port=port)
+        self.api_versions = api_versions
         self.token = token
         self.timeout_s = timeout_s
         self.membership_limit = membership_limit
@@ -133,6 +141,8 @@ class FakeHubSpot(FakeServer):
             """(method, path, JSON body) of every request, in arrival order."""
             self.requests = 0
             self._reject: set[str] = set()
+            self.versions_seen: list[str] = []
+            """The API version of every request, in arrival order."""
         self.default_list_id = self.add_list(DEFAULT_LIST_NAME, "MANUAL")
 
     # -- the common surface -----------------------------------------------------------------
@@ -245,9 +255,9 @@ class FakeHubSpot(FakeServer):
         with self._lock:
             self.requests += 1
         with self._in_flight():
-            return self._handle(method, path, headers, raw)
+            return self._handle(method, path, headers, raw, query)
 
-    def _handle(self, method: str, path: str, headers: Any, raw: bytes) -> Answer:
+    def _handle(self, method: str, path: str, headers: Any, raw: bytes, query: str = "") -> Answer:
         body: Any = None
         authorization = headers.get("Authorization") or ""
         if not authorization.startswith("Bearer "):
@@ -281,6 +291,8 @@ class FakeHubSpot(FakeServer):
         if route is None:
             return self._violation(f"no such endpoint: {method} {path}", 404)
         handler, args = route
+        if handler == self._get_memberships:
+            args = (*args, query)
         # Shape checks come first, as a real API's validation does: a broken request is
         # recorded even when a failure is injected for it.
         problem = self._check(handler, body)
@@ -335,6 +347,18 @@ class FakeHubSpot(FakeServer):
 
     def _route(self, method: str, path: str) -> tuple[Any, tuple[str, ...]] | None:
         parts = [p for p in path.split("/") if p]
+        # /crm/{objects|lists}/{YYYY-MM}/... is the dated spelling of /crm/v3/{objects|lists}/...
+        if len(parts) >= 3 and parts[0] == "crm" and re.match(r"^\d{4}-\d{2}$", parts[2]):
+            version = parts[2]
+            parts = ["crm", "v3", parts[1], *parts[3:]]
+        elif parts[:2] == ["crm", "v3"]:
+            version = "v3"
+        else:
+            return None
+        if version not in self.api_versions:
+            return None
+        with self._lock:
+            self.versions_seen.append(version)
         if parts[:3] == ["crm", "v3", "objects"] and parts[3:4] == ["contacts"]:
             if parts[4:] == ["batch", "upsert"] and method == "POST":
                 return self._upsert, ()
@@ -693,16 +717,29 @@ class FakeHubSpot(FakeServer):
                     return 200, orjson.dumps({"list": self._public(the_list)}), {}
         return 404, _error(f"List does not exist with name {name}.", "OBJECT_NOT_FOUND"), {}
 
-    def _get_memberships(self, body: Any, list_id: str) -> tuple[int, bytes, dict[str, str]]:
+    def _get_memberships(
+        self, body: Any, list_id: str, query: str = ""
+    ) -> tuple[int, bytes, dict[str, str]]:
+        from urllib.parse import parse_qs
+
+        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        limit = min(int(params.get("limit") or 100), 250)
+        after = params.get("after")
         with self._lock:
             the_list = self.lists.get(list_id)
             if the_list is None:
                 return _no_list(list_id)
-            results = [
-                {"recordId": r, "membershipTimestamp": t}
-                for r, t in sorted(the_list["members"].items(), key=lambda x: int(x[0]))
-            ]
-        return 200, orjson.dumps({"results": results, "total": len(results)}), {}
+            ordered = sorted(the_list["members"].items(), key=lambda x: int(x[0]))
+        if after:
+            ordered = [m for m in ordered if int(m[0]) > int(after)]
+        page = ordered[:limit]
+        answer: dict[str, Any] = {
+            "results": [{"recordId": r, "membershipTimestamp": t} for r, t in page],
+            "total": len(the_list["members"]),
+        }
+        if len(ordered) > limit:
+            answer["paging"] = {"next": {"after": page[-1][0]}}
+        return 200, orjson.dumps(answer), {}
 
     def _add_and_remove(
         self, body: dict[str, Any], list_id: str

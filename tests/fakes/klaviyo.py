@@ -8,6 +8,9 @@ thread) holding profiles and lists. It serves what the list connector may call:
   ``GET /api/profiles/?filter=equals(email,"...")``;
 * ``GET /api/lists/`` (``filter=equals(name,"...")``), ``POST /api/lists/`` (201),
   ``GET /api/lists/{id}/``;
+* ``GET /api/lists/{id}/profiles/?fields[profile]=email&page[size]=n[&page[cursor]=c]``: the
+  list's profiles, paged with ``links.next`` (a URL carrying ``page[cursor]``), at most 100 a
+  page as Klaviyo allows;
 * ``POST`` / ``DELETE /api/lists/{id}/relationships/profiles/`` with ``{"data": [{"type":
   "profile", "id"}]}``, at most 1,000 ids, answered 204.
 
@@ -232,7 +235,7 @@ class FakeKlaviyo(FakeServer):
         """Check and apply one request; return status, body and headers."""
         with self._lock:
             self.requests.append((method, path))
-        action = self._failures.take()
+        action = self._failures.take(method, path)
         with self._in_flight():
             action = hold(action, "delay_s", 1.0)
             return self._handle(method, path.rstrip("/"), parse_qs(query), headers, body, action)
@@ -284,6 +287,8 @@ class FakeKlaviyo(FakeServer):
             handler = self._get_lists if method == "GET" else self._create_list
         elif len(segments) == 2 and segments[0] == "lists" and method == "GET":
             handler = self._get_list
+        elif len(segments) == 3 and segments[0] == "lists" and segments[2] == "profiles" and method == "GET":
+            handler = self._list_profiles
         elif (
             len(segments) == 4
             and segments[0] == "lists"
@@ -436,6 +441,36 @@ class FakeKlaviyo(FakeServer):
                     404, "not_found", "Not found.", f"A list with id {segments[1]} does not exist."
                 )
             return json_answer(200, {"data": _list_json(segments[1], entry)})
+
+    def _list_profiles(self, method, segments, query, document, action):
+        """A page of the list's profiles (id and the email attribute)."""
+        if action is not None:
+            return self._failure(action.kind)
+        size = int((query.get("page[size]") or ["20"])[0])
+        if not 1 <= size <= 100:
+            self._record_violation(f"page[size]={size}: Klaviyo allows 1 to 100")
+            return _error(400, "invalid", "Invalid input.", "page[size] must be 1 to 100")
+        start = int((query.get("page[cursor]") or ["0"])[0])
+        with self._lock:
+            entry = self.lists.get(segments[1])
+            if entry is None:
+                return _error(
+                    404, "not_found", "Not found.", f"A list with id {segments[1]} does not exist."
+                )
+            ids = sorted(entry["members"])
+            page = ids[start : start + size]
+            data = [
+                {"type": "profile", "id": i,
+                 "attributes": {"email": (self.profiles.get(i) or {}).get("email")}}
+                for i in page
+            ]  # fmt: skip
+        links: dict[str, Any] = {"self": f"/api/lists/{segments[1]}/profiles/", "next": None}
+        if start + size < len(ids):
+            links["next"] = (
+                f"{self.base_url}/api/lists/{segments[1]}/profiles/?fields%5Bprofile%5D=email"
+                f"&page%5Bsize%5D={size}&page%5Bcursor%5D={start + size}"
+            )
+        return json_answer(200, {"data": data, "links": links})
 
     def _create_list(self, method, segments, query, document, action):
         data = document.get("data") if isinstance(document, dict) else None

@@ -14,7 +14,16 @@ serves what the connector may call, and checks each request as Mailchimp would:
 * ``POST /3.0/lists/{id}/members/{hash}/tags``: ``{"tags": [{"name", "status":
   "active"|"inactive"}]}``, 204, or a 404 problem when no member has that hash;
 * ``DELETE /3.0/lists/{id}/members/{hash}``: archive, 204;
-* ``GET /3.0/lists/{id}/members/{hash}``: a member.
+* ``GET /3.0/lists/{id}/members/{hash}``: a member;
+* tags as static segments: ``GET /3.0/lists/{id}/segments?type=static&count=n&offset=k``
+  (``segments[]`` with ``id``, ``name``, ``type``, ``member_count``; ``total_items``),
+  ``POST /3.0/lists/{id}/segments`` ``{"name", "static_segment": []}`` (a new tag),
+  ``POST /3.0/lists/{id}/segments/{segment_id}`` ``{"members_to_add": [...],
+  "members_to_remove": [...]}`` (at most 500 each; addresses not in the audience come back in
+  ``errors[]`` with ``email_addresses``; answer ``members_added``, ``members_removed``,
+  ``total_added``, ``total_removed``, ``error_count``), and
+  ``GET /3.0/lists/{id}/segments/{segment_id}/members?count=n&offset=k`` (paged
+  ``members[]``, ``total_items``).
 
 Every request needs Basic auth with the key as password (any user name) or ``Bearer <key>``;
 bodies need ``Content-Type: application/json``. More than 10 requests at once get Mailchimp's
@@ -119,6 +128,13 @@ class FakeMailchimp(FakeServer):
             self.upserts: list[dict[str, Any]] = []
             """The body of every batch upsert that passed the checks."""
             self.rejected: set[str] = set()
+            self.segments: dict[int, str] = {}
+            """Static segment id -> tag name (a tag is a static segment)."""
+            self._next_segment = 4001
+            self.segment_calls = 0
+            self.segment_bodies: list[dict[str, Any]] = []
+            """The body of every bulk segment request, in order."""
+            """Bulk ``members_to_add`` / ``members_to_remove`` requests received."""
 
     # -- the generic surface --------------------------------------------------------------
 
@@ -197,7 +213,7 @@ class FakeMailchimp(FakeServer):
         path = target(route, query)
         with self._lock:
             self.requests.append((method, path))
-        action = self._failures.take()
+        action = self._failures.take(method, path)
         with self._in_flight() as in_flight:
             action = hold(action, "delay_s", 1.0, self.latency_s)
             if in_flight > MAX_CONNECTIONS:
@@ -255,6 +271,8 @@ class FakeMailchimp(FakeServer):
             handler = self._member_get if method == "GET" else self._archive
         elif len(rest) == 3 and rest[0] == "members" and rest[2] == "tags" and method == "POST":
             handler = self._tags
+        elif rest[:1] == ["segments"]:
+            return self._segments(method, rest[1:], path, document, action)
         else:
             self._record_violation(f"{method} {path}: not an endpoint the connector may call")
             return _problem(
@@ -389,6 +407,109 @@ class FakeMailchimp(FakeServer):
                 else:
                     member["tags"].discard(tag["name"])
         return 204, b"", {}
+
+    def segment_id(self, tag: str | None = None) -> int | None:
+        """The static segment of ``tag`` (default :attr:`tag`), if it exists."""
+        with self._lock:
+            for segment_id, name in self.segments.items():
+                if name == (tag or self.tag):
+                    return segment_id
+        return None
+
+    def _segments(
+        self, method: str, rest: list[str], path: str, document: Any, action: Failure | None
+    ) -> Answer:
+        from urllib.parse import parse_qs, urlsplit
+
+        if action is not None:
+            return self._failure(action.kind)
+        params = {k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()}
+        count = int(params.get("count") or 10)
+        offset = int(params.get("offset") or 0)
+        if count > 1000:
+            self._record_violation(f"count={count} over Mailchimp's 1000")
+        with self._lock:
+            # Every tag set on a member is a static segment too, as in Mailchimp.
+            for member in self.list_members.values():
+                for tag in member["tags"]:
+                    if tag not in self.segments.values():
+                        self.segments[self._next_segment] = tag
+                        self._next_segment += 1
+            if not rest and method == "GET":
+                rows = sorted(self.segments.items())
+                page = rows[offset : offset + count]
+                return json_answer(200, {
+                    "segments": [
+                        {"id": i, "name": n, "type": "static",
+                         "member_count": sum(n in m["tags"] for m in self.list_members.values())}
+                        for i, n in page
+                    ],
+                    "total_items": len(rows),
+                })  # fmt: skip
+            if not rest and method == "POST":
+                if (
+                    not isinstance(document, dict)
+                    or not isinstance(document.get("name"), str)
+                    or document.get("static_segment") != []
+                ):
+                    self._record_violation("segment create: body must be {name, static_segment: []}")
+                    return _problem(400, "Invalid Resource", "The resource submitted could not be validated.")
+                if document["name"] in self.segments.values():
+                    return _problem(400, "Invalid Resource", "Sorry, that tag already exists.")
+                segment_id = self._next_segment
+                self._next_segment += 1
+                self.segments[segment_id] = document["name"]
+                return json_answer(200, {"id": segment_id, "name": document["name"], "type": "static"})
+            if not rest or not rest[0].isdigit() or int(rest[0]) not in self.segments:
+                return _problem(404, "Resource Not Found", "The requested resource could not be found.")
+            tag = self.segments[int(rest[0])]
+            if len(rest) == 1 and method == "POST":
+                return self._segment_members(tag, document)
+            if rest[1:] == ["members"] and method == "GET":
+                tagged = sorted(
+                    (m for h, m in self.list_members.items()
+                     if tag in m["tags"] and m["status"] != "archived"),
+                    key=lambda m: m["email_address"],
+                )  # fmt: skip
+                page = tagged[offset : offset + count]
+                return json_answer(200, {
+                    "members": [_member_json(subscriber_hash(m["email_address"]), m) for m in page],
+                    "total_items": len(tagged),
+                })  # fmt: skip
+        self._record_violation(f"{method} {path}: not an endpoint the connector may call")
+        return _problem(405, "Method Not Allowed", "The requested method and resource are not compatible.")
+
+    def _segment_members(self, tag: str, document: Any) -> Answer:
+        """``members_to_add`` / ``members_to_remove`` of a static segment (lock held)."""
+        if not isinstance(document, dict) or set(document) - {"members_to_add", "members_to_remove"}:
+            self._record_violation("segment members: body must hold members_to_add / members_to_remove")
+            return _problem(400, "Invalid Resource", "The resource submitted could not be validated.")
+        adding = document.get("members_to_add") or []
+        removing = document.get("members_to_remove") or []
+        if len(adding) > MAX_MEMBERS or len(removing) > MAX_MEMBERS:
+            self._record_violation("segment members: more than 500 addresses in one list")
+            return _problem(400, "Invalid Resource", "You may only add or remove 500 members at a time.")
+        self.segment_calls += 1
+        self.segment_bodies.append(dict(document))
+        added, removed, errors = [], [], []
+        for email, bucket, active in [(e, added, True) for e in adding] + [
+            (e, removed, False) for e in removing
+        ]:
+            if not isinstance(email, str) or email != email.strip().lower():
+                self._record_violation(f"segment members: {email!r} is not a normalised address")
+            member = self.list_members.get(subscriber_hash(str(email)))
+            if member is None or member["status"] == "archived":
+                errors.append({"email_addresses": [email], "error": "Email address is not subscribed to the list"})
+                continue
+            if active:
+                member["tags"].add(tag)
+            else:
+                member["tags"].discard(tag)
+            bucket.append(_member_json(subscriber_hash(email), member))
+        return json_answer(200, {
+            "members_added": added, "members_removed": removed, "errors": errors,
+            "total_added": len(added), "total_removed": len(removed), "error_count": len(errors),
+        })  # fmt: skip
 
     def _archive(self, rest: list[str], document: Any, action: Failure | None) -> Answer:
         if action is not None:

@@ -30,6 +30,13 @@ Failures in Salesforce's shapes (``fail_next(kind, n, path=...)``): ``rate_limit
 of the collection failing ``UNABLE_TO_LOCK_ROW``), ``timeout`` (held ``timeout_s``, then
 applied). ``reject_keys(emails)`` fails those members' contact upserts, member creates and
 deletes per record with ``FIELD_CUSTOM_VALIDATION_EXCEPTION``.
+
+OAuth: :meth:`FakeSalesforce.use_oauth` serves ``/services/oauth2/token``
+(:class:`tests.fakes._oauth.TokenIssuer`): the refresh-token flow (``client_id``,
+``client_secret``, ``refresh_token``) and the JWT bearer flow (``iss`` the connected app's
+consumer key, ``sub`` the username, ``aud`` the login URL, at most three minutes of life);
+answers carry ``instance_url`` and no ``expires_in``, as Salesforce's do. Issued sessions end
+after a lifetime or a number of requests, then answer 401 ``INVALID_SESSION_ID``.
 """
 
 from __future__ import annotations
@@ -43,21 +50,26 @@ from urllib.parse import parse_qs, unquote
 import orjson
 
 from ._http import Answer, FakeServer, drop_none, media_type, seed_items, target
+from ._oauth import TokenIssuer
 
 TOKEN = "00Dfake!AQcAQFakeSalesforceSessionToken"
-API_VERSION = "v62.0"
+API_VERSION = "v66.0"
 COLLECTION_LIMIT = 200
 KEY_FIELD = "Audsync_Key__c"
 URI_LIMIT = 16_384
 SOQL_LIMIT = 100_000
 API_LIMIT = 15_000
-PREFIXES = {"Contact": "003", "Campaign": "701", "CampaignMember": "00v"}
+PREFIXES = {"Contact": "003", "Lead": "00Q", "Campaign": "701", "CampaignMember": "00v"}
 SCHEMA: dict[str, frozenset[str]] = {
     "Contact": frozenset({"Id", "Email", "FirstName", "LastName", "Phone", "LTV__c", KEY_FIELD}),
+    # A Lead needs LastName and Company, as Salesforce's does.
+    "Lead": frozenset(
+        {"Id", "Email", "FirstName", "LastName", "Company", "Phone", "LTV__c", KEY_FIELD}
+    ),
     "Campaign": frozenset({"Id", "Name", "IsActive", "Status"}),
     "CampaignMember": frozenset({"Id", "CampaignId", "ContactId", "LeadId", "Status"}),
 }
-EXTERNAL_IDS = {"Contact": frozenset({KEY_FIELD})}
+EXTERNAL_IDS = {"Contact": frozenset({KEY_FIELD}), "Lead": frozenset({KEY_FIELD})}
 KINDS = (
     "rate_limit",
     "concurrent_limit",
@@ -231,7 +243,7 @@ class FakeSalesforce(FakeServer):
 
     Args:
         token: the access token it accepts.
-        api_version: the version prefix it serves (``v62.0``).
+        api_version: the version prefix it serves (``v66.0``).
         port: the port (0: any free one).
         timeout_s: how long a ``timeout`` failure holds its request.
         page_size: records in one query answer before ``nextRecordsUrl``.
@@ -254,7 +266,29 @@ class FakeSalesforce(FakeServer):
         self.api_version = api_version
         self.timeout_s = timeout_s
         self.page_size = page_size
+        self.oauth: TokenIssuer | None = None
+        """The token endpoint, once :meth:`use_oauth` is called."""
         self.reset()
+
+    def use_oauth(
+        self, *, public_key: str | None = None, username: str = "sync@example.com", **options: Any
+    ) -> TokenIssuer:
+        """Serve ``/services/oauth2/token``; the sessions it issues are accepted beside the
+        static token. ``public_key`` enables the JWT bearer flow for ``username``."""
+        self.oauth = TokenIssuer(
+            lambda: self.base_url + "/services/oauth2/token",
+            self._record_violation,
+            client_id="3MVG9fakeConsumerKey",
+            public_key=public_key,
+            issuer="3MVG9fakeConsumerKey",
+            audience=self.base_url,
+            subject=username if public_key else None,
+            max_assertion_s=180,
+            state_expires_in=False,
+            extra=lambda: {"instance_url": self.base_url, "id": "fake-id", "issued_at": "0"},
+            **options,
+        )
+        return self.oauth
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -318,7 +352,9 @@ class FakeSalesforce(FakeServer):
             for member in self.records["CampaignMember"].values():
                 if member["CampaignId"] != campaign:
                     continue
-                contact = self.records["Contact"].get(member.get("ContactId") or "")
+                contact = self.records["Contact"].get(member.get("ContactId") or "") or self.records[
+                    "Lead"
+                ].get(member.get("LeadId") or "")
                 if contact is None:
                     continue
                 key = contact.get(KEY_FIELD) or (contact.get("Email") or "").lower()
@@ -367,7 +403,9 @@ class FakeSalesforce(FakeServer):
         campaign = campaign_id or self.default_campaign_id
         with self._lock:
             for member in self.records["CampaignMember"].values():
-                contact = self.records["Contact"].get(member.get("ContactId") or "", {})
+                contact = self.records["Contact"].get(
+                    member.get("ContactId") or ""
+                ) or self.records["Lead"].get(member.get("LeadId") or "", {})
                 if member["CampaignId"] == campaign and email.lower() in (
                     (contact.get(KEY_FIELD) or "").lower(),
                     (contact.get("Email") or "").lower(),
@@ -404,6 +442,8 @@ class FakeSalesforce(FakeServer):
 
     def handle(self, method: str, path: str, query: str, headers: Any, raw: bytes) -> Answer:
         """Check and serve one request; return status, body and extra headers."""
+        if path == "/services/oauth2/token" and self.oauth is not None:
+            return self.oauth.handle(method, headers, raw)
         with self._lock:
             self.requests += 1
         with self._in_flight():
@@ -427,7 +467,9 @@ class FakeSalesforce(FakeServer):
         if not authorization.startswith("Bearer "):
             self._violation(f"{method} {path}: no 'Authorization: Bearer' header", 401)
             return 401, _errors("INVALID_SESSION_ID", "Session expired or invalid"), {}
-        if authorization != f"Bearer {self.token}":
+        if authorization != f"Bearer {self.token}" and (
+            self.oauth is None or self.oauth.check(authorization[7:]) is not None
+        ):
             return 401, _errors("INVALID_SESSION_ID", "Session expired or invalid"), {}
         body: Any = None
         if method in ("POST", "PATCH"):
@@ -645,7 +687,9 @@ class FakeSalesforce(FakeServer):
         return 200, orjson.dumps(results), {}
 
     def _key_of_contact(self, contact_id: Any) -> str:
-        contact = self.records["Contact"].get(contact_id or "", {})
+        contact = self.records["Contact"].get(contact_id or "") or self.records["Lead"].get(
+            contact_id or "", {}
+        )
         return str(contact.get(KEY_FIELD) or contact.get("Email") or "").lower()
 
     def _create_one(self, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -666,18 +710,29 @@ class FakeSalesforce(FakeServer):
                 return _record_failure(
                     "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id", ["ContactId"]
                 )
-            if self._key_of_contact(fields.get("ContactId")) in self._reject:
+            if fields.get("LeadId") and fields["LeadId"] not in self.records["Lead"]:
+                return _record_failure(
+                    "INVALID_CROSS_REFERENCE_KEY", "invalid cross reference id", ["LeadId"]
+                )
+            if self._key_of_contact(fields.get("ContactId") or fields.get("LeadId")) in self._reject:
                 return _record_failure(
                     "FIELD_CUSTOM_VALIDATION_EXCEPTION", "Rejected by a validation rule (fake)"
                 )
             for member in self.records["CampaignMember"].values():
-                if member["CampaignId"] == fields["CampaignId"] and member.get(
-                    "ContactId"
-                ) == fields.get("ContactId"):
+                if member["CampaignId"] == fields["CampaignId"] and (
+                    member.get("ContactId"),
+                    member.get("LeadId"),
+                ) == (fields.get("ContactId"), fields.get("LeadId")):
                     return _record_failure("DUPLICATE_VALUE", "Already a campaign member.")
         if kind == "Contact" and not fields.get("LastName"):
             return _record_failure(
                 "REQUIRED_FIELD_MISSING", "Required fields are missing: [LastName]", ["LastName"]
+            )
+        if kind == "Lead" and not (fields.get("LastName") and fields.get("Company")):
+            return _record_failure(
+                "REQUIRED_FIELD_MISSING",
+                "Required fields are missing: [LastName, Company]",
+                ["LastName", "Company"],
             )
         record_id = self._insert(kind, fields)
         return {"id": record_id, "success": True, "errors": []}
@@ -765,7 +820,7 @@ class FakeSalesforce(FakeServer):
                 record = self.records[obj][record_id]
                 if (
                     obj == "CampaignMember"
-                    and self._key_of_contact(record.get("ContactId")) in self._reject
+                    and self._key_of_contact(record.get("ContactId") or record.get("LeadId")) in self._reject
                 ):
                     results.append(
                         {

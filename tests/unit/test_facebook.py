@@ -16,7 +16,6 @@ from audsync.destinations.facebook import (
     MAX_ROWS_PER_REQUEST,
     FacebookCustomAudienceConnector,
     regain_access_seconds,
-    session_id,
 )
 from audsync.destinations.registry import get_connector
 from tests.fakes.facebook import TOKEN, FakeFacebook, email_hash
@@ -94,10 +93,10 @@ def test_add_update_remove_land(fake):
         "stays@example.com": sha("stays@example.com"),
     }
     # Nothing in clear on the wire, and the token only in the header.
-    _, target, headers, raw = fake.requests[0]
+    _, target, headers, raw = [r for r in fake.requests if r[0] != "GET"][0]
     assert b"example.com" not in raw and TOKEN.encode() not in raw and TOKEN not in target
     assert headers["Authorization"] == f"Bearer {TOKEN}"
-    assert target.startswith("/v25.0/") and headers["Content-Type"].startswith("application/json")
+    assert target.startswith("/v26.0/") and headers["Content-Type"].startswith("application/json")
 
 
 def test_bodies_match_the_meta_sdk(fake):
@@ -133,10 +132,31 @@ def test_session_sequence_counts_per_operation_and_differs_per_run(fake):
     for seq in range(1, 4):
         h.send([add(seq, f"u{seq}@example.com")])
     h.send([add(9, "u1@example.com", op="remove")])
-    sid_add, sid_remove = session_id("run-1", "add"), session_id("run-1", "remove")
+    sid_add, sid_remove = h.connector._sessions["add"], h.connector._sessions["remove"]
     assert fake.sessions == {sid_add: [1, 2, 3], sid_remove: [1]}
-    assert session_id("run-2", "add") not in (sid_add, sid_remove)
-    assert 0 < sid_add < 2**63
+    assert 0 < sid_add < 2**63 and sid_add != sid_remove
+    # The run ends: each session gets one request with last_batch_flag true, one row long.
+    h.connector.close(True)
+    assert fake.sessions == {sid_add: [1, 2, 3, 4], sid_remove: [1, 2]}
+    assert sorted(fake.closed_sessions) == sorted([sid_add, sid_remove])
+    closing = [b for b in bodies(fake) if b["session"]["last_batch_flag"]]
+    assert len(closing) == 2 and all(len(b["payload"]["data"]) == 1 for b in closing)
+    assert [b["session"]["last_batch_flag"] for b in bodies(fake)].count(True) == 2
+    assert {m for m in fake.members()} == {f"sha256:{sha(f'u{i}@example.com')}" for i in (2, 3)}
+    # A retried or resumed run (same run id) never replays a used (session_id, batch_seq).
+    again = Harness(fake)
+    again.open()
+    again.send([add(1, "u9@example.com")])
+    assert again.connector._sessions["add"] not in (sid_add, sid_remove)
+    assert fake.violations == []
+
+
+def test_a_failed_run_leaves_its_sessions_open(fake):
+    h = Harness(fake)
+    h.open()
+    h.send([add(1, "a@example.com")])
+    h.connector.close(False)
+    assert fake.closed_sessions == []
 
 
 def test_other_key_types_and_unhashed_keys(fake):
@@ -280,7 +300,7 @@ def test_engine_splits_batches_over_the_limit(fake):
     assert stats.rows_sent == 20_500 and stats.rows_rejected == 0
     sizes = sorted(len(b["payload"]["data"]) for b in bodies(fake))
     assert sizes == [500, 10_000, 10_000]
-    assert sorted(fake.sessions[session_id("run-1", "add")]) == [1, 2, 3]
+    assert sorted(fake.sessions[h.connector._sessions["add"]]) == [1, 2, 3]
     assert len(fake.members()) == 20_500
     assert sum(len(r.destination_ids) for r in results) == 20_500
 
@@ -375,10 +395,10 @@ def test_expired_token_is_fatal_and_the_message_has_no_secret(fake):
 
 def test_a_wrong_token_is_fatal(fake):
     h = Harness(fake, access_token="EAAwrongToken999")
-    h.open()
+    # open() checks the audience, so a wrong token stops the run before anything is sent.
     with pytest.raises(FatalDestinationError) as caught:
-        h.send([add(1, "a@example.com")])
-    assert "EAAwrongToken999" not in str(caught.value)
+        h.open()
+    assert "EAAwrongToken999" not in str(caught.value) and "190" in str(caught.value)
 
 
 def test_permission_errors_and_missing_audiences_are_fatal(fake):
@@ -388,9 +408,12 @@ def test_permission_errors_and_missing_audiences_are_fatal(fake):
     with pytest.raises(FatalDestinationError, match="permission"):
         h.send([add(1, "a@example.com")])
     missing = Harness(fake, audience_id="999")
-    missing.open()
+    with pytest.raises(FatalDestinationError, match="no custom audience 999"):
+        missing.open()
+    # An audience deleted after open() is fatal on the send.
+    gone = Harness(fake, audience_id="999")
     with pytest.raises(FatalDestinationError, match="does not exist"):
-        missing.send([add(1, "a@example.com")])
+        gone.send([add(1, "a@example.com")])
 
 
 def test_an_invalid_parameter_fails_only_that_requests_rows(fake):
@@ -496,3 +519,12 @@ def test_registered_under_its_type():
 
 def test_mirror_property_over_the_common_surface(fake):
     mirror_runs(fake, Harness, [f"Person{i}@Example.com " for i in range(24)])
+
+
+def test_a_failed_session_close_does_not_fail_the_run(fake, caplog):
+    h = Harness(fake, max_retries=0)
+    h.open()
+    h.send([add(1, "a@example.com")])
+    fake.fail_next("server_error")
+    h.connector.close(True)  # no exception: every batch was answered
+    assert "closing the add session failed" in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import orjson
 import pytest
@@ -41,6 +42,9 @@ def sha(text: str) -> str:
 def proto_check(fake) -> None:
     """Parse every body sent with the API's message types (unknown fields refused)."""
     for method, path, _, body in fake.requests:
+        if method == "GET":
+            assert not body, path  # a look-up carries no body
+            continue
         proto = PROTOS.get(path)
         if proto is None and path.endswith("/userLists"):
             proto = dm.UserList
@@ -75,7 +79,11 @@ def change(seq, email, op="add", destination_id=None, **fields):
 
 
 def bodies(fake, path=None):
-    return [orjson.loads(b) for _, p, _, b in fake.requests if path is None or p.endswith(path)]
+    return [
+        orjson.loads(b)
+        for m, p, _, b in fake.requests
+        if m != "GET" and (path is None or p.endswith(path))
+    ]
 
 
 # ----------------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ def test_add_update_remove_land(fake):
         "b@example.com": sha("b@example.com"),
         "stays@example.com": sha("stays@example.com"),
     }
-    _, _, headers, raw = fake.requests[0]
+    _, _, headers, raw = [r for r in fake.requests if r[0] == "POST"][0]
     assert headers["Authorization"] == f"Bearer {TOKEN}" and TOKEN.encode() not in raw
     assert b"example.com" not in raw
 
@@ -206,17 +214,18 @@ def test_consent_and_login_account_come_from_settings(fake):
     assert "consent" not in bodies(fake, ":remove")[0]
 
 
-def test_gmail_normalisation_is_an_option(fake):
-    off = Harness(fake)
-    off.open()
-    assert off.send([change(1, "John.Smith+ads@gmail.com")]).destination_ids == {
-        "John.Smith+ads@gmail.com": sha("john.smith+ads@gmail.com")
-    }
-    on = Harness(fake, normalize_gmail="yes")
-    on.open()
-    assert on.send([change(1, "John.Smith+ads@gmail.com")]).destination_ids == {
-        "John.Smith+ads@gmail.com": sha("johnsmith@gmail.com")
-    }
+def test_gmail_rule_is_always_on(fake, caplog):
+    util = Formatter()
+    for settings in ({}, {"normalize_gmail": False}, {"normalize_gmail": "yes"}):
+        harness = Harness(fake, **settings)
+        harness.open()
+        sent = harness.send([change(1, "John.Smith+ads@gmail.com")]).destination_ids
+        # Google's own helper is the oracle: dots and the +suffix go before hashing.
+        expected = util.process_email_address("John.Smith+ads@gmail.com", Encoding.HEX)
+        assert sent == {"John.Smith+ads@gmail.com": expected} == {
+            "John.Smith+ads@gmail.com": sha("johnsmith@gmail.com")
+        }
+    assert "normalize_gmail is ignored" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,14 +324,15 @@ def test_member_violation_parsing():
 
 
 def test_removal_uses_the_stored_id_even_when_normalisation_changed(fake):
-    first = Harness(fake, normalize_gmail=True, fields=())
+    first = Harness(fake, fields=())
     first.open()
-    added = first.send([Change(1, "add", "J.Doe@gmail.com", {}, None)])
-    stored = added.destination_ids["J.Doe@gmail.com"]
-    assert stored == sha("jdoe@gmail.com")
-    second = Harness(fake, run_id="run-2", fields=())  # the gmail rule is off now
+    added = first.send([Change(1, "add", "J.Doe@example.com", {}, None)])
+    stored = added.destination_ids["J.Doe@example.com"]
+    assert stored == sha("j.doe@example.com")
+    # A later run whose normalisation would give another hash still removes the stored one.
+    second = Harness(fake, run_id="run-2", fields=())
     second.open()
-    assert second.send([Change(1, "remove", "J.Doe@gmail.com", {}, stored)]).rejected == []
+    assert second.send([Change(1, "remove", "J.Doe@example.com ", {}, stored)]).rejected == []
     assert fake.member_identifiers() == []
 
 
@@ -438,7 +448,8 @@ def test_expired_token_is_fatal_and_the_message_has_no_secret(fake):
     with pytest.raises(FatalDestinationError) as caught:
         h.send([change(1, "a@example.com")])
     assert "UNAUTHENTICATED" in str(caught.value) and TOKEN not in str(caught.value)
-    assert len(fake.requests) == 1
+    # A static token is not refreshed: one POST, not retried.
+    assert [m for m, *_ in fake.requests] == ["GET", "POST"]
 
 
 def test_permission_and_missing_list_are_fatal(fake):
@@ -447,10 +458,11 @@ def test_permission_and_missing_list_are_fatal(fake):
     fake.fail_next("permission")
     with pytest.raises(FatalDestinationError, match="PERMISSION_DENIED"):
         h.send([change(1, "a@example.com")])
-    missing = Harness(fake, user_list_id="42")
-    missing.open()
+    with pytest.raises(FatalDestinationError, match="no user list 42"):
+        Harness(fake, user_list_id="42").open()
+    # A list deleted after open() is fatal on the send.
     with pytest.raises(FatalDestinationError, match="INVALID_USER_LIST_ID"):
-        missing.send([change(1, "a@example.com")])
+        Harness(fake, user_list_id="42").send([change(1, "a@example.com")])
 
 
 # ----------------------------------------------------------------------------------------
@@ -509,7 +521,9 @@ def test_registered_under_its_type_and_the_contracts_alias():
     keys = {k.name: k for k in GoogleCustomerMatchConnector.config_keys}
     # The contract's example (section 7) loads: customer_id, user_list_id, developer_token.
     assert {"customer_id", "user_list_id", "developer_token", "access_token"} <= set(keys)
-    assert {k for k, v in keys.items() if v.secret} == {"access_token", "developer_token"}
+    assert {k for k, v in keys.items() if v.secret} == {
+        "access_token", "developer_token", "client_secret", "refresh_token", "service_account_json"
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -519,3 +533,65 @@ def test_registered_under_its_type_and_the_contracts_alias():
 
 def test_mirror_property_over_the_common_surface(fake):
     mirror_runs(fake, Harness, [f"Person{i}@Example.com " for i in range(24)])
+
+
+# ----------------------------------------------------------------------------------------
+# Asynchronous processing: requestStatus:retrieve
+# ----------------------------------------------------------------------------------------
+
+
+def test_rows_failed_in_processing_become_late_row_errors(fake):
+    fake.fail_processing(["nc1@example.com", "nc2@example.com"])
+    h = Harness(fake, fields=())
+    h.open()
+    failing = [Change(i + 1, "add", f"nc{i + 1}@example.com", {}, None) for i in range(2)]
+    fine = [Change(3, "add", "ok@example.com", {}, None), Change(4, "add", "ok2@example.com", {}, None)]
+    assert h.send(failing).rejected == [] and h.send(fine).rejected == []  # accepted at first
+    late = h.connector.late_row_errors()
+    assert sorted((e.key, e.op, e.error_code) for e in late) == [
+        ("nc1@example.com", "add", "google_no_consent"),
+        ("nc2@example.com", "add", "google_no_consent"),
+    ]
+    assert "PROCESSING_ERROR_REASON_NO_CONSENT" in late[0].error_message
+    assert fake.status_polls >= 4  # each request was PROCESSING once, then final
+    assert fake.members(["ok@example.com", "nc1@example.com"]) == {"ok@example.com": {}}
+    # Polled once per run: nothing left to poll.
+    assert h.connector.late_row_errors() == []
+
+
+def test_status_polling_is_bounded_and_can_be_off(fake):
+    fake.processing_polls = 1000  # never done
+    h = Harness(fake, fields=(), request_status_timeout_s=1)
+    h.open()
+    h.send([Change(1, "add", "a@example.com", {}, None)])
+    started = time.monotonic()
+    assert h.connector.late_row_errors() == []
+    assert time.monotonic() - started < 3
+    off = Harness(fake, fields=(), request_status_timeout_s=0)
+    off.open()
+    off.send([Change(1, "add", "b@example.com", {}, None)])
+    polls = fake.status_polls
+    assert off.connector.late_row_errors() == [] and fake.status_polls == polls
+
+
+def test_a_long_run_is_polled_in_the_background(fake, monkeypatch):
+    from audsync.destinations import google
+
+    monkeypatch.setattr(google, "BACKGROUND_POLL_S", 0.2)
+    monkeypatch.setattr(google, "BACKGROUND_AFTER_REQUESTS", 3)
+    fake.fail_processing(["bad@example.com"])
+    h = Harness(fake, fields=())
+    h.open()
+    h.send([Change(1, "add", "bad@example.com", {}, None)])
+    for i in range(4):
+        h.send([Change(i + 2, "add", f"ok{i}@example.com", {}, None)])
+    deadline = time.monotonic() + 5
+    # Each request answers PROCESSING once, then its result: two rounds of the poller.
+    while time.monotonic() < deadline and fake.status_polls < 10:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    with h.connector._pending_lock:
+        assert h.connector._pending == [] and fake.status_polls >= 10
+    late = h.connector.late_row_errors()
+    assert [(e.key, e.error_code) for e in late] == [("bad@example.com", "google_no_consent")]
+    assert not h.connector._poller.is_alive()

@@ -361,11 +361,11 @@ def test_create_if_missing_creates_once_then_reuses(fake):
     first = connect(fake, list_id=None, create_if_missing=True, list_name="VIP audience")
     list_id = first.opened["list_id"]
     assert list_id != fake.default_list_id
-    created = fake.calls_to("/crm/v3/lists")
+    created = fake.calls_to("/crm/lists/2026-03")
     assert [c for c in created if c[0] == "POST"] == [
         (
             "POST",
-            "/crm/v3/lists",
+            "/crm/lists/2026-03",
             {"name": "VIP audience", "objectTypeId": "0-1", "processingType": "MANUAL"},
         )
     ]
@@ -381,13 +381,13 @@ def test_create_if_missing_creates_once_then_reuses(fake):
         create_if_missing=True,
         list_name="VIP audience",
     )
-    assert second.opened == {"list_id": list_id}
+    assert second.opened is None  # nothing new to remember
     assert [c[0] for c in fake.calls[calls:]] == ["GET"]
 
     # A run that lost the state (died before storing it) finds the list by name.
     third = connect(fake, list_id=None, create_if_missing=True, list_name="VIP audience")
     assert third.opened == {"list_id": list_id}
-    assert len([c for c in fake.calls if c[0] == "POST" and c[1] == "/crm/v3/lists"]) == 1
+    assert len([c for c in fake.calls if c[0] == "POST" and c[1] == "/crm/lists/2026-03"]) == 1
     assert fake.violations == []
 
 
@@ -538,7 +538,7 @@ def test_our_bodies_are_the_sdk_models(fake):
             # Equal after the round trip: no key outside the model, every value of its type
             # (property values strings, record ids strings).
             assert _sdk_roundtrip(package, model, body) == body, fragment
-    create = [c for c in fake.calls if c[0] == "POST" and c[1] == "/crm/v3/lists"]
+    create = [c for c in fake.calls if c[0] == "POST" and c[1] == "/crm/lists/2026-03"]
     assert _sdk_roundtrip(lists, "ListCreateRequest", create[0][2]) == create[0][2]
 
 

@@ -90,8 +90,8 @@ def test_meta_rule_gives_the_table_value(row):
 def test_google_rule_gives_the_table_value(row):
     rule = GOOGLE_RULES[row["google_field"]]
     assert _ours(rule, row) == _final(row, row["google"], rule.hashed)
-    with_gmail = row.get("google_gmail", row["google"])
-    assert _ours(rule, row, gmail=True) == _final(row, with_gmail, rule.hashed)
+    # The gmail rule is always on: the option (kept for other callers) cannot turn it off.
+    assert _ours(rule, row, gmail=False) == _ours(rule, row, gmail=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,8 +137,8 @@ GOOGLE_ORACLE_ROWS = [r for r in GOOGLE_ROWS if r["google_util"] != "n/a"]
 def test_google_util_oracle(row):
     field = row["google_field"]
     value = row["input"] if isinstance(row["input"], str) else str(row["input"])
-    # Google's helper always applies the gmail rule: compare with our option on.
-    ours = _ours(GOOGLE_RULES[field], row, gmail=True)
+    # Google's helper always applies the gmail rule, and so do we.
+    ours = _ours(GOOGLE_RULES[field], row)
     if row["google_util"] == "rejects":
         assert ours is None
         with pytest.raises(ValueError):
@@ -158,6 +158,28 @@ def test_google_util_oracle(row):
 # ----------------------------------------------------------------------------------------
 # Rules beyond the table
 # ----------------------------------------------------------------------------------------
+
+
+def test_gmail_rule_is_always_on_for_google_and_off_for_meta():
+    for address in ("John.Smith+ads@Gmail.com", "j.o.h.n+x@googlemail.com"):
+        local = address.lower().split("@")[0].split("+")[0].replace(".", "")
+        domain = address.lower().split("@")[1]
+        assert ids.google_value("email_address", address) == _sha(f"{local}@{domain}")
+        assert ids.google_value("email_address", address) == _UTIL.process_email_address(
+            address, Encoding.HEX
+        )
+        assert ids.meta_value("EMAIL", address) == _sha(address.lower())
+    # Other domains keep dots and plus-addressing.
+    assert ids.google_value("email_address", "a.b+c@example.com") == _sha("a.b+c@example.com")
+
+
+def test_meta_states_and_email_dots():
+    assert META_RULES["ST"].normalized("California") == "ca"
+    assert META_RULES["ST"].normalized("district of columbia") == "dc"
+    assert META_RULES["ST"].normalized("Ontario") == "ontario"
+    assert META_RULES["EMAIL"].normalized("..dana@example.com.") == "dana@example.com"
+    # Only Meta strips the dots; Google's helper keeps them, and so does our Google rule.
+    assert GOOGLE_RULES["email_address"].normalized("dana@example.com.") == "dana@example.com."
 
 
 def test_rejections_carry_a_code_and_never_the_value():

@@ -325,7 +325,7 @@ def test_create_if_missing_creates_once_and_reuses(fake):
     assert set(fake.members(list_id=list_id)) == {"ann@example.com"}
     # The next run gets the state back and reuses the list.
     again = connector(fake, opened=False, state=state, list_id=None, create_if_missing=True)
-    assert again.open() == {"list_id": list_id}
+    assert again.open() is None  # nothing new to remember
     # State lost (the run died before saving it): found by name, not made twice.
     lost = connector(fake, opened=False, list_id=None, create_if_missing=True)
     assert lost.open() == {"list_id": list_id}
@@ -341,7 +341,7 @@ def test_create_if_missing_creates_once_and_reuses(fake):
 
 
 def test_a_missing_list_is_fatal(fake):
-    with pytest.raises(FatalDestinationError, match="not found"):
+    with pytest.raises(FatalDestinationError, match="no Klaviyo list"):
         connector(fake, list_id="nope")
     with pytest.raises(FatalDestinationError, match="create_if_missing"):
         connector(fake, list_id=None)

@@ -37,7 +37,13 @@ def change(op: str, email: str, seq: int = 1, **fields) -> Change:
 
 
 def tag_calls(fake: FakeMailchimp) -> list[str]:
+    """Per-member tag requests: the slow path, which the connector no longer takes."""
     return [path for method, path in fake.requests if path.endswith("/tags")]
+
+
+def segment_bodies(fake: FakeMailchimp) -> list[dict]:
+    """The bulk tag requests (members_to_add / members_to_remove of the tag's segment)."""
+    return fake.segment_bodies
 
 
 @pytest.fixture
@@ -79,7 +85,12 @@ def test_add_update_remove_land_as_the_mode_expects(fake):
         "merge_fields": {"FNAME": "Ann", "LTV": 10.5},
     }
     assert fake.member("ann@example.com")["status"] == "transactional"
-    assert len(tag_calls(fake)) == 3
+    # One request tags all three (the tag's static segment), none per member.
+    assert segment_bodies(fake) == [
+        {"members_to_add": ["ann@example.com", "bob@example.com", "cat@example.com"],
+         "members_to_remove": []}
+    ]  # fmt: skip
+    assert tag_calls(fake) == []
 
     result = chimp.send_batch(
         [
@@ -92,10 +103,10 @@ def test_add_update_remove_land_as_the_mode_expects(fake):
         "ann@example.com": {"email_address": "ann@example.com", "FNAME": "Ann", "LTV": 10.5},
         "bob@example.com": {"email_address": "bob@example.com", "FNAME": "Robert", "LTV": 4},
     }
-    # The update needed no tag call (bob is tagged already); the removal untagged cat, who
-    # stays on the list.
-    assert tag_calls(fake)[3:] == [
-        f"/3.0/lists/{fake.list_id}/members/{subscriber_hash('cat@example.com')}/tags"
+    # One request tags bob again (idempotent; it heals a tag removed by hand) and untags cat,
+    # who stays on the list.
+    assert segment_bodies(fake)[1:] == [
+        {"members_to_add": ["bob@example.com"], "members_to_remove": ["cat@example.com"]}
     ]
     assert fake.member("cat@example.com")["status"] == "transactional"
     assert fake.violations == []
@@ -156,7 +167,10 @@ def test_per_member_errors_in_a_200_map_to_their_rows(fake):
     ]
     assert "permanently deleted" in result.rejected[0].error_message
     assert set(fake.members()) == {"ann@example.com", "cat@example.com"}
-    assert len(tag_calls(fake)) == 2  # no tag call for the rejected member
+    # The rejected member is not tagged.
+    assert segment_bodies(fake) == [
+        {"members_to_add": ["ann@example.com", "cat@example.com"], "members_to_remove": []}
+    ]
 
 
 def test_invalid_emails_are_rejected_not_sent(fake):
@@ -193,13 +207,11 @@ def test_email_normalisation_edge_cases(fake, raw, sent):
     result = connector(fake).send_batch([change("add", raw)])
     if sent is None:
         assert [r.error_code for r in result.rejected] == ["invalid_email"]
-        assert fake.upserts == [] and tag_calls(fake) == []
+        assert fake.upserts == [] and segment_bodies(fake) == []
     else:
         assert result.rejected == []
         assert fake.upserts[0]["members"][0]["email_address"] == sent
-        assert tag_calls(fake) == [
-            f"/3.0/lists/{fake.list_id}/members/{subscriber_hash(sent)}/tags"
-        ]
+        assert segment_bodies(fake) == [{"members_to_add": [sent], "members_to_remove": []}]
 
 
 @pytest.mark.parametrize("email", ["Urist.McVankab@freddiesjokes.com", "a+b@example.co.uk"])
@@ -381,3 +393,24 @@ def test_an_audience_deleted_mid_run_is_fatal(fake):
     fake.list_id = "deleted00"  # the fake no longer knows the connector's audience
     with pytest.raises(FatalDestinationError, match="not found"):
         chimp.send_batch([change("add", "ann@example.com")])
+
+
+def test_tags_go_in_bulk_through_the_tags_segment(fake):
+    chimp = connector(fake)
+    chimp.open()
+    segment = fake.segment_id()
+    assert segment is not None  # created by open(): the tag did not exist
+    changes = [change("add", f"m{i}@example.com", i + 1) for i in range(450)]
+    assert chimp.send_batch(changes).rejected == []
+    assert fake.segment_calls == 1 and tag_calls(fake) == []
+    assert len(fake.members()) == 450
+    # A leaver that is no member of the audience has nothing to remove; a second connector
+    # finds the same segment by name instead of creating another.
+    again = connector(fake)
+    again.open()
+    result = again.send_batch(
+        [change("remove", "m0@example.com", 1), change("remove", "stranger@example.com", 2)]
+    )
+    assert result.rejected == [] and fake.segment_id() == segment
+    assert len(fake.segments) == 1 and len(fake.members()) == 449
+    assert fake.violations == []

@@ -251,7 +251,7 @@ def test_batches_over_the_limit_are_split_by_the_engine(fake):
 def test_the_fake_refuses_collections_over_200(fake):
     body = {"allOrNone": False, "records": [{"attributes": {"type": "CampaignMember"}}] * 201}
     answer = requests.post(
-        f"{fake.base_url}/services/data/v62.0/composite/sobjects",
+        f"{fake.base_url}/services/data/v66.0/composite/sobjects",
         json=body,
         headers={"Authorization": f"Bearer {fake.token}"},
         timeout=5,
@@ -260,7 +260,7 @@ def test_the_fake_refuses_collections_over_200(fake):
     assert answer.json()[0]["errorCode"] == "EXCEEDED_ID_LIMIT"
     ids = ",".join(f"00v{i:012d}AAA" for i in range(201))
     answer = requests.delete(
-        f"{fake.base_url}/services/data/v62.0/composite/sobjects?ids={ids}&allOrNone=false",
+        f"{fake.base_url}/services/data/v66.0/composite/sobjects?ids={ids}&allOrNone=false",
         headers={"Authorization": f"Bearer {fake.token}"},
         timeout=5,
     )
@@ -308,14 +308,14 @@ def test_the_fake_parses_soql_and_rejects_malformed_queries(fake):
         with pytest.raises(SoqlError):
             parse_soql(bad)
     answer = requests.get(
-        f"{fake.base_url}/services/data/v62.0/query",
+        f"{fake.base_url}/services/data/v66.0/query",
         params={"q": "SELECT Id FROM Contact WHERE Email IN (a@x.com)"},
         headers={"Authorization": f"Bearer {fake.token}"},
         timeout=5,
     )
     assert answer.status_code == 400 and answer.json()[0]["errorCode"] == "MALFORMED_QUERY"
     answer = requests.get(
-        f"{fake.base_url}/services/data/v62.0/query",
+        f"{fake.base_url}/services/data/v66.0/query",
         params={"q": "SELECT Id, Nope__c FROM Contact"},
         headers={"Authorization": f"Bearer {fake.token}"},
         timeout=5,
@@ -463,7 +463,7 @@ def test_create_if_missing_creates_once_then_reuses(fake):
     second = connect(
         fake, state={"campaign_id": campaign}, campaign_id=None, create_if_missing=True
     )
-    assert second.opened == {"campaign_id": campaign}
+    assert second.opened is None  # remembered: nothing new to save
     third = connect(fake, campaign_id=None, create_if_missing=True, campaign_name="VIP 2026")
     assert third.opened == {"campaign_id": campaign}  # found by name
     assert len(fake.calls_to("sobjects/Campaign", "POST")) == 1
@@ -550,7 +550,7 @@ def test_simple_salesforce_talks_to_the_fake(fake):
     contact = fake.add_contact("o'brien@example.com", LastName="O")
     sf = Salesforce(instance_url=fake.base_url, session_id=fake.token, version="62.0")
     # The client builds https:// URLs; the fake speaks plain HTTP on loopback.
-    sf.base_url = f"{fake.base_url}/services/data/v62.0/"
+    sf.base_url = f"{fake.base_url}/services/data/v66.0/"
     found = sf.query(
         format_soql("SELECT Id, Email FROM Contact WHERE Email IN {}", ["o'brien@example.com"])
     )
@@ -584,3 +584,34 @@ def test_simple_salesforce_talks_to_the_fake(fake):
     assert run(connector, [remove(1, "O'Brien@example.com")]).rejected == []
     assert fake.members() == {}
     assert fake.violations == []
+
+
+# -- members made of Leads ------------------------------------------------------------------
+
+
+def test_members_by_lead_found_or_upserted(fake):
+    lead = fake.add_record("Lead", Email="lee@example.com", LastName="Lee", Company="Acme")
+    found = connect(fake, sync_config={"member_type": "lead"})
+    result = found.send_batch([add(1, "Lee@Example.com")])
+    assert result.rejected == []
+    (member,) = [m for m in fake.records["CampaignMember"].values() if m.get("LeadId")]
+    assert member["LeadId"] == lead and "ContactId" not in member
+    assert result.destination_ids == {"Lee@Example.com": member["Id"]}
+    # A key with no lead fails alone, naming the Lead.
+    missing = found.send_batch([add(1, "nobody@example.com")])
+    assert errors(missing) == [("nobody@example.com", "add", "contact_not_found")]
+    assert "no Lead has Email" in missing.rejected[0].error_message
+    # Upserted by an external id field, with the Lead's required Company mapped.
+    upserting = connect(
+        fake,
+        sync_config={"member_type": "Lead", "upsert_contacts": True, "contact_match_field": KEY_FIELD},
+    )
+    change = Change(1, "add", "new@example.com", {"LastName": "New", "Company": "Beta"}, None)
+    assert upserting.send_batch([change]).rejected == []
+    assert "new@example.com" in fake.members(["new@example.com"])
+    assert any(c[1].endswith(f"/composite/sobjects/Lead/{KEY_FIELD}") for c in fake.calls)
+    # Removal deletes the Lead's member, never the Lead.
+    assert found.send_batch([remove(1, "lee@example.com", member["Id"])]).rejected == []
+    assert member["Id"] not in fake.records["CampaignMember"] and lead in fake.records["Lead"]
+    with pytest.raises(FatalDestinationError, match="member_type must be Contact or Lead"):
+        connect(fake, sync_config={"member_type": "Account"})

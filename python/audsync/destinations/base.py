@@ -19,7 +19,7 @@ Failures are sorted by what happens next (as the Singer SDK does):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Sequence
 
 
 class Change(NamedTuple):
@@ -86,6 +86,10 @@ class SyncInfo:
     """What :meth:`Connector.open` returned on an earlier run (a created list's id)."""
     project_dir: str | None = None
     """The dbt project's folder: relative paths in settings are relative to it."""
+    remember: Callable[[Mapping[str, Any]], None] | None = None
+    """Save state for later runs *now* (merged into ``audsync_syncs.destination_state``), for
+    an id that must survive a crash before :meth:`Connector.open` returns (a created list's);
+    ``None`` when the caller saves only what ``open`` returns."""
 
 
 class DestinationError(Exception):
@@ -169,6 +173,10 @@ class Connector:
     default_rate_limit: ClassVar[float | None] = None
     returns_destination_ids: ClassVar[bool] = False
     """True when accepted rows get an id from the destination that removal needs."""
+    can_list_members: ClassVar[bool] = False
+    """True when :meth:`list_members` can read the destination's membership back
+    (``audsync verify``); ad platforms (Meta, Google) cannot."""
+    cannot_list_reason: ClassVar[str] = "its API cannot list a list's members"
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: SyncInfo, http: Any):
         self.name = name
@@ -191,6 +199,23 @@ class Connector:
 
     def close(self, succeeded: bool) -> None:
         """Finish the upload (close a session, rename a file). ``succeeded`` is False on error."""
+
+    def list_members(self) -> Iterator[list[tuple[str, str | None]]]:
+        """The destination's members, a page at a time, as ``(key, destination id)``: the key
+        in the form :meth:`listed_key_casefold` says, the id as ``send_batch`` returns it (or
+        ``None``). Called after :meth:`open`; only when :attr:`can_list_members`."""
+        raise NotImplementedError(f"{self.type}: {self.cannot_list_reason}")
+
+    def listed_key_casefold(self) -> bool:
+        """Whether listed keys are lowercased emails, so that audience keys compare to them
+        trimmed and lowercased; ``False``: compared trimmed only."""
+        return True
+
+    def late_row_errors(self) -> list[RowError]:
+        """Rows the destination refused after it accepted their request (Google's asynchronous
+        processing errors), known once delivery is over. The runner calls it after delivery
+        and before the commit, and records them as rejected rows (convention 5)."""
+        return []
 
     # -- helpers -------------------------------------------------------------------------
 

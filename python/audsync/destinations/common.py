@@ -7,7 +7,10 @@ API stays in its connector's module.
 
 from __future__ import annotations
 
+import copy
+import logging
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,6 +18,7 @@ from typing import Any, TypeVar
 import orjson
 
 from audsync.destinations.base import (
+    BatchResult,
     Change,
     Connector,
     FatalDestinationError,
@@ -32,11 +36,14 @@ from audsync.identifiers import (
 )
 
 _T = TypeVar("_T")
+logger = logging.getLogger("audsync.destinations")
 
 # -- settings -----------------------------------------------------------------------------
 
-TRUE_WORDS = ("1", "true", "yes", "on")
+TRUE_WORDS = ("1", "true", "yes", "on", "y")
 """Text read as yes in a yes/no setting, in any case."""
+FALSE_WORDS = ("0", "false", "no", "off", "n", "")
+"""Text read as no in a yes/no setting, in any case."""
 
 
 def flag(value: Any, words: Sequence[str] = TRUE_WORDS) -> bool:
@@ -44,6 +51,27 @@ def flag(value: Any, words: Sequence[str] = TRUE_WORDS) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in words
     return bool(value)
+
+
+def yes_no(connector: Connector, key: str, default: bool = False) -> bool:
+    """A yes/no setting read strictly: a YAML boolean, or one of :data:`TRUE_WORDS` /
+    :data:`FALSE_WORDS`; anything else is fatal (``create_if_missing: "ture"`` must not
+    quietly mean no)."""
+    value = connector.setting(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise FatalDestinationError(
+        f"destination {connector.name!r}: key {key!r} must be true or false, got {value!r}"
+    )
 
 
 def required(connector: Connector, key: str, *, strip: bool = False) -> str:
@@ -80,25 +108,111 @@ def default_country(name: str, value: Any) -> str | None:
     return str(value).strip().upper()
 
 
-def open_list(
-    connector: Connector, key: str, create: Callable[[], str], how_to_create: str
-) -> tuple[str, dict[str, Any] | None]:
-    """Find the list a connector writes to, for :meth:`Connector.open`: setting ``key``, else
-    the one an earlier run created (in the sync's state under ``key``), else a new one from
-    ``create`` when ``create_if_missing`` is on. Returns its id, and the state to keep
-    (``{key: id}``) when it was created."""
-    configured = connector.setting(key)
-    if configured:
-        return str(configured).strip(), None
-    remembered = (connector.sync.state or {}).get(key)
-    if remembered:
-        return str(remembered), None
-    if not flag(connector.setting("create_if_missing")):
-        raise FatalDestinationError(
-            f"destination {connector.name!r}: no {key!r}; set it, or set {how_to_create}"
-        )
-    created = create()
-    return created, {key: created}
+@dataclass
+class ListLifecycle:
+    """How one destination finds, checks and creates the list (audience, campaign) it writes
+    to; :func:`open_list` runs the one lifecycle every list-making connector shares.
+
+    ``exists(id)`` says whether a list of that id exists (raising
+    :class:`FatalDestinationError` when it exists but cannot be used); ``find(name)`` returns
+    the id of a list of that name or ``None``; ``create(name, http)`` creates one and returns
+    its id, sending through the ``http`` it is given, which never retries (a create is not
+    idempotent). ``key`` is the setting and the state key of the id (``audience_id``),
+    ``what`` names the list in messages, ``name`` is the name a created list gets.
+    """
+
+    key: str
+    what: str
+    name: str
+    exists: Callable[[str], bool]
+    find: Callable[[str], str | None]
+    create: Callable[[str, Any], str]
+    how_to_create: str = "create_if_missing: true"
+
+
+FIND_AFTER_CREATE_TRIES = 3
+"""Name look-ups after a create whose answer was lost (a list a vendor just made may take a
+moment to be listed)."""
+FIND_AFTER_CREATE_WAIT_S = 0.5
+
+
+def no_retry_client(http: Any) -> Any:
+    """The run's HTTP client without retries, for a request that must not be sent twice (a
+    create): a shallow copy sharing its sessions, masking and classify hook."""
+    once = copy.copy(http)
+    if hasattr(once, "max_retries"):
+        once.max_retries = 0
+    return once
+
+
+def open_list(connector: Connector, life: ListLifecycle) -> tuple[str, dict[str, Any] | None]:
+    """Find the list a connector writes to, for :meth:`Connector.open`, one way everywhere:
+
+    1. the configured id (setting ``life.key``), which must exist;
+    2. else the id remembered from an earlier run (the sync's state), checked to exist;
+    3. else, with ``create_if_missing`` (:func:`yes_no`), a list named ``life.name`` looked up
+       by name (one made by a run that crashed before recording it), else created, its id
+       recorded at once (:attr:`SyncInfo.remember`). A create is sent once: after a timeout
+       or a server error the name is looked up instead of creating again.
+
+    Returns the id and the state to keep (``{key: id}``), or ``None`` for a configured id.
+    """
+    where = f"destination {connector.name!r}"
+    configured = connector.setting(life.key)
+    if configured not in (None, ""):
+        list_id = str(configured).strip()
+        if not life.exists(list_id):
+            raise FatalDestinationError(f"{where}: there is no {life.what} {list_id} ({life.key})")
+        return list_id, None
+    create = yes_no(connector, "create_if_missing")
+    remembered = (connector.sync.state or {}).get(life.key)
+    if remembered not in (None, ""):
+        if life.exists(str(remembered)):
+            return str(remembered), None
+        if not create:
+            raise FatalDestinationError(
+                f"{where}: the {life.what} {remembered} an earlier run created no longer exists;"
+                f" set {life.how_to_create} to create another, or set {life.key}"
+            )
+        logger.warning(
+            "%s: the %s %s an earlier run created is gone; looking for %r or creating it",
+            where, life.what, remembered, life.name,
+        )  # fmt: skip
+    elif not create:
+        raise FatalDestinationError(f"{where}: set {life.key}, or {life.how_to_create}")
+    found = life.find(life.name)
+    if found:
+        logger.info("%s: using the existing %s %s named %r", where, life.what, found, life.name)
+    else:
+        try:
+            found = life.create(life.name, no_retry_client(connector.http))
+            logger.info("%s: created the %s %s named %r", where, life.what, found, life.name)
+        except (RetriesExhausted, RequestRejected) as exc:
+            # The answer was lost (a timeout), the server failed, or the vendor refused a
+            # duplicate name (Google's DISPLAY_NAME_ALREADY_USED): the list may exist now.
+            found = _find_after_failed_create(life)
+            if not found:
+                raise FatalDestinationError(
+                    f"{where}: creating the {life.what} {life.name!r} failed ({exc.code}) and no"
+                    f" {life.what} of that name exists; the next run tries again"
+                ) from None
+            logger.info(
+                "%s: the create of %r went unanswered; found it as %s", where, life.name, found
+            )
+    state = {life.key: found}
+    if connector.sync.remember is not None:
+        connector.sync.remember(state)
+    return found, state
+
+
+def _find_after_failed_create(life: ListLifecycle) -> str | None:
+    for attempt in range(FIND_AFTER_CREATE_TRIES):
+        found = life.find(life.name)
+        if found:
+            return found
+        if attempt + 1 < FIND_AFTER_CREATE_TRIES:
+            time.sleep(FIND_AFTER_CREATE_WAIT_S)
+    return None
 
 
 def opened_list(connector: Connector, key: str, what: str) -> str:
@@ -267,6 +381,33 @@ def split_by_op(
             groups["add"].append((change, entry))
             ids[change.key] = match
     return rejected, ids, groups
+
+
+def send_hashed(
+    batch: Sequence[Change],
+    build: Callable[[Change], tuple[_T, str]],
+    send: Callable[[str, list[tuple[Change, _T]]], tuple[list[RowError], int]],
+) -> BatchResult:
+    """A hashed audience's batch (Meta, Google), sent once for both: entries built by
+    ``build`` (:func:`split_by_op`), then ``send(op, items)`` for ``add`` and for ``remove``,
+    returning the rows it refused and the rows accepted but unmatched. A request refused whole
+    fails only its own rows (the other request went through), retryable when retries ran out;
+    a failed row keeps no destination id."""
+    rejected, ids, groups = split_by_op(batch, build)
+    unmatched = 0
+    for op in ("add", "remove"):
+        items = groups[op]
+        if not items:
+            continue
+        try:
+            failed, not_matched = send(op, items)
+            unmatched += not_matched
+        except (RequestRejected, RetriesExhausted) as exc:
+            failed = request_failed(items, exc)
+        rejected.extend(failed)
+        for row in failed:
+            ids.pop(row.key, None)
+    return BatchResult(rejected=rejected, destination_ids=ids, unmatched=unmatched)
 
 
 def request_failed(

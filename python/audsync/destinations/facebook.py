@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import secrets
 import threading
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -36,20 +37,21 @@ from audsync.destinations.base import (
     Change,
     ConfigKey,
     Connector,
+    DestinationError,
     FatalDestinationError,
-    RequestRejected,
-    RetriesExhausted,
+    RowError,
 )
 from audsync.destinations.common import (
+    ListLifecycle,
     Once,
+    json_object,
     default_country,
     json_error,
     match_value,
     open_list,
     opened_list,
-    request_failed,
     required,
-    split_by_op,
+    send_hashed,
     upper_choice,
 )
 from audsync.identifiers import META_RULES, InvalidIdentifier, Options, is_blank
@@ -59,7 +61,8 @@ logger = logging.getLogger("audsync.destinations.facebook")
 # -- the API ------------------------------------------------------------------------------
 
 GRAPH_URL = "https://graph.facebook.com"
-API_VERSION = "v25.0"
+API_VERSION = "v26.0"
+"""The Graph API version by default (destinations.md, late 2026); ``api_version`` picks another."""
 MAX_ROWS_PER_REQUEST = 10_000
 """Meta's limit on users in one ``/users`` request."""
 
@@ -82,7 +85,14 @@ PERMISSION_CODES = frozenset({10}) | frozenset(range(200, 300))
 INVALID_PARAMETER = 100
 OBJECT_MISSING_SUBCODE = 33
 """Code 100 with subcode 33: the audience does not exist or this token cannot see it."""
+TERMS_NOT_ACCEPTED = 2655
+"""The ad account has not accepted the Custom Audience terms: no upload can succeed."""
+UPLOAD_BLOCKED_SUBCODE = 1713230
+"""Code 100 with subcode 1713230: uploads to this audience or account are blocked."""
 USAGE_HEADER = "X-Business-Use-Case-Usage"
+LIST_PAGE = 500
+MAX_LIST_PAGES = 200
+"""Pages of an ad account's audiences read to find one by name (100,000 audiences)."""
 
 
 graph_error = json_error
@@ -117,13 +127,14 @@ def regain_access_seconds(headers: Mapping[str, str]) -> float | None:
     return minutes * 60.0 if minutes > 0 else None
 
 
-def session_id(run_id: str, op: str) -> int:
-    """A session id for one run's adds or removals: stable for the run, unique across runs.
+def new_session_id() -> int:
+    """A fresh upload session id: 60 random bits (Meta takes a positive 64-bit integer).
 
-    Meta takes a 64-bit integer; 60 bits of a hash keep it positive and collision-free in
-    practice, and a restarted attempt of the same run reuses it.
+    Random for every connector instance, not derived from the run id: a retried or resumed
+    run must never replay a ``(session_id, batch_seq)`` an earlier attempt used, which Meta
+    would take as a repeat of that batch.
     """
-    return int(hashlib.sha256(f"{run_id}:{op}".encode()).hexdigest()[:15], 16)
+    return secrets.randbits(60) or 1
 
 
 class FacebookCustomAudienceConnector(Connector):
@@ -174,6 +185,9 @@ class FacebookCustomAudienceConnector(Connector):
     max_concurrency: ClassVar[int] = 4
     default_concurrency: ClassVar[int] = 2
     returns_destination_ids: ClassVar[bool] = True
+    cannot_list_reason: ClassVar[str] = (
+        "Meta keeps only hashes and its API does not list a custom audience's members"
+    )
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
@@ -213,7 +227,9 @@ class FacebookCustomAudienceConnector(Connector):
         self._audience_id: str | None = None
         self._lock = threading.Lock()
         self._batch_seq = {"add": 0, "remove": 0}
-        self._sessions = {op: session_id(sync.run_id, op) for op in self._batch_seq}
+        self._sessions = {op: new_session_id() for op in self._batch_seq}
+        self._last_rows: dict[str, list[str]] = {}
+        """A row of each session's latest request, for the request that closes the session."""
         self._blanked = Once()
 
     # -- configuration --------------------------------------------------------------------
@@ -267,6 +283,14 @@ class FacebookCustomAudienceConnector(Connector):
             return Verdict.fatal(f"the token lacks a permission for this audience ({message})")
         if code == INVALID_PARAMETER and str(subcode) == str(OBJECT_MISSING_SUBCODE):
             return Verdict.fatal(f"the custom audience does not exist or is not shared ({message})")
+        # Account-level refusals stop the run (sync status error, with Meta's message) rather
+        # than failing every row of every batch alike.
+        if code == TERMS_NOT_ACCEPTED:
+            return Verdict.fatal(
+                f"the ad account has not accepted the Custom Audience terms ({message})"
+            )
+        if code == INVALID_PARAMETER and str(subcode) == str(UPLOAD_BLOCKED_SUBCODE):
+            return Verdict.fatal(f"audience uploads are blocked for this account ({message})")
         if error.get("is_transient") is True or response.status_code >= 500:
             return Verdict.retry(code=f"meta_{code}", message=message)
         return Verdict.reject(f"meta_{code}", message)
@@ -274,25 +298,80 @@ class FacebookCustomAudienceConnector(Connector):
     # -- lifecycle ------------------------------------------------------------------------
 
     def open(self) -> dict[str, Any] | None:
-        """Find the audience: ``audience_id``, else the one created on an earlier run, else
-        create it (``create_if_missing``). Returns ``{"audience_id": ...}`` once created."""
+        """Find the audience (:func:`~audsync.destinations.common.open_list`): ``audience_id``,
+        else the one an earlier run created, else one of the name in the ad account, else a
+        new one (``create_if_missing``). Returns ``{"audience_id": ...}``."""
         self._audience_id, state = open_list(
             self,
-            "audience_id",
-            self._create_audience,
-            "create_if_missing: true and ad_account_id to create the audience",
+            ListLifecycle(
+                key="audience_id",
+                what="custom audience",
+                name=str(self.setting("audience_name") or self.sync.name),
+                exists=self._audience_exists,
+                find=self._find_audience,
+                create=self._create_audience,
+                how_to_create="create_if_missing: true and ad_account_id to create the audience",
+            ),
         )
         return state
 
-    def _create_audience(self) -> str:
-        """Create a customer-list custom audience; return its id."""
-        account = str(self.setting("ad_account_id") or "").strip()
-        account = account.removeprefix("act_")
+    def _account(self) -> str:
+        account = str(self.setting("ad_account_id") or "").strip().removeprefix("act_")
         if not account.isdigit():
             raise FatalDestinationError(
                 f"destination {self.name!r}: create_if_missing needs 'ad_account_id' (the ad"
                 " account's number)"
             )
+        return account
+
+    def _audience_exists(self, audience_id: str) -> bool:
+        """Whether the audience exists and this token sees it (code 100/33 when not)."""
+
+        def missing_is_an_answer(response: Any) -> Verdict | None:
+            error = graph_error(response) or {}
+            if error.get("code") == INVALID_PARAMETER and str(error.get("error_subcode")) == str(
+                OBJECT_MISSING_SUBCODE
+            ):
+                return Verdict.ok()
+            return None
+
+        response = self.http.request(
+            "GET",
+            self._graph(audience_id),
+            params={**(self._params() or {}), "fields": "id"},
+            headers=self._headers(),
+            classify=missing_is_an_answer,
+        )
+        return response.status_code < 300
+
+    def _find_audience(self, name: str) -> str | None:
+        """The id of the ad account's audience named ``name`` (the lowest if several)."""
+        account = self._account()
+        found: list[str] = []
+        after: str | None = None
+        for _ in range(MAX_LIST_PAGES):
+            params = {**(self._params() or {}), "fields": "id,name", "limit": str(LIST_PAGE)}
+            if after:
+                params["after"] = after
+            response = self.http.request(
+                "GET",
+                self._graph(f"act_{account}/customaudiences"),
+                params=params,
+                headers=self._headers(),
+            )
+            answer = json_object(response.content) or {}
+            for item in answer.get("data") or []:
+                if isinstance(item, dict) and item.get("name") == name and item.get("id"):
+                    found.append(str(item["id"]))
+            paging = answer.get("paging") or {}
+            after = (paging.get("cursors") or {}).get("after") if paging.get("next") else None
+            if not after:
+                break
+        return min(found, key=lambda i: (len(i), i)) if found else None
+
+    def _create_audience(self, name: str, http: Any) -> str:
+        """Create a customer-list custom audience through ``http`` (no retries); its id."""
+        account = self._account()
         source = str(self.setting("customer_file_source") or "USER_PROVIDED_ONLY").upper()
         if source not in CUSTOMER_FILE_SOURCES:
             raise FatalDestinationError(
@@ -300,14 +379,14 @@ class FacebookCustomAudienceConnector(Connector):
                 f" {', '.join(CUSTOMER_FILE_SOURCES)}, got {source!r}"
             )
         body = {
-            "name": str(self.setting("audience_name") or self.sync.name),
+            "name": name,
             "subtype": "CUSTOM",
             "customer_file_source": source,
         }
         description = self.setting("audience_description")
         if description:
             body["description"] = str(description)
-        response = self.http.request(
+        response = http.request(
             "POST",
             self._graph(f"act_{account}/customaudiences"),
             json=body,
@@ -320,7 +399,6 @@ class FacebookCustomAudienceConnector(Connector):
             raise FatalDestinationError(
                 f"destination {self.name!r}: creating the custom audience gave no id"
             ) from None
-        logger.info("destination %r: created custom audience %s", self.name, created)
         return created
 
     def _audience(self) -> str:
@@ -333,20 +411,12 @@ class FacebookCustomAudienceConnector(Connector):
     def send_batch(self, batch: Sequence[Change]) -> BatchResult:
         """Add (and update) with one POST, remove with one DELETE; bad identifiers fail alone."""
         audience = self._audience()
-        rejected, ids, groups = split_by_op(batch, self._row)
-        unmatched = 0
-        for op, method in (("add", "POST"), ("remove", "DELETE")):
-            items = groups[op]
-            if not items:
-                continue
-            try:
-                unmatched += self._upload(method, audience, op, [row for _, row in items])
-            except (RequestRejected, RetriesExhausted) as exc:
-                # Only this request's rows fail: the other one (adds or removes) went through.
-                for row in request_failed(items, exc):
-                    rejected.append(row)
-                    ids.pop(row.key, None)
-        return BatchResult(rejected=rejected, destination_ids=ids, unmatched=unmatched)
+
+        def send(op: str, items: list[tuple[Change, list[str]]]) -> tuple[list[RowError], int]:
+            method = "POST" if op == "add" else "DELETE"
+            return [], self._upload(method, audience, op, [row for _, row in items])
+
+        return send_hashed(batch, self._row, send)
 
     def _row(self, change: Change) -> tuple[list[str], str]:
         """The row of values in schema order, and the key's value (the member's id)."""
@@ -376,20 +446,49 @@ class FacebookCustomAudienceConnector(Connector):
         )  # fmt: skip
 
     def _upload(self, method: str, audience: str, op: str, rows: list[list[str]]) -> int:
-        """One ``/users`` call; returns ``num_invalid_entries``."""
+        """One ``/users`` call of the run's ``op`` session; returns ``num_invalid_entries``."""
+        return self._post_session(method, audience, op, rows, last=False)
+
+    def close(self, succeeded: bool) -> None:
+        """End each upload session the run used with ``last_batch_flag: true``.
+
+        The engine streams the plan from several threads, so no batch knows it is the last
+        when it is sent; the session is closed instead by one more request after the last
+        batch was answered, carrying one row of that session again (adding or removing a
+        member twice is a set operation: nothing changes). A run that failed leaves its
+        sessions open: Meta ends them itself.
+        """
+        if not succeeded or self._audience_id is None:
+            return
+        for op, method in (("add", "POST"), ("remove", "DELETE")):
+            row = self._last_rows.get(op)
+            if row is None:
+                continue
+            try:
+                self._post_session(method, self._audience_id, op, [row], last=True)
+            except DestinationError as exc:
+                # Every batch was answered already: a session left open is ended by Meta, and
+                # must not turn a run that delivered everything into a failed one.
+                logger.warning(
+                    "destination %r: closing the %s session failed (%s); Meta ends it itself",
+                    self.name, op, exc,
+                )  # fmt: skip
+
+    def _post_session(
+        self, method: str, audience: str, op: str, rows: list[list[str]], *, last: bool
+    ) -> int:
+        """One request of the ``op`` session; returns ``num_invalid_entries``."""
         with self._lock:
             self._batch_seq[op] += 1
             sequence = self._batch_seq[op]
+            if not last:
+                self._last_rows[op] = rows[-1]
         body = {
             "payload": {"schema": self._schema, "data": rows},
             "session": {
                 "session_id": self._sessions[op],
                 "batch_seq": sequence,
-                # The last batch of a run is not known when it is sent (the engine streams the
-                # plan, several threads at once), and /users applies each batch on arrival, so
-                # no batch claims to be the last (unconfirmed: no source says a session left
-                # open has an effect on /users; it matters for /usersreplace, not used here).
-                "last_batch_flag": False,
+                "last_batch_flag": last,
             },
         }
         response = self.http.request(

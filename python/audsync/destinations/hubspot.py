@@ -1,6 +1,9 @@
 """HubSpot static lists: contacts upserted by email, then added to or removed from a list.
 
-HubSpot lists hold **record ids, not emails** (destinations.md, "HubSpot"), so each batch is:
+HubSpot lists hold **record ids, not emails** (destinations.md, "HubSpot"), so each batch is
+(paths shown in the v3 spelling; by default the date-versioned APIs are used,
+``/crm/objects/2026-03/...`` and ``/crm/lists/2026-03/...``, ``api_version`` naming another
+date or ``v3``, which HubSpot supports until September 2027):
 
 1. ``POST /crm/v3/objects/contacts/batch/upsert`` for the batch's adds and updates (at most 100
    inputs, the API's limit and so this connector's batch size), mapped fields as contact
@@ -42,18 +45,35 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
-from audsync.destinations.common import TRUE_WORDS, KeyRule, flag, json_body, known_changes
+from audsync.destinations.common import (
+    KeyRule,
+    ListLifecycle,
+    json_body,
+    known_changes,
+    open_list,
+)
 
 logger = logging.getLogger("audsync.destinations.hubspot")
 
 # -- the API ------------------------------------------------------------------------------
 
 API_BASE = "https://api.hubapi.com"
-UPSERT_PATH = "/crm/v3/objects/contacts/batch/upsert"
-READ_PATH = "/crm/v3/objects/contacts/batch/read"
-LISTS_PATH = "/crm/v3/lists"
+DEFAULT_API_VERSION = "2026-03"
+"""HubSpot's date-versioned CRM APIs (published 2026-03-30); ``api_version: v3`` selects the
+legacy paths while HubSpot still serves them."""
+_DATED = re.compile(r"^\d{4}-\d{2}$")
+
+
+def api_paths(version: str) -> tuple[str, str]:
+    """The objects and lists prefixes for ``version`` (``2026-03`` or ``v3``)."""
+    if version == "v3":
+        return "/crm/v3/objects", "/crm/v3/lists"
+    return f"/crm/objects/{version}", f"/crm/lists/{version}"
+
 CONTACT_OBJECT_TYPE_ID = "0-1"
 MAX_BATCH_INPUTS = 100
+MEMBERSHIP_PAGE = 250
+"""Record ids a page of list memberships (HubSpot's most)."""
 """Inputs of one batch upsert or batch read (HubSpot's limit)."""
 WRITABLE_LIST_TYPES = frozenset({"MANUAL", "SNAPSHOT"})
 """Processing types whose membership the API lets us change (DYNAMIC lists are filter-driven)."""
@@ -64,8 +84,6 @@ NO_RESULT_MESSAGE = (
 )
 UPSERT_ROUNDS = 3
 """Upserts of one batch after whole-batch validation errors took their rows out."""
-_TRUE_WORDS = (*TRUE_WORDS, "y")
-"""Yes in this connector's yes/no settings: ``y`` as well as the common words."""
 
 # -- identifiers --------------------------------------------------------------------------
 
@@ -151,6 +169,11 @@ class HubspotListConnector(Connector):
         ),
         ConfigKey("list_name", "the name of the list to create (default: the sync's name)"),
         ConfigKey(
+            "api_version",
+            "the CRM API version: a date version (YYYY-MM) or v3",
+            default=DEFAULT_API_VERSION,
+        ),
+        ConfigKey(
             "id_property",
             "the unique contact property the audience key matches (emails are trimmed and"
             " lowercased; other properties are trimmed)",
@@ -166,6 +189,7 @@ class HubspotListConnector(Connector):
     # 100 requests per 10 s is the lowest plan's allowance: stay under it unless told more.
     default_rate_limit: ClassVar[float | None] = 10.0
     returns_destination_ids: ClassVar[bool] = True
+    can_list_members: ClassVar[bool] = True
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
@@ -177,6 +201,17 @@ class HubspotListConnector(Connector):
         self._keys = KeyRule(email=self._id_property == EMAIL_PROPERTY, what=self._id_property)
         self._headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
         self._list_id: str | None = None
+        version = str(self.setting("api_version") or DEFAULT_API_VERSION).strip().lower()
+        if version != "v3" and not _DATED.match(version):
+            raise FatalDestinationError(
+                f"destination {name!r}: api_version must be a date version such as"
+                f" {DEFAULT_API_VERSION} or v3, got {version!r}"
+            )
+        self.api_version = version
+        objects, lists = api_paths(version)
+        self._upsert_path = f"{objects}/contacts/batch/upsert"
+        self._read_path = f"{objects}/contacts/batch/read"
+        self._lists_path = lists
 
     def secret_values(self) -> list[str]:
         """The access token, wherever it was set (destination or sync config)."""
@@ -211,49 +246,40 @@ class HubspotListConnector(Connector):
     # -- the list ---------------------------------------------------------------------------
 
     def open(self) -> dict[str, Any] | None:
-        """Find the list (``list_id``, else the id an earlier run created), or create it.
+        """Find the list (:func:`~audsync.destinations.common.open_list`): ``list_id``, else
+        the one an earlier run created, else one named ``list_name``, else a new MANUAL list
+        (``create_if_missing``). Returns ``{"list_id": ...}``.
 
         Raises:
             FatalDestinationError: no list configured and ``create_if_missing`` off, the list
                 does not exist, or it is a DYNAMIC list whose membership cannot be set.
         """
-        configured = self.setting("list_id")
-        remembered = self.sync.state.get("list_id") if self.sync.state else None
-        create = flag(self.setting("create_if_missing", False), _TRUE_WORDS)
-        found = None
-        if configured in (None, "") and remembered not in (None, ""):
-            found = self._fetch_list(str(remembered))
-        if configured not in (None, ""):
-            self._list_id = self._check_list(str(configured), source="list_id")
-        elif found is not None:
-            self._check_writable(found, str(remembered))
-            self._list_id = str(remembered)
-        elif create:
-            if remembered:
-                logger.warning(
-                    "destination %r: the list %s created by an earlier run is gone; creating"
-                    " another",
-                    self.name,
-                    remembered,
-                )
-            self._list_id = self._find_or_create_list()
-        elif remembered not in (None, ""):
-            raise FatalDestinationError(
-                f"destination {self.name!r}: the list {remembered} created by an earlier run no"
-                " longer exists; set create_if_missing: true to create another, or set list_id"
-            )
-        else:
-            raise FatalDestinationError(
-                f"destination {self.name!r}: set list_id (a MANUAL or SNAPSHOT list), or"
-                " create_if_missing: true to create one"
-            )
-        return {"list_id": self._list_id}
+        self._list_id, state = open_list(
+            self,
+            ListLifecycle(
+                key="list_id",
+                what="list",
+                name=str(self.setting("list_name") or self.sync.name),
+                exists=self._writable_list_exists,
+                find=self._find_list,
+                create=self._create_list,
+                how_to_create="create_if_missing: true to create a MANUAL list",
+            ),
+        )
+        return state
+
+    def _writable_list_exists(self, list_id: str) -> bool:
+        found = self._fetch_list(list_id)
+        if found is None:
+            return False
+        self._check_writable(found, list_id)
+        return True
 
     def _fetch_list(self, list_id: str) -> dict[str, Any] | None:
         """The list's description, or ``None`` when it does not exist."""
         response = self.http.request(
             "GET",
-            self.url(f"{LISTS_PATH}/{quote(list_id, safe='')}", API_BASE),
+            self.url(f"{self._lists_path}/{quote(list_id, safe='')}", API_BASE),
             headers=self._headers,
             classify=_accept_not_found,
         )
@@ -262,16 +288,6 @@ class HubspotListConnector(Connector):
         answer = json_body(response)
         found = answer.get("list") if isinstance(answer, dict) else None
         return found if isinstance(found, dict) else None
-
-    def _check_list(self, list_id: str, *, source: str) -> str:
-        """``list_id`` when it names a list whose membership can be set; else fatal."""
-        found = self._fetch_list(list_id)
-        if found is None:
-            raise FatalDestinationError(
-                f"destination {self.name!r}: HubSpot has no list {list_id} ({source})"
-            )
-        self._check_writable(found, list_id)
-        return list_id
 
     def _check_writable(self, found: Mapping[str, Any], list_id: str) -> None:
         processing = found.get("processingType")
@@ -287,35 +303,33 @@ class HubspotListConnector(Connector):
                 f" {object_type}, not contacts ({CONTACT_OBJECT_TYPE_ID})"
             )
 
-    def _find_or_create_list(self) -> str:
-        """The id of the list named ``list_name``, created MANUAL if there is none.
-
-        Looking the name up first makes creation safe to repeat: a run that died after
-        creating the list, before its id was stored, finds it again instead of failing on
-        HubSpot's unique list names or making a second list.
-        """
-        list_name = str(self.setting("list_name") or self.sync.name)
+    def _find_list(self, list_name: str) -> str | None:
+        """The id of the contact list named ``list_name`` (HubSpot's names are unique)."""
         response = self.http.request(
             "GET",
             self.url(
-                f"{LISTS_PATH}/object-type-id/{CONTACT_OBJECT_TYPE_ID}/name/"
+                f"{self._lists_path}/object-type-id/{CONTACT_OBJECT_TYPE_ID}/name/"
                 f"{quote(list_name, safe='')}",
                 API_BASE,
             ),
             headers=self._headers,
             classify=_accept_not_found,
         )
-        if response.status_code != 404:
-            answer = json_body(response)
-            found = answer.get("list") if isinstance(answer, dict) else None
-            if isinstance(found, dict) and found.get("listId") not in (None, ""):
-                list_id = str(found["listId"])
-                self._check_writable(found, list_id)
-                logger.info("destination %r: using the existing list %s", self.name, list_id)
-                return list_id
-        response = self.http.request(
+        if response.status_code == 404:
+            return None
+        answer = json_body(response)
+        found = answer.get("list") if isinstance(answer, dict) else None
+        if isinstance(found, dict) and found.get("listId") not in (None, ""):
+            list_id = str(found["listId"])
+            self._check_writable(found, list_id)
+            return list_id
+        return None
+
+    def _create_list(self, list_name: str, http: Any) -> str:
+        """Create a MANUAL contact list through ``http`` (no retries); its id."""
+        response = http.request(
             "POST",
-            self.url(LISTS_PATH, API_BASE),
+            self.url(self._lists_path, API_BASE),
             json={
                 "name": list_name,
                 "objectTypeId": CONTACT_OBJECT_TYPE_ID,
@@ -330,8 +344,50 @@ class HubspotListConnector(Connector):
                 f"destination {self.name!r}: HubSpot's answer to creating list {list_name!r}"
                 " has no listId"
             )
-        logger.info("destination %r: created the list %s", self.name, created["listId"])
         return str(created["listId"])
+
+    # -- reading the membership back (audsync verify) ---------------------------------------
+
+    def list_members(self) -> Iterator[list[tuple[str, str | None]]]:
+        """Pages of the list's members: record ids from ``.../memberships`` (cursor
+        ``paging.next.after``), their id property read in batches of 100."""
+        list_id = self._require_list_id()
+        after: str | None = None
+        while True:
+            params = {"limit": str(MEMBERSHIP_PAGE)}
+            if after:
+                params["after"] = after
+            response = self.http.request(
+                "GET",
+                self.url(f"{self._lists_path}/{quote(list_id, safe='')}/memberships", API_BASE),
+                params=params,
+                headers=self._headers,
+            )
+            answer = json_body(response) or {}
+            ids = [str(r["recordId"]) for r in answer.get("results") or [] if r.get("recordId")]
+            for start in range(0, len(ids), MAX_BATCH_INPUTS):
+                yield self._keys_of(ids[start : start + MAX_BATCH_INPUTS])
+            after = ((answer.get("paging") or {}).get("next") or {}).get("after")
+            if not after or not ids:
+                return
+
+    def _keys_of(self, record_ids: list[str]) -> list[tuple[str, str | None]]:
+        response = self.http.request(
+            "POST",
+            self.url(self._read_path, API_BASE),
+            json={"inputs": [{"id": i} for i in record_ids], "properties": [self._id_property]},
+            headers=self._headers,
+        )
+        found = []
+        for result in (json_body(response) or {}).get("results") or []:
+            key = self._keys.known((result.get("properties") or {}).get(self._id_property))
+            if key is not None and result.get("id"):
+                found.append((key, str(result["id"])))
+        return found
+
+    def listed_key_casefold(self) -> bool:
+        """Emails are compared lowercased; another id property as it is."""
+        return self._keys.email
 
     def _require_list_id(self) -> str:
         if self._list_id is None:
@@ -435,7 +491,7 @@ class HubspotListConnector(Connector):
             }
             response = self.http.request(
                 "POST",
-                self.url(UPSERT_PATH, API_BASE),
+                self.url(self._upsert_path, API_BASE),
                 json=body,
                 headers=self._headers,
                 classify=_accept_validation_error,
@@ -532,7 +588,7 @@ class HubspotListConnector(Connector):
             chunk = unique[start : start + MAX_BATCH_INPUTS]
             response = self.http.request(
                 "POST",
-                self.url(READ_PATH, API_BASE),
+                self.url(self._read_path, API_BASE),
                 json={
                     "idProperty": self._id_property,
                     "inputs": [{"id": n} for n in chunk],
@@ -574,7 +630,8 @@ class HubspotListConnector(Connector):
         response = self.http.request(
             "PUT",
             self.url(
-                f"{LISTS_PATH}/{quote(list_id, safe='')}/memberships/add-and-remove", API_BASE
+                f"{self._lists_path}/{quote(list_id, safe='')}/memberships/add-and-remove",
+                API_BASE,
             ),
             json={"recordIdsToAdd": list(add), "recordIdsToRemove": list(remove)},
             headers=self._headers,

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -50,14 +50,33 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
-from audsync.destinations.common import flag, json_list, json_object, required
+from audsync.destinations.common import (
+    ListLifecycle,
+    json_list,
+    json_object,
+    open_list,
+    required,
+)
 from audsync.identifiers import InvalidIdentifier, normalize_email
 
 logger = logging.getLogger("audsync.destinations.klaviyo")
 
 DEFAULT_BASE = "https://a.klaviyo.com"
-DEFAULT_REVISION = "2026-07-15"
+DEFAULT_REVISION = "2026-10-15"
+"""The revision by default (destinations.md, late 2026); ``revision`` picks another."""
 JSON_API = "application/vnd.api+json"
+PROFILES_PAGE = 100
+"""Profiles a page of a list's members (Klaviyo's most)."""
+
+
+def _cursor_of(next_url: Any) -> str | None:
+    """The ``page[cursor]`` of a JSON:API ``links.next`` URL, or ``None``."""
+    if not next_url:
+        return None
+    from urllib.parse import parse_qs, urlsplit
+
+    values = parse_qs(urlsplit(str(next_url)).query).get("page[cursor]")
+    return values[0] if values else None
 MAX_LIST_IDS = 1000  # profile ids a list relationship request
 
 # -- identifier rules --------------------------------------------------------------------
@@ -175,6 +194,7 @@ class KlaviyoListConnector(Connector):
     default_concurrency: ClassVar[int] = 4
     default_rate_limit: ClassVar[float | None] = 10.0
     returns_destination_ids: ClassVar[bool] = True
+    can_list_members: ClassVar[bool] = True
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
@@ -218,33 +238,22 @@ class KlaviyoListConnector(Connector):
     # -- lifecycle ------------------------------------------------------------------------
 
     def open(self) -> dict[str, Any] | None:
-        """Find the list: ``list_id``, else the one created earlier, else create it.
-
-        Returns ``{"list_id": ...}`` when the list came from ``create_if_missing``, so later
-        runs reuse it.
-        """
-        configured = self.setting("list_id")
-        if configured:
-            self._list_id = str(configured)
-            if not self._list_exists(self._list_id):
-                raise FatalDestinationError(
-                    f"destination {self.name!r}: Klaviyo list {self._list_id!r} not found"
-                )
-            return None
-        if not flag(self.setting("create_if_missing", False)):
-            raise FatalDestinationError(
-                f"destination {self.name!r}: key 'list_id' is required (or set"
-                " create_if_missing: true to have audsync create the list)"
-            )
-        remembered = self.sync.state.get("list_id") if self.sync.state else None
-        if remembered and self._list_exists(str(remembered)):
-            self._list_id = str(remembered)
-            return {"list_id": self._list_id}
-        name = str(self.setting("list_name") or self.sync.name)
-        # A list made by a run that died before its state was saved is found by name, so a
-        # crash between create and save does not leave a second list behind.
-        self._list_id = self._find_list(name) or self._create_list(name)
-        return {"list_id": self._list_id}
+        """Find the list (:func:`~audsync.destinations.common.open_list`): ``list_id``, else
+        the one an earlier run created, else one named ``list_name``, else a new one
+        (``create_if_missing``). Returns ``{"list_id": ...}``."""
+        self._list_id, state = open_list(
+            self,
+            ListLifecycle(
+                key="list_id",
+                what="Klaviyo list",
+                name=str(self.setting("list_name") or self.sync.name),
+                exists=self._list_exists,
+                find=self._find_list,
+                create=self._create_list,
+                how_to_create="create_if_missing: true to have audsync create the list",
+            ),
+        )
+        return state
 
     def _list_exists(self, list_id: str) -> bool:
         response = self._request(
@@ -261,17 +270,47 @@ class KlaviyoListConnector(Connector):
                 return str(item["id"])
         return None
 
-    def _create_list(self, name: str) -> str:
-        response = self._request(
-            "POST", "/api/lists/", json={"data": {"type": "list", "attributes": {"name": name}}}
+    def _create_list(self, name: str, http: Any) -> str:
+        """Create the list through ``http`` (no retries); its id."""
+        response = http.request(
+            "POST",
+            self.url("/api/lists/", DEFAULT_BASE),
+            headers=self._headers,
+            json={"data": {"type": "list", "attributes": {"name": name}}},
         )
         created = _data(response.content)
         if not created or not created[0].get("id"):
             raise FatalDestinationError(
                 f"destination {self.name!r}: creating list {name!r} returned no id"
             )
-        logger.info("destination %r: created Klaviyo list %r", self.name, name)
         return str(created[0]["id"])
+
+    # -- reading the membership back (audsync verify) -------------------------------------
+
+    def list_members(self) -> Iterator[list[tuple[str, str | None]]]:
+        """Pages of the list's profiles as (email, profile id), following ``links.next``'s
+        ``page[cursor]`` (the next URL is not followed as is, so ``base_url`` still holds)."""
+        path = f"/api/lists/{quote(str(self._list_id), safe='')}/profiles/"
+        cursor: str | None = None
+        while True:
+            params = {"fields[profile]": "email", "page[size]": str(PROFILES_PAGE)}
+            if cursor:
+                params["page[cursor]"] = cursor
+            response = self._request("GET", path, params=params)
+            page = []
+            for item in _data(response.content):
+                try:
+                    email = normalize_email((item.get("attributes") or {}).get("email"))
+                except InvalidIdentifier:
+                    continue
+                if item.get("id"):
+                    page.append((email, str(item["id"])))
+            if page:
+                yield page
+            links = (json_object(response.content) or {}).get("links") or {}
+            cursor = _cursor_of(links.get("next"))
+            if not cursor:
+                return
 
     # -- sending --------------------------------------------------------------------------
 

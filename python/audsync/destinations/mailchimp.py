@@ -7,12 +7,16 @@ A batch is sent in two steps:
    ``email_address``, ``status_if_new`` and the mapped fields as ``merge_fields``. Mailchimp
    answers 200 even when members fail, listing them in ``errors[]`` (``email_address``,
    ``error``, ``error_code``): those rows fail alone.
-2. **Tag**: ``POST /3.0/lists/{list_id}/members/{subscriber_hash}/tags`` with
-   ``{"tags": [{"name": <tag>, "status": "active"}]}`` for each member that entered, and
-   ``"inactive"`` for each that left (a 404 there means not a member: nothing to remove). With
-   ``archive_on_remove: true`` a leaver is archived instead (``DELETE .../members/{hash}``).
-   An update is tagged only when the upsert created the member (it had been deleted in
-   Mailchimp meanwhile); otherwise it is in the audience already.
+2. **Tag**, in bulk: a tag is a static segment, so one
+   ``POST /3.0/lists/{list_id}/segments/{segment_id}`` with ``{"members_to_add": [...],
+   "members_to_remove": [...]}`` (at most 500 each, the batch's cap) tags every member that
+   entered and untags every one that left (destinations.md, "Corrections": one request per
+   member is the slow path). An address the answer's ``errors[]`` names failed: a joiner's row
+   fails, a leaver that is no member has nothing to remove. With ``archive_on_remove: true`` a
+   leaver is archived instead (``DELETE .../members/{hash}``, one request each). Updates are
+   tagged too: in bulk it costs nothing, and it heals a tag removed by hand (``audsync verify
+   --repair`` marks such a member, and the next run may send it as an update). :meth:`MailchimpConnector.open` finds
+   the tag's segment by name (``GET .../segments?type=static``), creating it when missing.
 
 Every step is safe to repeat: the upsert is an upsert, and setting a tag active or inactive
 twice changes nothing. ``subscriber_hash`` is the MD5 hex of the lowercased email.
@@ -27,16 +31,17 @@ only for an audience whose members all opted in. (Whether the batch endpoint hon
 ``status_if_new`` is not settled by a primary source: if it does not, Mailchimp lists every
 new member in ``errors[]``, so the rows fail visibly and nothing is subscribed.)
 
-**create_if_missing.** Mailchimp creates a tag the first time it is set active on a member,
-so there is nothing to create: the key is accepted and does nothing. The list itself must
-exist; :meth:`MailchimpConnector.open` checks it does.
+**create_if_missing.** A tag is created whenever it is missing (a tag is only a name), so the
+key is accepted and does nothing. The list itself must exist; :meth:`MailchimpConnector.open`
+checks it does.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -47,6 +52,8 @@ from audsync.destinations.base import (
     ConfigKey,
     Connector,
     FatalDestinationError,
+    RequestRejected,
+    RetriesExhausted,
     RowError,
 )
 from audsync.destinations.common import flag, json_object, required
@@ -56,6 +63,9 @@ from audsync.identifiers import mailchimp_subscriber_hash as subscriber_hash
 logger = logging.getLogger("audsync.destinations.mailchimp")
 
 API_PREFIX = "/3.0"
+SEGMENT_PAGE = 1000
+"""Segments a page (Mailchimp's most for ``count``)."""
+MAX_SEGMENT_PAGES = 100
 
 # -- identifier rules --------------------------------------------------------------------
 
@@ -123,14 +133,14 @@ class MailchimpConnector(Connector):
             default=False,
         ),
     )
-    max_batch_size: ClassVar[int] = 500  # members a batch upsert
-    # Each member entering or leaving costs one tag request, so a smaller batch keeps a
-    # batch's time (and what a retry repeats) short; the upsert's 500 stays the cap.
-    default_batch_size: ClassVar[int] = 100
+    max_batch_size: ClassVar[int] = 500  # members a batch upsert, addresses a segment list
+    # Two requests a batch (upsert, then the tag in bulk): full batches make the fewest.
+    default_batch_size: ClassVar[int] = 500
     max_concurrency: ClassVar[int] = 10  # Mailchimp's simultaneous connections per key
     # Half of them, so that the account's other integrations still get connections.
     default_concurrency: ClassVar[int] = 5
     returns_destination_ids: ClassVar[bool] = False  # the subscriber hash is derived
+    can_list_members: ClassVar[bool] = True
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
@@ -155,6 +165,8 @@ class MailchimpConnector(Connector):
         self._list_path = f"{API_PREFIX}/lists/{quote(self._list_id, safe='')}"
         # Basic auth with any user name, as Mailchimp documents; requests builds the header.
         self._auth = ("audsync", self._api_key)
+        self._segment_id: str | None = None
+        self._segment_lock = threading.Lock()
 
     def _default_base(self) -> str:
         dc = data_centre(self._api_key)
@@ -190,14 +202,58 @@ class MailchimpConnector(Connector):
     # -- lifecycle ------------------------------------------------------------------------
 
     def open(self) -> dict[str, Any] | None:
-        """Check the audience exists (a wrong list id stops the run before any row is sent)."""
+        """Check the audience exists (a wrong list id stops the run before any row is sent)
+        and find the tag's static segment, creating it when there is none."""
         self._request(
             "GET",
             self._list_path,
             params={"fields": "id,name"},
             classify=_fatal_if_missing(f"Mailchimp audience {self._list_id!r} not found"),
         )
+        self._segment_id = self._find_segment() or self._create_segment()
         return None
+
+    def _find_segment(self) -> str | None:
+        """The id of the static segment named like the tag, paging through the segments."""
+        offset = 0
+        for _ in range(MAX_SEGMENT_PAGES):
+            response = self._request(
+                "GET",
+                f"{self._list_path}/segments",
+                params={"type": "static", "count": str(SEGMENT_PAGE), "offset": str(offset)},
+            )
+            answer = json_object(response.content) or {}
+            segments = [s for s in answer.get("segments") or [] if isinstance(s, dict)]
+            for segment in segments:
+                if segment.get("name") == self._tag and segment.get("id") is not None:
+                    return str(segment["id"])
+            offset += len(segments)
+            if not segments or offset >= int(answer.get("total_items") or 0):
+                return None
+        return None
+
+    def _create_segment(self) -> str:
+        """Create the tag as a static segment with no members; its id. A lost answer is
+        followed by a look-up (the name is unique, so a repeat is refused, not doubled)."""
+        try:
+            response = self._request(
+                "POST", f"{self._list_path}/segments", json={"name": self._tag, "static_segment": []}
+            )
+            created = (json_object(response.content) or {}).get("id")
+        except (RequestRejected, RetriesExhausted):
+            created = None
+        found = str(created) if created is not None else self._find_segment()
+        if not found:
+            raise FatalDestinationError(
+                f"destination {self.name!r}: could not create or find the tag {self._tag!r}"
+            )
+        return found
+
+    def _segment_path(self) -> str:
+        with self._segment_lock:
+            if self._segment_id is None:  # a caller that skipped open()
+                self._segment_id = self._find_segment() or self._create_segment()
+        return f"{self._list_path}/segments/{quote(self._segment_id, safe='')}"
 
     # -- sending --------------------------------------------------------------------------
 
@@ -223,22 +279,76 @@ class MailchimpConnector(Connector):
                     RowError(change.key, change.op, "unknown_op", f"unknown op {change.op!r}")
                 )
 
-        created: set[str] = set()
         if upserts:
-            failed, created, invalid = self._upsert(upserts)
+            failed, _created, invalid = self._upsert(upserts)
             rejected += invalid
             for email in failed:
                 upserts.pop(email, None)
-        for email, rows in upserts.items():
-            if any(c.op == "add" for c in rows) or email in created:
-                rejected += self._tag_member(email, rows, "active")
-        for email, rows in removes.items():
-            rejected += (
-                self._archive_member(email, rows)
-                if self._archive
-                else (self._tag_member(email, rows, "inactive"))
-            )
+        # Every upserted member, updates too (see the module's doc).
+        joining = dict(upserts)
+        leaving = {} if self._archive else removes
+        if joining or leaving:
+            rejected += self._tag_in_bulk(joining, leaving)
+        if self._archive:
+            for email, rows in removes.items():
+                rejected += self._archive_member(email, rows)
         return BatchResult(rejected=rejected)
+
+    def list_members(self) -> Iterator[list[tuple[str, str | None]]]:
+        """Pages of the tag's members (``GET .../segments/{id}/members``, ``count``/``offset``)."""
+        path = self._segment_path() + "/members"
+        offset = 0
+        while True:
+            response = self._request(
+                "GET",
+                path,
+                params={"count": str(SEGMENT_PAGE), "offset": str(offset),
+                        "fields": "members.email_address,total_items"},
+            )  # fmt: skip
+            answer = json_object(response.content) or {}
+            members = [m for m in answer.get("members") or [] if isinstance(m, dict)]
+            page = []
+            for member in members:
+                try:
+                    page.append((normalize_email(member.get("email_address")), None))
+                except InvalidIdentifier:
+                    continue
+            if page:
+                yield page
+            offset += len(members)
+            if not members or offset >= int(answer.get("total_items") or 0):
+                return
+
+    def _tag_in_bulk(
+        self, joining: dict[str, list[Change]], leaving: dict[str, list[Change]]
+    ) -> list[RowError]:
+        """Tag the joiners and untag the leavers in one request to the tag's segment; the
+        joiners the answer names fail, the leavers it names were not members."""
+        try:
+            response = self._request(
+                "POST",
+                self._segment_path(),
+                json={"members_to_add": list(joining), "members_to_remove": list(leaving)},
+            )
+        except (RequestRejected, RetriesExhausted) as exc:
+            retryable = isinstance(exc, RetriesExhausted)
+            return [
+                RowError(c.key, c.op, exc.code, exc.message, retryable)
+                for rows in (*joining.values(), *leaving.values())
+                for c in rows
+            ]
+        rejected: list[RowError] = []
+        for error in (json_object(response.content) or {}).get("errors") or []:
+            if not isinstance(error, dict):
+                continue
+            message = str(error.get("error") or "refused by Mailchimp")[:500]
+            for address in error.get("email_addresses") or []:
+                email = str(address).strip().lower()
+                rows = joining.get(email)
+                if rows:
+                    rejected += [RowError(c.key, c.op, "not_a_member", message) for c in rows]
+                # A leaver named here is no member of the audience: nothing to remove.
+        return rejected
 
     def _upsert(
         self, upserts: dict[str, list[Change]]

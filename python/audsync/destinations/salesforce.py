@@ -18,7 +18,18 @@ Each batch (at most 200 rows, the sObject Collections limit) runs, under
    snapshot kept; for a member without one, the contact and then the member are looked up
    first. A member already deleted counts as removed (at-least-once delivery repeats deletes).
 
-Failures: 401 ``INVALID_SESSION_ID`` and 403 ``REQUEST_LIMIT_EXCEEDED`` stop the run; 503 and
+Members are Contacts by default; ``member_type: Lead`` makes them of Leads (``LeadId``), found
+or upserted the same way.
+
+Credentials (:mod:`audsync.destinations.auth`): the OAuth refresh-token flow (``client_id``,
+``client_secret``, ``refresh_token``), the JWT bearer flow (``client_id``, ``username``, and
+the connected app's certificate key as ``private_key`` or ``private_key_file``), or a static
+``access_token``. Both flows post to ``{login_url}/services/oauth2/token`` (``token_url``
+overrides it); the answer's ``instance_url`` is used when ``instance_url`` is not set.
+Salesforce states no expiry: a session is renewed after a 401 ``INVALID_SESSION_ID`` (once per
+request, the request then sent again) or after ``token_lifetime_s`` when set.
+
+Failures: a 401 that a refresh does not cure and 403 ``REQUEST_LIMIT_EXCEEDED`` stop the run; 503 and
 ``UNABLE_TO_LOCK_ROW`` (for a whole request, or for records inside a collection answer) are
 retried; other per-record errors fail their rows with Salesforce's ``statusCode``.
 """
@@ -29,8 +40,9 @@ import logging
 import math
 import re
 import threading
+from pathlib import Path
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -38,6 +50,13 @@ from urllib.parse import quote
 import requests
 
 from audsync.delivery.http import Verdict, dumps
+from audsync.destinations.auth import (
+    BearerAuth,
+    JwtBearerGrant,
+    RefreshTokenGrant,
+    StaticToken,
+    TokenSource,
+)
 from audsync.destinations.base import (
     BatchResult,
     Change,
@@ -46,13 +65,24 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
-from audsync.destinations.common import TRUE_WORDS, KeyRule, flag, json_body, known_changes
+from audsync.destinations.common import (
+    KeyRule,
+    ListLifecycle,
+    json_body,
+    known_changes,
+    open_list,
+    yes_no,
+)
 
 logger = logging.getLogger("audsync.destinations.salesforce")
 
 # -- the API ------------------------------------------------------------------------------
 
-DEFAULT_API_VERSION = "v62.0"
+DEFAULT_API_VERSION = "v66.0"
+"""Spring '26 (destinations.md, "Versions to default to"); ``api_version`` picks another."""
+LOGIN_URL = "https://login.salesforce.com"
+JWT_LIFETIME_S = 180
+"""Salesforce refuses a JWT bearer assertion whose ``exp`` is more than three minutes away."""
 COLLECTION_LIMIT = 200
 """Records of one sObject Collections request (create, upsert, delete)."""
 QUERY_URL_BUDGET = 6000
@@ -70,12 +100,12 @@ ALREADY_DELETED = frozenset({"ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY"}
 unknown id gets is **unconfirmed** (ENTITY_IS_DELETED for a record in the recycle bin is
 documented); both are taken as "removed", the safe reading for a repeated delete."""
 RETRIABLE_RECORD_ERRORS = frozenset({"UNABLE_TO_LOCK_ROW"})
-_TRUE_WORDS = (*TRUE_WORDS, "y")
-"""Yes in this connector's yes/no settings: ``y`` as well as the common words."""
 
 # -- identifiers and names -----------------------------------------------------------------
 
 EMAIL_FIELD = "Email"
+MEMBER_TYPES = {"Contact": "ContactId", "Lead": "LeadId"}
+"""The records a CampaignMember can be made of, and the member's field naming each."""
 _API_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _SALESFORCE_ID = re.compile(r"^[A-Za-z0-9]{15}(?:[A-Za-z0-9]{3})?$")
 _API_VERSION = re.compile(r"^v?(\d{2,3})(?:\.(\d))?$")
@@ -203,9 +233,30 @@ class SalesforceCampaignConnector(Connector):
     )
     config_keys: ClassVar[tuple[ConfigKey, ...]] = (
         ConfigKey(
-            "instance_url", "the org's URL, e.g. https://yourorg.my.salesforce.com", required=True
+            "instance_url",
+            "the org's URL, e.g. https://yourorg.my.salesforce.com (default: the one the token"
+            " endpoint answers)",
         ),
-        ConfigKey("access_token", "an OAuth access token (session id)", required=True, secret=True),
+        ConfigKey("client_id", "the connected app's consumer key (refresh-token or JWT flow)"),
+        ConfigKey("client_secret", "the connected app's consumer secret", secret=True),
+        ConfigKey("refresh_token", "an OAuth refresh token (refresh-token flow)", secret=True),
+        ConfigKey("username", "the user the JWT bearer flow acts as"),
+        ConfigKey(
+            "private_key", "PEM private key of the connected app's certificate (JWT flow)",
+            secret=True,
+        ),
+        ConfigKey("private_key_file", "path of that PEM key (relative to the dbt project)"),
+        ConfigKey(
+            "login_url",
+            "https://login.salesforce.com, https://test.salesforce.com for a sandbox, or the"
+            " org's My Domain URL",
+            default=LOGIN_URL,
+        ),
+        ConfigKey("token_url", "the token endpoint (default: {login_url}/services/oauth2/token)"),
+        ConfigKey(
+            "token_lifetime_s", "renew the session after this many seconds (default: on a 401)"
+        ),
+        ConfigKey("access_token", "a static OAuth access token (session id)", secret=True),
         ConfigKey("campaign_id", "the campaign whose members the audience sets"),
         ConfigKey(
             "create_if_missing",
@@ -231,6 +282,12 @@ class SalesforceCampaignConnector(Connector):
             default="email",
         ),
         ConfigKey("member_status", "the CampaignMember Status to set (default: the campaign's)"),
+        ConfigKey(
+            "member_type",
+            "Contact or Lead: the records campaign members are made of (found, or upserted,"
+            " by contact_match_field)",
+            default="Contact",
+        ),
     )
     max_batch_size: ClassVar[int] = COLLECTION_LIMIT
     default_batch_size: ClassVar[int | None] = COLLECTION_LIMIT
@@ -241,29 +298,38 @@ class SalesforceCampaignConnector(Connector):
     # Salesforce meters a daily allocation, not a rate: no pacing by default.
     default_rate_limit: ClassVar[float | None] = None
     returns_destination_ids: ClassVar[bool] = True
+    can_list_members: ClassVar[bool] = True
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
         where = f"destination {name!r}"
-        self._token = str(self.setting("access_token") or "")
-        if not self._token:
-            raise FatalDestinationError(f"{where}: key 'access_token' is not set")
+        self._key_secrets: list[str] = []
+        self._auth = BearerAuth(self._token_source(), http)
         instance = str(self.setting("instance_url") or self.settings.get("base_url") or "")
-        if not instance.startswith(("https://", "http://")):
+        if instance and not instance.startswith(("https://", "http://")):
             raise FatalDestinationError(
                 f"{where}: key 'instance_url' must be the org's https URL, got {instance!r}"
             )
-        self._instance = instance.rstrip("/")
+        if not instance and not self._auth.source.refreshable:
+            raise FatalDestinationError(f"{where}: key 'instance_url' is not set")
+        self._instance = instance.rstrip("/") or None
         try:
             self._version = api_version(self.setting("api_version") or DEFAULT_API_VERSION)
         except ValueError as exc:
             raise FatalDestinationError(f"{where}: {exc}") from None
+        person = str(self.setting("member_type") or "Contact").strip().capitalize()
+        if person not in MEMBER_TYPES:
+            raise FatalDestinationError(
+                f"{where}: member_type must be Contact or Lead, got {person!r}"
+            )
+        self._person = person
+        self._person_field = MEMBER_TYPES[person]
         self._match_field = str(self.setting("contact_match_field") or EMAIL_FIELD).strip()
         if not _API_NAME.match(self._match_field):
             raise FatalDestinationError(
                 f"{where}: contact_match_field {self._match_field!r} is not a field API name"
             )
-        self._upsert = flag(self.setting("upsert_contacts", False), _TRUE_WORDS)
+        self._upsert = yes_no(self, "upsert_contacts")
         if self._upsert and self._match_field.lower() == EMAIL_FIELD.lower():
             # Salesforce upserts only by an External ID field, and Email cannot be one.
             raise FatalDestinationError(
@@ -281,17 +347,90 @@ class SalesforceCampaignConnector(Connector):
         )
         status = self.setting("member_status")
         self._member_status = str(status) if status not in (None, "") else None
-        self._headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        self._headers = {"Accept": "application/json"}
         self._campaign_id: str | None = None
         self._usage_lock = threading.Lock()
         self._usage_warned = False
 
+    def _token_source(self) -> TokenSource:
+        """The credentials: the JWT bearer flow, else the refresh-token flow, else a static
+        token."""
+        where = f"destination {self.name!r}"
+        login = str(self.setting("login_url") or LOGIN_URL).strip().rstrip("/")
+        token_url = str(self.setting("token_url") or f"{login}/services/oauth2/token").strip()
+        lifetime = self.setting("token_lifetime_s")
+        try:
+            lifetime_s = float(lifetime) if lifetime not in (None, "") else None
+        except (TypeError, ValueError):
+            raise FatalDestinationError(
+                f"{where}: token_lifetime_s must be a number of seconds, got {lifetime!r}"
+            ) from None
+        key = self.setting("private_key")
+        key_file = self.setting("private_key_file")
+        if key or key_file:
+            if not key:
+                path = Path(self.sync.project_dir or ".") / Path(str(key_file)).expanduser()
+                try:
+                    key = path.read_text("utf-8")
+                except OSError as exc:
+                    raise FatalDestinationError(
+                        f"{where}: cannot read private_key_file {str(path)!r}"
+                        f" ({exc.strerror or exc})"
+                    ) from None
+                self._key_secrets.append(str(key))
+            client_id = str(self.setting("client_id") or "").strip()
+            username = str(self.setting("username") or "").strip()
+            if not client_id or not username:
+                raise FatalDestinationError(
+                    f"{where}: the JWT bearer flow needs client_id (the consumer key) and"
+                    " username beside the private key"
+                )
+            return JwtBearerGrant(
+                self.name,
+                token_url,
+                claims={"iss": client_id, "sub": username, "aud": login},
+                private_key=str(key),
+                assertion_lifetime_s=JWT_LIFETIME_S,
+                lifetime_s=lifetime_s,
+            )
+        if self.setting("refresh_token"):
+            client_id = str(self.setting("client_id") or "").strip()
+            if not client_id:
+                raise FatalDestinationError(f"{where}: the refresh-token flow needs client_id")
+            return RefreshTokenGrant(
+                self.name,
+                token_url,
+                client_id=client_id,
+                client_secret=str(self.setting("client_secret") or "").strip() or None,
+                refresh_token=str(self.setting("refresh_token")).strip(),
+                lifetime_s=lifetime_s,
+            )
+        token = str(self.setting("access_token") or "")
+        if not token:
+            raise FatalDestinationError(
+                f"{where}: no credentials; set client_id and refresh_token (refresh-token"
+                " flow), client_id, username and private_key_file (JWT bearer flow), or"
+                " access_token"
+            )
+        return StaticToken(self.name, token)
+
     def secret_values(self) -> list[str]:
-        """The access token, wherever it was set."""
-        return [v for v in {*super().secret_values(), self._token} if v]
+        """The settings' secrets (the access token wherever it was set) and a key file's key."""
+        static = self._auth.source.value if isinstance(self._auth.source, StaticToken) else ""
+        return [v for v in {*super().secret_values(), static, *self._key_secrets} if v]
 
     def _api(self, path: str) -> str:
         """A URL under ``/services/data/{version}`` of the org (or of ``base_url``)."""
+        if self._instance is None:
+            # Not set: the org's URL comes with the first token.
+            self._auth.source.token()
+            instance = str(self._auth.source.extra.get("instance_url") or "")
+            if not instance.startswith(("https://", "http://")):
+                raise FatalDestinationError(
+                    f"destination {self.name!r}: the token endpoint gave no instance_url;"
+                    " set instance_url"
+                )
+            self._instance = instance.rstrip("/")
         return self.url(f"/services/data/{self._version}/{path.lstrip('/')}", self._instance)
 
     # -- answers ----------------------------------------------------------------------------
@@ -305,9 +444,15 @@ class SalesforceCampaignConnector(Connector):
         errors = _errors_of(json_body(response))
         codes = {code for code, _ in errors}
         if status == 401 or "INVALID_SESSION_ID" in codes:
+            if self._auth.source.refreshable:
+                return Verdict.fatal(
+                    "Salesforce refused a freshly obtained session (INVALID_SESSION_ID): check"
+                    " the connected app's policies and the user's permissions"
+                )
             return Verdict.fatal(
                 "Salesforce refused the access token (INVALID_SESSION_ID): the session expired"
-                " or is invalid; set a fresh access_token"
+                " or is invalid; set a fresh access_token, or use the refresh-token or JWT"
+                " bearer flow"
             )
         if "REQUEST_LIMIT_EXCEEDED" in codes:
             message = " ".join(m for c, m in errors if c == "REQUEST_LIMIT_EXCEEDED")
@@ -348,53 +493,34 @@ class SalesforceCampaignConnector(Connector):
     # -- the campaign -----------------------------------------------------------------------
 
     def open(self) -> dict[str, Any] | None:
-        """Check the campaign exists (``campaign_id``, else the one created earlier), or
-        create it when ``create_if_missing`` is on.
+        """Find the campaign (:func:`~audsync.destinations.common.open_list`):
+        ``campaign_id``, else the one an earlier run created, else one named
+        ``campaign_name``, else a new active one (``create_if_missing``).
 
         Raises:
             FatalDestinationError: no campaign configured and ``create_if_missing`` off, or
                 the campaign does not exist.
         """
-        configured = self.setting("campaign_id")
-        remembered = self.sync.state.get("campaign_id") if self.sync.state else None
-        create = flag(self.setting("create_if_missing", False), _TRUE_WORDS)
-        if configured not in (None, ""):
-            if not self._campaign_exists(str(configured)):
-                raise FatalDestinationError(
-                    f"destination {self.name!r}: Salesforce has no campaign {configured}"
-                    " (campaign_id)"
-                )
-            self._campaign_id = str(configured)
-        elif remembered not in (None, "") and self._campaign_exists(str(remembered)):
-            self._campaign_id = str(remembered)
-        elif create:
-            if remembered:
-                logger.warning(
-                    "destination %r: the campaign %s created by an earlier run is gone;"
-                    " creating another",
-                    self.name,
-                    remembered,
-                )
-            self._campaign_id = self._find_or_create_campaign()
-        elif remembered not in (None, ""):
-            raise FatalDestinationError(
-                f"destination {self.name!r}: the campaign {remembered} created by an earlier run"
-                " no longer exists; set create_if_missing: true to create another, or set"
-                " campaign_id"
-            )
-        else:
-            raise FatalDestinationError(
-                f"destination {self.name!r}: set campaign_id, or create_if_missing: true to"
-                " create a campaign"
-            )
-        return {"campaign_id": self._campaign_id}
+        self._campaign_id, state = open_list(
+            self,
+            ListLifecycle(
+                key="campaign_id",
+                what="campaign",
+                name=str(self.setting("campaign_name") or self.sync.name),
+                exists=self._campaign_exists,
+                find=self._find_campaign,
+                create=self._create_campaign,
+                how_to_create="create_if_missing: true to create a campaign",
+            ),
+        )
+        return state
 
     def _campaign_exists(self, campaign_id: str) -> bool:
         if not _SALESFORCE_ID.match(campaign_id):
             raise FatalDestinationError(
                 f"destination {self.name!r}: {campaign_id!r} is not a Salesforce id"
             )
-        response = self.http.request(
+        response = self._auth.request(
             "GET",
             self._api(f"sobjects/Campaign/{campaign_id}") + "?fields=Id",
             headers=self._headers,
@@ -402,19 +528,15 @@ class SalesforceCampaignConnector(Connector):
         )
         return response.status_code != 404
 
-    def _find_or_create_campaign(self) -> str:
-        """The id of the campaign named ``campaign_name``, created if there is none.
-
-        The name is looked up first, so a run that died after creating the campaign, before
-        its id was stored, finds it again instead of making a second one.
-        """
-        name = str(self.setting("campaign_name") or self.sync.name)
+    def _find_campaign(self, name: str) -> str | None:
+        """The id of the campaign named ``name`` (the lowest if several), or ``None``."""
         records = self._query(f"SELECT Id FROM Campaign WHERE Name = {soql_quote(name)}")
         ids = sorted(str(r["Id"]) for r in records if r.get("Id"))
-        if ids:
-            logger.info("destination %r: using the existing campaign %s", self.name, ids[0])
-            return ids[0]
-        response = self.http.request(
+        return ids[0] if ids else None
+
+    def _create_campaign(self, name: str, http: Any) -> str:
+        """Create an active campaign through ``http`` (no retries); its id."""
+        response = BearerAuth(self._auth.source, http).request(
             "POST",
             self._api("sobjects/Campaign"),
             json={"Name": name, "IsActive": True},
@@ -427,7 +549,6 @@ class SalesforceCampaignConnector(Connector):
                 f"destination {self.name!r}: Salesforce's answer to creating campaign"
                 f" {name!r} has no id"
             )
-        logger.info("destination %r: created the campaign %s", self.name, created)
         return str(created)
 
     def _require_campaign(self) -> str:
@@ -474,8 +595,8 @@ class SalesforceCampaignConnector(Connector):
                 fail(
                     normalised,
                     "contact_not_found",
-                    f"no Contact has {self._match_field} = this key (set upsert_contacts to"
-                    " create contacts)",
+                    f"no {self._person} has {self._match_field} = this key (set"
+                    " upsert_contacts to create them)",
                 )
 
         # 2. Members.
@@ -521,8 +642,10 @@ class SalesforceCampaignConnector(Connector):
         if not keys:
             return found
         field = self._match_field
-        for values in self._in_chunks(keys, f"SELECT Id, {field} FROM Contact WHERE {field} IN "):
-            soql = f"SELECT Id, {field} FROM Contact WHERE {field} IN ({values})"
+        for values in self._in_chunks(
+            keys, f"SELECT Id, {field} FROM {self._person} WHERE {field} IN "
+        ):
+            soql = f"SELECT Id, {field} FROM {self._person} WHERE {field} IN ({values})"
             for record in self._query(soql):
                 key = self._keys.known(record.get(field))
                 contact_id = record.get("Id")
@@ -539,14 +662,14 @@ class SalesforceCampaignConnector(Connector):
         keys = list(fields)
         records = []
         for normalised in keys:
-            record = {"attributes": {"type": "Contact"}}
+            record = {"attributes": {"type": self._person}}
             record.update(
                 {k: v for k, v in fields[normalised].items() if k not in ("Id", "attributes")}
             )
             record[self._match_field] = normalised
             records.append(record)
         results = self._collection(
-            "PATCH", f"composite/sobjects/Contact/{self._match_field}", records
+            "PATCH", f"composite/sobjects/{self._person}/{self._match_field}", records
         )
         contacts: dict[str, str] = {}
         errors: dict[str, tuple[str, str, bool]] = {}
@@ -573,7 +696,7 @@ class SalesforceCampaignConnector(Connector):
             record: dict[str, Any] = {
                 "attributes": {"type": "CampaignMember"},
                 "CampaignId": campaign_id,
-                "ContactId": contact_id,
+                self._person_field: contact_id,
             }
             if self._member_status:
                 record["Status"] = self._member_status
@@ -607,14 +730,15 @@ class SalesforceCampaignConnector(Connector):
     def _find_members(self, campaign_id: str, contact_ids: Sequence[str]) -> dict[str, str]:
         """CampaignMember ids of the campaign by contact id."""
         found: dict[str, str] = {}
+        person = self._person_field
         prefix = (
-            f"SELECT Id, ContactId FROM CampaignMember WHERE CampaignId = "
-            f"{soql_quote(campaign_id)} AND ContactId IN "
+            f"SELECT Id, {person} FROM CampaignMember WHERE CampaignId = "
+            f"{soql_quote(campaign_id)} AND {person} IN "
         )
         for values in self._in_chunks(contact_ids, prefix):
             for record in self._query(f"{prefix}({values})"):
-                if record.get("ContactId") and record.get("Id"):
-                    found[str(record["ContactId"])] = str(record["Id"])
+                if record.get(person) and record.get("Id"):
+                    found[str(record[person])] = str(record["Id"])
         return found
 
     def _remove(
@@ -671,7 +795,7 @@ class SalesforceCampaignConnector(Connector):
             results: list[Any] = []
             for start in range(0, len(indexes), COLLECTION_LIMIT):
                 chunk = indexes[start : start + COLLECTION_LIMIT]
-                response = self.http.request(
+                response = self._auth.request(
                     method,
                     self._api(path),
                     json={"allOrNone": False, "records": [records[i] for i in chunk]},
@@ -693,7 +817,7 @@ class SalesforceCampaignConnector(Connector):
                 + ",".join(ids[i] for i in indexes)
                 + "&allOrNone=false"
             )
-            response = self.http.request("DELETE", url, headers=self._headers)
+            response = self._auth.request("DELETE", url, headers=self._headers)
             return _one_each(json_body(response), len(indexes))
 
         return _resend_locked(len(ids), send)
@@ -716,16 +840,45 @@ class SalesforceCampaignConnector(Connector):
 
     def _query(self, soql: str) -> list[dict[str, Any]]:
         """Every record a SOQL query returns, following ``nextRecordsUrl``."""
-        records: list[dict[str, Any]] = []
+        return [record for page in self._query_pages(soql) for record in page]
+
+    def _query_pages(self, soql: str) -> Iterator[list[dict[str, Any]]]:
+        """The records of a SOQL query a page at a time, following ``nextRecordsUrl``."""
         url = self._api("query") + "?q=" + quote(soql, safe="")
         while url:
-            response = self.http.request("GET", url, headers=self._headers)
+            response = self._auth.request("GET", url, headers=self._headers)
             answer = json_body(response)
             if not isinstance(answer, dict):
                 break
-            records.extend(r for r in answer.get("records") or [] if isinstance(r, dict))
+            yield [r for r in answer.get("records") or [] if isinstance(r, dict)]
             next_url = answer.get("nextRecordsUrl")
             if answer.get("done", True) or not next_url:
                 break
             url = self.url(str(next_url), self._instance)
-        return records
+
+    # -- reading the membership back (audsync verify) ---------------------------------------
+
+    def list_members(self) -> Iterator[list[tuple[str, str | None]]]:
+        """Pages of the campaign's members as (key, CampaignMember id): the members by
+        ``nextRecordsUrl`` pages, their Contacts' (or Leads') match field read by id."""
+        campaign_id = self._require_campaign()
+        person = self._person_field
+        soql = (
+            f"SELECT Id, {person} FROM CampaignMember WHERE CampaignId = {soql_quote(campaign_id)}"
+        )
+        field = self._match_field
+        for page in self._query_pages(soql):
+            members = {str(r[person]): str(r["Id"]) for r in page if r.get(person) and r.get("Id")}
+            found: list[tuple[str, str | None]] = []
+            prefix = f"SELECT Id, {field} FROM {self._person} WHERE Id IN "
+            for values in self._in_chunks(list(members), prefix):
+                for record in self._query(f"{prefix}({values})"):
+                    key = self._keys.known(record.get(field))
+                    if key is not None and str(record.get("Id")) in members:
+                        found.append((key, members[str(record["Id"])]))
+            if found:
+                yield found
+
+    def listed_key_casefold(self) -> bool:
+        """Emails are compared lowercased; an external id as it is."""
+        return self._keys.email
