@@ -84,6 +84,17 @@ def _restore_audsync_logger():
     logger.handlers[:], logger.filters[:], logger.level, logger.propagate, logger.disabled = saved
 
 
+@pytest.fixture(autouse=True)
+def _fresh_secret_registry():
+    """Each test starts with no secrets registered for redaction, as a fresh ``audsync``
+    process would: a token one test registers must not mask another test's text."""
+    from audsync import redact
+
+    redact.clear_secrets()
+    yield
+    redact.clear_secrets()
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> PostgresServer:
     """A PostgreSQL cluster started for this session on 127.0.0.1, removed at the end."""
