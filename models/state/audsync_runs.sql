@@ -1,4 +1,5 @@
-{#- One row per run of a sync (contract section 6). Filled by the runner. -#}
+{#- One row per run of a sync (contract section 6). Filled by the runner.
+    evaluated_at: when S was last built, as the run saw it (freshness, api.md). -#}
 {{ audsync.empty_table([
     ('run_id', 'string'),
     ('sync_name', 'string'),
@@ -20,4 +21,5 @@
     ('rows_recorded', 'bigint'),
     ('rows_unmatched', 'bigint'),
     ('full_resync', 'boolean'),
+    ('evaluated_at', 'timestamp'),
 ]) }}

@@ -1,4 +1,6 @@
-{#- The state of each sync: status, last run, and the lock that keeps runs one at a time. -#}
+{#- The state of each sync: status, last run, and the lock that keeps runs one at a time.
+    sync_id, display_name, created_by, created_at: the service's lifecycle (api.md);
+    evaluated_at: when the audience_sync materialization last built S (UTC, freshness). -#}
 {{ audsync.empty_table([
     ('sync_name', 'string'),
     ('status', 'string'),
@@ -11,4 +13,9 @@
     ('lock_heartbeat_at', 'timestamp'),
     ('destination_state', 'string'),
     ('updated_at', 'timestamp'),
+    ('sync_id', 'string'),
+    ('display_name', 'string'),
+    ('created_by', 'string'),
+    ('created_at', 'timestamp'),
+    ('evaluated_at', 'timestamp'),
 ]) }}

@@ -424,6 +424,39 @@ def _due_syncs(app: App):
     return due
 
 
+# -- the service (api.md) -------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8787, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workspaces", "workspaces_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="workspaces.yml: several projects, each with its tokens (default: this project, with "
+                   "AUDSYNC_API_TOKENS or AUDSYNC_API_TOKEN).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Runs at once (a bounded pool).")
+@click.option("--no-scheduler", is_flag=True, help="Run syncs only when triggered.")
+@click.option("--no-evaluate", is_flag=True,
+              help="Do not `dbt run --select <sync>` before a run: another tool runs dbt.")
+@click.option("--scheduler-tick", default=30.0, show_default=True, type=click.FloatRange(0.2, 60),
+              help="Seconds between the scheduler's checks (at most 60).")
+@click.option("--drain-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 3600),
+              help="Seconds SIGTERM waits for runs to end aborted.")
+@click.option("--rate-limit", default=200, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Requests per token in 10 s before 429.")
+@pass_app
+def serve(app: App, host, port, workspaces_file, workers, no_scheduler, no_evaluate, scheduler_tick,
+          drain_timeout, rate_limit):
+    """The REST API and the scheduler (api.md) on this project, until SIGTERM."""
+    from .service.server import build_registry, serve as run_server
+
+    registry = build_registry(app.project_dir, app.profiles_dir, app.target, app.destinations_file, workspaces_file)
+    code = run_server(registry, host=host, port=port, workers=workers, scheduler=not no_scheduler,
+                      evaluate=not no_evaluate, tick_s=scheduler_tick, drain_s=drain_timeout, rate_limit=rate_limit)
+    if code:
+        sys.exit(code)
+
+
 def _sigterm_as_interrupt() -> None:
     """Orchestrators stop a task with SIGTERM: end the run cleanly, as on Ctrl-C."""
     def handler(signum, frame):

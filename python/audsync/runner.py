@@ -107,6 +107,13 @@ class SyncRunner:
         self.state = StateStore(
             warehouse, {t: project.state_relation(t) for t in names.STATE_TABLES}
         )
+        # serve branch (issue 12), convention 2: a minimal request_stop until core's lands.
+        self._stop_requested = threading.Event()
+
+    def request_stop(self) -> None:
+        """Stop from another thread (convention 2): the current run stops sending, commits
+        what was answered and ends ``aborted``; later runs do not start."""
+        self._stop_requested.set()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -138,8 +145,18 @@ class SyncRunner:
 
     # -- a run ------------------------------------------------------------------------------
 
-    def run(self, sync: SyncModel, *, trigger: str = "manual", full_resync: bool = False) -> RunResult:
-        """Run ``sync`` once; return its result (the status says how it went)."""
+    def run(
+        self, sync: SyncModel, *, trigger: str = "manual", full_resync: bool = False,
+        run_id: str | None = None,
+    ) -> RunResult:
+        """Run ``sync`` once; return its result (the status says how it went).
+
+        ``run_id``: the id to use (convention 3); a ``queued`` row of that id in
+        ``audsync_runs`` (the service's) is filled in instead of inserting a new one.
+        """
+        if self._stop_requested.is_set():
+            return RunResult(run_id or "", sync.name, "aborted", error_message="stopped before it started",
+                             destination=sync.destination, mode=sync.mode)
         destination = self.destination_of(sync)
         register_secrets(destination.secret_values())
         settings = {**destination.settings, **sync.settings}
@@ -148,7 +165,7 @@ class SyncRunner:
         except ValueError as error:
             raise ConfigError(f"sync {sync.name!r}: {error}", sync=sync.name) from None
         tables = self.check_ready(sync)
-        run_id = new_run_id()
+        run_id = run_id or new_run_id()
         started = utcnow()
         clock = time.monotonic()
         base_run = {
@@ -160,8 +177,9 @@ class SyncRunner:
         # 1. Lock (or skip a paused sync).
         with self.warehouse.session() as session:
             row = self.state.ensure_sync_row(session, sync.name)
+            base_run["evaluated_at"] = row.get("evaluated_at")
             if row["status"] == "paused":
-                self.state.insert_run(session, {
+                self.state.start_run(session, {
                     **base_run, "status": "skipped", "finished_at": started, "duration_ms": 0,
                     "error_message": "the sync is paused; `audsync resume` it to run again",
                 })
@@ -170,7 +188,7 @@ class SyncRunner:
                 self.reporter.event("skipped", sync=sync.name, run_id=run_id, reason="paused")
                 return result
             takeover = self.state.acquire_lock(session, sync.name, run_id, lock_timeout_s())
-            self.state.insert_run(session, {**base_run, "status": "running"})
+            self.state.start_run(session, {**base_run, "status": "running"})
             destination_state = json.loads(row["destination_state"]) if row["destination_state"] else {}
         if takeover:
             self.reporter.event("lock_taken_over", sync=sync.name, run_id=run_id, from_run=takeover.run_id)
@@ -238,6 +256,8 @@ class SyncRunner:
             status, error_message = "error", f"destination {sync.destination!r}: {fatal}"
         except KeyboardInterrupt:
             status, error_message = "aborted", "interrupted"
+        except RunStopped as error:
+            status, error_message = "aborted", str(error)
         except LockLost as error:
             status, error_message = "aborted", str(error)
         except Exception as error:  # noqa: BLE001 - recorded as the run's error, exit 1
@@ -297,12 +317,16 @@ class SyncRunner:
         while after < size:
             if heartbeat.lost:
                 raise LockLost(f"run {run_id} lost its lock; another run took the sync over")
+            if self._stop_requested.is_set():
+                raise RunStopped(f"run {run_id} was stopped (shutdown) before every batch was sent")
             with self.warehouse.session() as session:
                 rows = tables.read(session, run_id, after, after + chunk)
             after += chunk
             changes, _unsent = tables.to_changes(rows)
             del rows
             for start in range(0, len(changes), batch_size):
+                if self._stop_requested.is_set():
+                    raise RunStopped(f"run {run_id} was stopped (shutdown) before every batch was sent")
                 yield batch_no, changes[start:start + batch_size]
                 batch_no += 1
 
@@ -356,6 +380,10 @@ class SyncRunner:
             **committed.run_columns(),
         )
         return committed
+
+
+class RunStopped(Exception):
+    """:meth:`SyncRunner.request_stop` was called while the run was sending."""
 
 
 class LockLost(Exception):

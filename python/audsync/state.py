@@ -25,10 +25,15 @@ RUN_COLUMNS = (
     "planned_adds", "planned_removes", "planned_updates", "rows_added", "rows_removed",
     "rows_updated", "rows_failed", "error_message", "destination", "sync_mode",
     "rows_recorded", "rows_unmatched", "full_resync",
+    # serve branch (issue 12): when S was last built, as the run saw it (freshness).
+    "evaluated_at",
 )
 SYNC_COLUMNS = (
     "sync_name", "status", "status_error", "last_synced_at", "last_run_id", "lock_run_id",
     "lock_owner", "lock_acquired_at", "lock_heartbeat_at", "destination_state", "updated_at",
+    # serve branch (issue 12): the lifecycle of api.md and when the materialization last
+    # built S (freshness).
+    "sync_id", "display_name", "created_by", "created_at", "evaluated_at",
 )
 ERROR_COLUMNS = (
     "run_id", "sync_name", "member_key", "op", "error_code", "error_message", "retryable",
@@ -195,6 +200,17 @@ class StateStore:
             f"insert into {self.runs} ({', '.join(columns)}) values ({', '.join('?' for _ in columns)})",
             [run[c] for c in columns],
         )
+
+    def start_run(self, session: Session, run: dict[str, Any]) -> None:
+        """Insert the run's row, or fill in the ``queued`` row the service made for it
+        (convention 3: runs started by someone else)."""
+        queued = session.scalar(
+            f"select count(*) from {self.runs} where run_id = ? and status = ?", (run["run_id"], "queued")
+        )
+        if not queued:
+            self.insert_run(session, run)
+            return
+        self.update_run(session, run["run_id"], **{c: v for c, v in run.items() if c != "run_id"})
 
     def update_run(self, session: Session, run_id: str, **values: Any) -> None:
         unknown = set(values) - set(RUN_COLUMNS)
