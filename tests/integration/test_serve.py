@@ -251,8 +251,8 @@ def _wait_scheduled(service, prefix, sid, n, status=None, timeout_s=90.0):
     raise AssertionError(f"the scheduler made no run {n} of {sid} in {timeout_s:.0f} s: {runs}\n{service.log[-3000:]}")
 
 
-def test_sigterm_aborts_the_run_and_the_next_trigger_completes_it(shop):
-    env = {"AUDSYNC_API_TOKEN": TOKEN_A}
+def test_sigterm_aborts_the_run_kill_9_loses_nothing_and_the_limits_hold(shop):
+    env = {"AUDSYNC_API_TOKEN": TOKEN_A, "AUDSYNC_LOCK_TIMEOUT_S": "3"}
     a = "/api/v1"
     with FakeWebhook(secret="demo-secret", latency_s=0.4) as hook:
         env["AUDSYNC_DEMO_WEBHOOK_URL"] = hook.url
@@ -280,7 +280,33 @@ def test_sigterm_aborts_the_run_and_the_next_trigger_completes_it(shop):
             run = again.wait_run(a, sid, next_id, TOKEN_A)
             assert run["rows_added"] == len(expected) - row[1]
             assert set(hook.members) == set(expected)
-            assert again.call("DELETE", f"{a}/audience-syncs/{sid}", TOKEN_A).status_code == 200
+
+            # Bodies over 1 MB are refused; a token over 200 requests in 10 s gets 429.
+            big = again.call("POST", f"{a}/audience-syncs", TOKEN_A, data=b"x" * 1_100_000,
+                             headers={"Content-Type": "application/json"})
+            assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+            codes = [again.call("GET", "/healthz", "burst-token").status_code for _ in range(201)]
+            assert codes[:200] == [200] * 200 and codes[200] == 429
+            limited = again.call("GET", "/healthz", "burst-token")
+            assert limited.status_code == 429 and 1 <= int(limited.headers["Retry-After"]) <= 10
+
+            # kill -9 in the middle of a run loses nothing: the next run takes the lock over.
+            hook.reset()
+            audsync(shop, "reset", "slow_hook", "--yes")
+            killed_id = again.call("POST", f"{a}/audience-syncs/{sid}/trigger", TOKEN_A).json()["id"]
+            deadline = time.monotonic() + 90
+            while len(hook.members) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            again.process.kill()
+            again.process.wait()
+        with ServiceProcess(shop, "--no-scheduler", env=env) as third:
+            time.sleep(3.5)  # the killed run's heartbeat is older than AUDSYNC_LOCK_TIMEOUT_S
+            next_id = third.call("POST", f"{a}/audience-syncs/{sid}/trigger", TOKEN_A).json()["id"]
+            third.wait_run(a, sid, next_id, TOKEN_A)
+            killed = third.call("GET", f"{a}/audience-syncs/{sid}/runs/{killed_id}", TOKEN_A).json()
+            assert killed["status"] == "aborted" and "abandoned" in killed["error_message"], killed
+            assert set(hook.members) == set(expected) and hook.violations == []
+            assert third.call("DELETE", f"{a}/audience-syncs/{sid}", TOKEN_A).status_code == 200
 
 
 def test_the_service_refuses_to_start_without_a_token(shop):
