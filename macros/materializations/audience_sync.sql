@@ -83,6 +83,8 @@
   {% set should_revoke = should_revoke(existing_relation, full_refresh_mode=True) %}
   {% do apply_grants(target_relation, grant_config, should_revoke=should_revoke) %}
   {% do persist_docs(target_relation, model) %}
+  {#- serve branch (issue 12): freshness, S's build time in audsync_syncs (sync/evaluation.sql) -#}
+  {% do audsync.record_evaluation(this.identifier) %}
   {{ adapter.commit() }}
   {{ drop_relation_if_exists(backup_relation) }}
   {{ run_hooks(post_hooks, inside_transaction=False) }}

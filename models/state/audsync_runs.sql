@@ -1,5 +1,6 @@
 {#- One row per run of a sync (contract section 6). Filled by the runner.
-    match_rate (connectors branch): (accepted - unmatched) / sent, null when nothing was sent. -#}
+    match_rate (connectors branch): (accepted - unmatched) / sent, null when nothing was sent.
+    evaluated_at: when S was last built, as the run saw it (freshness, api.md). -#}
 {{ audsync.empty_table([
     ('run_id', 'string'),
     ('sync_name', 'string'),
@@ -23,4 +24,5 @@
     ('full_resync', 'boolean'),
     ('rows_unknown', 'bigint'),
     ('match_rate', 'float'),
+    ('evaluated_at', 'timestamp'),
 ]) }}

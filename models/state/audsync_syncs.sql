@@ -1,6 +1,8 @@
 {#- The state of each sync: status, last run, and the lock that keeps runs one at a time.
     `lock_generation` counts the lock's acquisitions: a run holds the lock only while the
-    generation it took is still the row's (fencing). Unique per sync_name on PostgreSQL. -#}
+    generation it took is still the row's (fencing). Unique per sync_name on PostgreSQL.
+    sync_id, display_name, created_by, created_at: the service's lifecycle (api.md);
+    evaluated_at: when the audience_sync materialization last built S (UTC, freshness). -#}
 {{ config(post_hook="{{ audsync.unique_sync_name(this) }}") }}
 {{ audsync.empty_table([
     ('sync_name', 'string'),
@@ -15,4 +17,9 @@
     ('destination_state', 'string'),
     ('updated_at', 'timestamp'),
     ('lock_generation', 'bigint'),
+    ('sync_id', 'string'),
+    ('display_name', 'string'),
+    ('created_by', 'string'),
+    ('created_at', 'timestamp'),
+    ('evaluated_at', 'timestamp'),
 ]) }}

@@ -109,19 +109,48 @@ def list_syncs(app: App, fmt: str):
     from .state import SyncRow
 
     statuses = _sync_rows(app, quiet=True)
+    starts = _slot_starts(app)
     rows = []
     for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
         state = statuses.get(sync.name) or SyncRow(sync.name)
         rows.append({
             "sync": sync.name, "mode": sync.mode, "destination": sync.destination,
             "schedule": sync.schedule, "status": state.status or "never run",
-            "last_synced_at": state.last_synced_at, "description": sync.description,
+            "last_synced_at": state.last_synced_at, "evaluated_at": state.evaluated_at,
+            "next_run_at": _next_run(sync, state, starts), "description": sync.description,
         })
     if fmt == "json":
         print_json(rows)
     else:
-        print_table(["sync", "mode", "destination", "schedule", "status", "last synced"],
-                    [[r["sync"], r["mode"], r["destination"], r["schedule"], r["status"], r["last_synced_at"]] for r in rows])
+        print_table(["sync", "mode", "destination", "schedule", "status", "last synced", "evaluated", "next run"],
+                    [[r["sync"], r["mode"], r["destination"], r["schedule"], r["status"], r["last_synced_at"],
+                      r["evaluated_at"], r["next_run_at"]] for r in rows])
+
+
+def _slot_starts(app: App) -> dict:
+    """When each sync last took a schedule slot (empty before the state tables exist)."""
+    from .schedule import last_slot_starts
+
+    runner = app.state_runner()
+    with app.warehouse.session() as session:
+        if runner.state.missing_tables(session):
+            return {}
+        return last_slot_starts(session, runner.state)
+
+
+def _row_value(row, column: str):
+    from .schedule import row_value
+
+    return row_value(row, column)
+
+
+def _next_run(sync, state, starts: dict):
+    """When the schedule next runs ``sync`` (naive UTC, as the state tables' times), or None."""
+    from .schedule import next_run_at
+
+    moment = next_run_at(sync.schedule, _row_value(state, "status"), starts.get(sync.name),
+                         dt.datetime.now(dt.timezone.utc))
+    return moment.replace(tzinfo=None, microsecond=0) if moment else None
 
 
 @cli.command()
@@ -136,20 +165,23 @@ def status(app: App, sync_name: str | None, fmt: str):
 
     syncs = [app.project.get(sync_name)] if sync_name else sorted(app.project.syncs.values(), key=lambda s: s.name)
     states = _sync_rows(app)
+    starts = _slot_starts(app) if states else {}
     rows = []
     for sync in syncs:
         state = states.get(sync.name) or SyncRow(sync.name)
         rows.append({
             "sync": sync.name, "status": state.status or "never run",
             "status_error": state.status_error, "last_synced_at": state.last_synced_at,
+            "evaluated_at": state.evaluated_at, "next_run_at": _next_run(sync, state, starts),
             "last_run_id": state.last_run_id, "locked_by": state.lock_run_id,
             "heartbeat_at": state.lock_heartbeat_at,
         })
     if fmt == "json":
         print_json(rows)
     else:
-        print_table(["sync", "status", "last synced", "last run", "locked by", "error"],
-                    [[r["sync"], r["status"], r["last_synced_at"], r["last_run_id"], r["locked_by"], r["status_error"]] for r in rows])
+        print_table(["sync", "status", "last synced", "evaluated", "next run", "last run", "locked by", "error"],
+                    [[r["sync"], r["status"], r["last_synced_at"], r["evaluated_at"], r["next_run_at"],
+                      r["last_run_id"], r["locked_by"], r["status_error"]] for r in rows])
 
 
 def _sync_rows(app: App, quiet: bool = False) -> dict[str, Any]:
@@ -269,11 +301,34 @@ def check(app: App):
         warning = normalise_warning(sync, destinations.get(sync.destination))
         if warning:
             click.echo(f"  warning: {warning}", err=True)
+    for warning in _rebuild_warnings(app):
+        click.echo(f"  warning: {warning}", err=True)
     if problems:
         for problem in dict.fromkeys(problems):
             click.echo(f"  - {problem}", err=True)
         raise _config_error(f"{len(set(problems))} problem(s) found")
     click.echo(f"OK: {len(project.syncs)} sync(s), {len(destinations)} destination(s), {app.warehouse.describe()}")
+
+
+def _rebuild_warnings(app: App) -> list[str]:
+    """Syncs whose schedule fires more often than their audience has been rebuilt (api.md)."""
+    from .errors import AudsyncError
+    from .schedule import rebuild_warning, row_value
+
+    warnings = []
+    try:
+        runner = app.state_runner()
+        with app.warehouse.session() as session:
+            if runner.state.missing_tables(session):
+                return []
+            for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
+                runs = [r for r in runner.state.runs_of(session, sync.name, 10) if row_value(r, "status") != "queued"]
+                warning = rebuild_warning(sync.schedule, runs)
+                if warning:
+                    warnings.append(f"sync {sync.name!r} ({sync.path}): {warning}")
+    except AudsyncError:
+        return warnings
+    return warnings
 
 
 @cli.command()
@@ -378,7 +433,8 @@ def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, 
     trigger = "schedule" if due else "manual"
     for sync in syncs:
         try:
-            results.append(runner.run(sync, trigger=trigger, full_resync=full_resync))
+            skipped = _skip_unevaluated(app, runner, sync) if due and not full_resync else None
+            results.append(skipped or runner.run(sync, trigger=trigger, full_resync=full_resync))
         except AudsyncError as error:
             if len(syncs) == 1:
                 raise
@@ -395,30 +451,69 @@ def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, 
 
 
 def _due_syncs(app: App):
-    from .schedule import parse_schedule
+    """The syncs whose schedule is due: the one rule the service's scheduler uses too."""
+    from .schedule import CLI_TOLERANCE, due_syncs, last_slot_starts
 
     runner = app.state_runner()
     with app.warehouse.session() as session:
         if runner.state.missing_tables(session):
             raise _config_error("audsync's state tables are not built yet: run `dbt run` first")
-        last = runner.state.last_started(session)
+        starts = last_slot_starts(session, runner.state)
         states = runner.state.all_sync_rows(session)
     now = dt.datetime.now(dt.timezone.utc)
-    due = []
-    for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
-        try:
-            schedule = parse_schedule(sync.schedule)
-        except ValueError as error:
-            raise _config_error(f"sync {sync.name!r}: schedule: {error}") from None
-        state = states.get(sync.name)
-        if state is not None and state.status == "paused":
-            continue
-        started = last.get(sync.name)
-        started = started.replace(tzinfo=dt.timezone.utc) if started else None
-        # An orchestrator that calls every 15 minutes reaches a 15m sync a little early.
-        if schedule.is_due(started, now, tolerance=dt.timedelta(minutes=1)):
-            due.append(sync)
-    return due
+    try:
+        return due_syncs(app.project.syncs.values(), states, starts, now, tolerance=CLI_TOLERANCE)
+    except ValueError as error:
+        raise _config_error(str(error)) from None
+
+
+def _skip_unevaluated(app: App, runner, sync):
+    """For ``--due``: a skipped run's result when the audience was not rebuilt since the last
+    successful run and nothing is left to retry (freshness, api.md), else ``None``."""
+    from .runner import RunResult
+    from .schedule import freshness_skip_reason, record_skip
+
+    tables = runner.check_ready(sync)
+    with app.warehouse.session() as session:
+        reason = freshness_skip_reason(session, runner.state, tables, sync.name)
+        if not reason:
+            return None
+        run_id = record_skip(session, runner.state, sync, reason)
+    return RunResult(run_id, sync.name, "skipped", error_message=f"sync {sync.name!r}: {reason}; skipped",
+                     destination=sync.destination, mode=sync.mode)
+
+
+# -- the service (api.md) -------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8787, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workspaces", "workspaces_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="workspaces.yml: several projects, each with its tokens (default: this project, with "
+                   "AUDSYNC_API_TOKENS or AUDSYNC_API_TOKEN).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Runs at once (a bounded pool).")
+@click.option("--no-scheduler", is_flag=True, help="Run syncs only when triggered.")
+@click.option("--no-evaluate", is_flag=True,
+              help="Do not `dbt run --select <sync>` before a run: another tool runs dbt.")
+@click.option("--scheduler-tick", default=30.0, show_default=True, type=click.FloatRange(0.2, 60),
+              help="Seconds between the scheduler's checks (at most 60).")
+@click.option("--drain-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 3600),
+              help="Seconds SIGTERM waits for runs to end aborted.")
+@click.option("--rate-limit", default=200, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Requests per token in 10 s before 429.")
+@pass_app
+def serve(app: App, host, port, workspaces_file, workers, no_scheduler, no_evaluate, scheduler_tick,
+          drain_timeout, rate_limit):
+    """The REST API and the scheduler (api.md) on this project, until SIGTERM."""
+    from .service.server import build_registry, serve as run_server
+
+    registry = build_registry(app.project_dir, app.profiles_dir, app.target, app.destinations_file, workspaces_file)
+    code = run_server(registry, host=host, port=port, workers=workers, scheduler=not no_scheduler,
+                      evaluate=not no_evaluate, tick_s=scheduler_tick, drain_s=drain_timeout, rate_limit=rate_limit)
+    if code:
+        sys.exit(code)
 
 
 def _stop_on_sigterm(runner) -> None:

@@ -25,6 +25,7 @@ The heartbeat thread runs from the lock until the record is done, on its own con
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import logging
 import re
@@ -285,6 +286,7 @@ class _Run:
         self.size = 0
         self.in_flight: _InFlight | None = None
         """Set once delivery starts: what was on the wire when it ended."""
+        self.evaluated_at: dt.datetime | None = None
 
     # -- the sequence ---------------------------------------------------------------------
 
@@ -323,7 +325,7 @@ class _Run:
         return RunRow(
             run_id=self.run_id, sync_name=self.sync.name, trigger=self.trigger, started_at=self.started,
             destination=self.sync.destination, sync_mode=self.sync.mode, full_resync=self.full_resync,
-            **values,
+            evaluated_at=self.evaluated_at, **values,
         )
 
     def lock_sync(self) -> bool:
@@ -331,19 +333,24 @@ class _Run:
         recorded as skipped). Raises ``LockHeld`` when a live run holds the sync."""
         with self.warehouse.session() as session:
             row = self.state.ensure_sync_row(session, self.sync.name)
-            if row.status == "paused":
-                self.state.insert_run(session, self.base_row(
+            # When S was last built, as this run saw it (freshness, api.md).
+            self.evaluated_at = row.evaluated_at
+            if row.status in ("paused", "draft"):
+                # A draft (api.md) is not run until it is activated, from any trigger.
+                what = "paused" if row.status == "paused" else "a draft"
+                fix = "`audsync resume` it" if row.status == "paused" else "activate it (status active)"
+                self.state.start_run(session, self.base_row(
                     status="skipped", finished_at=self.started, duration_ms=0,
-                    error_message="the sync is paused; `audsync resume` it to run again",
+                    error_message=f"the sync is {what}; {fix} to run again",
                 ))
                 self.result.status = "skipped"
-                self.result.error_message = (f"sync {self.sync.name!r} is paused; skipped"
+                self.result.error_message = (f"sync {self.sync.name!r} is {what}; skipped"
                                              f" (audsync resume {self.sync.name})")
-                self.reporter.event("skipped", sync=self.sync.name, run_id=self.run_id, reason="paused")
+                self.reporter.event("skipped", sync=self.sync.name, run_id=self.run_id, reason=row.status)
                 return False
         with self.warehouse.session() as session:
             self.lock, takeover = self.state.acquire_lock(session, self.sync.name, self.run_id, lock_timeout_s())
-            self.state.insert_run(session, self.base_row(status="running"))
+            self.state.start_run(session, self.base_row(status="running"))
             row = self.state.sync_row(session, self.sync.name)
             self.destination_state = json.loads(row.destination_state) if row.destination_state else {}
         if takeover:

@@ -24,13 +24,17 @@ RUN_COLUMNS = (
     "run_id", "sync_name", "trigger", "status", "started_at", "finished_at", "duration_ms",
     "planned_adds", "planned_removes", "planned_updates", "rows_added", "rows_removed",
     "rows_updated", "rows_failed", "error_message", "destination", "sync_mode",
-    "rows_recorded", "rows_unmatched", "full_resync", "rows_unknown",
-    "rows_recorded", "rows_unmatched", "full_resync", "match_rate",
+    "rows_recorded", "rows_unmatched", "full_resync", "rows_unknown", "match_rate",
+    # serve branch (issue 12): when S was last built, as the run saw it (freshness).
+    "evaluated_at",
 )
 SYNC_COLUMNS = (
     "sync_name", "status", "status_error", "last_synced_at", "last_run_id", "lock_run_id",
     "lock_owner", "lock_acquired_at", "lock_heartbeat_at", "destination_state", "updated_at",
     "lock_generation",
+    # serve branch (issue 12): the lifecycle of api.md and when the materialization last
+    # built S (freshness).
+    "sync_id", "display_name", "created_by", "created_at", "evaluated_at",
 )
 ERROR_COLUMNS = (
     "run_id", "sync_name", "member_key", "op", "error_code", "error_message", "retryable",
@@ -102,6 +106,8 @@ class RunRow:
     rows_unknown: int | None = None
     match_rate: float | None = None
     """Accepted minus unmatched over sent, where the destination reports unmatched rows."""
+    evaluated_at: dt.datetime | None = None
+    """When S was last built, as the run saw it (freshness)."""
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> "RunRow":
@@ -129,6 +135,12 @@ class SyncRow:
     destination_state: str | None = None
     updated_at: dt.datetime | None = None
     lock_generation: int | None = None
+    sync_id: str | None = None
+    display_name: str | None = None
+    created_by: str | None = None
+    created_at: dt.datetime | None = None
+    evaluated_at: dt.datetime | None = None
+    """When the materialization last built S (freshness)."""
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> "SyncRow":
@@ -353,6 +365,19 @@ class StateStore:
             f"insert into {self.runs} ({', '.join(columns)}) values ({', '.join('?' for _ in columns)})",
             [clean_text(values[c]) for c in columns],
         )
+
+    def start_run(self, session: Session, run: RunRow | dict[str, Any]) -> None:
+        """Insert the run's row, or fill in the ``queued`` row the service made for it
+        (convention 3: runs started by someone else)."""
+        if isinstance(run, RunRow):
+            run = {c: v for c, v in run.as_dict().items() if v is not None}
+        queued = session.scalar(
+            f"select count(*) from {self.runs} where run_id = ? and status = ?", (run["run_id"], "queued")
+        )
+        if not queued:
+            self.insert_run(session, run)
+            return
+        self.update_run(session, run["run_id"], **{c: v for c, v in run.items() if c != "run_id"})
 
     def update_run(self, session: Session, run_id: str, **values: Any) -> None:
         """Set columns of a run's row."""
