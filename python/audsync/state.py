@@ -201,6 +201,11 @@ class StateStore:
         """
         row = self.sync_row(session, sync_name)
         if row is None:
+            # Serialise the inserters (taken before this transaction writes anything, so a
+            # wait here cannot close a cycle), then look again.
+            self.warehouse.lock_state_table(session, self.relations[names.SYNCS_TABLE])
+            row = self.sync_row(session, sync_name)
+        if row is None:
             session.execute(
                 f"insert into {self.syncs} (sync_name, status, updated_at, lock_generation)"
                 f" select ?, ?, {self.now}, 0"

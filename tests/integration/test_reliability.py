@@ -343,22 +343,55 @@ def test_a_run_whose_commit_failed_is_recovered_by_the_next(dbt_project, monkeyp
 # -- 9. PostgreSQL ----------------------------------------------------------------------------
 
 
-def test_two_first_runs_at_once_do_not_deadlock(dbt_project, warehouse):
-    """Two first-ever runs of a sync start together: one runs, the other is refused naming it
-    (or runs after it); neither fails with a deadlock, and the sync has one state row."""
+def test_two_first_runs_at_once_do_not_deadlock(dbt_project, warehouse, monkeypatch):
+    """Two first-ever runs of a sync start together (the window in which both insert the
+    sync's row is widened): one runs, the other is refused naming it or runs after it; neither
+    fails with a deadlock, and the sync has one state row. Before, both inserted the row and
+    then waited for each other's table lock: PostgreSQL killed one with "deadlock detected"."""
+    import threading
+
+    from audsync.config import load_destinations
+    from audsync.errors import LockHeld
+    from audsync.project import Project
+    from audsync.runner import SyncRunner
+    from audsync.state import StateStore
+
     with FakeWebhook(secret="first-secret", latency_s=0.05) as fake:
         write_sync(dbt_project, "s", mode="mirror", destination="hook")
-        write_destinations(dbt_project, {"hook": hook(fake, batch_size=5)})
+        path = write_destinations(dbt_project, {"hook": hook(fake, batch_size=5)})
         write_audience(dbt_project, members("d", 20))
         dbt_project.dbt("run")
-        processes = [audsync_process(dbt_project, "run", "s") for _ in range(2)]
-        outputs = [p.communicate(timeout=120) for p in processes]
-        text = "\n".join(o + e for o, e in outputs)
-        assert "deadlock" not in text.lower(), text
-        codes = sorted(p.returncode for p in processes)
-        assert codes[0] == 0 and codes[1] in (0, 1), text
-        if codes[1] == 1:
-            assert "locked by run" in text
+        real = StateStore.ensure_sync_row
+        barrier = threading.Barrier(2, timeout=5)
+
+        def slow_first_insert(self, session, sync_name):
+            row = real(self, session, sync_name)
+            try:
+                barrier.wait()  # both runs have inserted (or tried to) before either goes on
+            except threading.BrokenBarrierError:
+                pass
+            return row
+
+        monkeypatch.setattr(StateStore, "ensure_sync_row", slow_first_insert)
+        outcomes: list = []
+
+        def one_run():
+            project = Project.load(dbt_project.root, dbt_project.root)
+            wh = project.open_warehouse()
+            try:
+                outcomes.append(SyncRunner(project, wh, load_destinations(path)).run(project.get("s")).status)
+            except Exception as error:  # noqa: BLE001 - the outcome under test
+                outcomes.append(error)
+            finally:
+                wh.close()
+
+        threads = [threading.Thread(target=one_run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(isinstance(o, Exception) and not isinstance(o, LockHeld) for o in outcomes), outcomes
+        assert "success" in outcomes and len(outcomes) == 2, outcomes
         assert len(state_rows(dbt_project, names.SYNCS_TABLE, "where sync_name = %s", ["s"])) == 1
 
 
