@@ -160,6 +160,12 @@ class SyncRunner:
                     f"audsync's state tables {', '.join(missing)} are not in {self.warehouse.describe()}; "
                     "run `dbt run --select package:audsync` (or `dbt run`) first"
                 )
+            columns = self.state.missing_columns(session)
+            if columns:
+                raise ConfigError(
+                    f"audsync's state tables lack the column(s) {', '.join(columns)} of this version;"
+                    " run `dbt run --select package:audsync` (or `dbt run`) to add them"
+                )
             tables.resolve(session)
         return tables
 
@@ -459,22 +465,26 @@ class _Run:
             self.fail("error", f"destination unreachable: {self.sync.destination!r}: {detail}")
         except FatalDestinationError as error:
             self.fatal = True
-            self.fail("error", f"destination {self.sync.destination!r}: {redact(str(error))}")
+            text = redact(str(error))
+            # Convention 4: the circuit breaker's error (periphery branch) says "destination
+            # unreachable" first, as it is; other fatal answers are prefixed with the destination.
+            unreachable = type(error).__name__ == "DestinationUnreachable"
+            self.fail("error", text if unreachable else f"destination {self.sync.destination!r}: {text}")
         except Exception as error:  # noqa: BLE001 - recorded as the run's error, exit 1
             self.fail("error", redact(f"{type(error).__name__}: {error}"))
             logger.debug("run failed", exc_info=True)
         finally:
-            if guard.lost_error is not None:
-                raise guard.lost_error
             if completed and self.runner.stopping and self.status == "success" and not guard.exhausted:
                 self.fail("aborted", "stopped (SIGTERM or a stop request) during delivery")
-            self.every_batch_answered = completed and self.status == "success"
+            self.every_batch_answered = completed and self.status == "success" and guard.lost_error is None
             if connector is not None:
                 try:
-                    connector.close(self.status == "success")
+                    connector.close(self.every_batch_answered)
                     http.close()
                 except Exception:  # noqa: BLE001 - the first failure is the one to report
                     logger.debug("connector close failed", exc_info=True)
+        if guard.lost_error is not None:
+            raise guard.lost_error
 
     def _remember(self, state: Mapping[str, Any]) -> None:
         """Save what a connector learnt (a created list's id) at once, before ``open()``
