@@ -1,0 +1,63 @@
+{#-
+  The governance relations of a sync S, built by the materialization beside its own:
+
+    S__excluded  view   members left out by an exclusion list, with the list (when `exclude`)
+    S__split     view   every member with its split, group and bucket (when `split_group`)
+    S__history   table  every change the destination accepted; created when missing, never
+                        replaced; rows older than vars.audsync_history_days are deleted
+-#}
+
+{% macro governance_suffixes() %}
+  {{ return({'excluded': '__excluded', 'split': '__split', 'history': '__history'}) }}
+{% endmacro %}
+
+{#- The materialization's hook: build the governance relations of `target_relation`. -#}
+{% macro governance_relations(target_relation, select_sql, sync) %}
+  {%- set made = [] -%}
+  {%- set sibling = {} -%}
+  {%- for part, suffix in audsync.governance_suffixes().items() -%}
+    {%- do sibling.update({part: api.Relation.create(
+          database=target_relation.database, schema=target_relation.schema,
+          identifier=target_relation.identifier ~ suffix,
+          type=('table' if part == 'history' else 'view'))}) -%}
+  {%- endfor -%}
+  {%- set membership = audsync.membership_sql(select_sql, sync) -%}
+  {%- if sync.governance.exclude -%}
+    {% do audsync.replace_view(sibling.excluded, audsync.excluded_sql(membership, sync)) %}
+    {%- do made.append(sibling.excluded) -%}
+  {%- endif -%}
+  {%- if sync.governance.split is not none -%}
+    {% do audsync.replace_view(sibling.split, audsync.split_view_sql(audsync.apply_exclusions(membership, sync), sync)) %}
+    {%- do made.append(sibling.split) -%}
+  {%- endif -%}
+  {% do audsync.ensure_table(sibling.history, audsync.history_shape_sql()) %}
+  {% do audsync.apply_history_retention(sibling.history) %}
+  {%- do made.append(sibling.history) -%}
+  {{ return(made) }}
+{% endmacro %}
+
+{#- The typed, empty shape of S__history. -#}
+{% macro history_shape_sql() %}
+  {%- set n = audsync.audsync_names() -%}
+select
+  cast(null as {{ dbt.type_string() }}) as {{ n.key }},
+  cast(null as {{ dbt.type_string() }}) as {{ n.op }},
+  cast(null as {{ dbt.type_string() }}) as {{ n.hash }},
+  cast(null as {{ dbt.type_string() }}) as {{ n.run_id }},
+  cast(null as {{ dbt.type_timestamp() }}) as _audsync_committed_at,
+  cast(null as {{ dbt.type_string() }}) as _audsync_split_group
+where 1 = 0
+{%- endmacro %}
+
+{#- Retention: with vars.audsync_history_days = N, rows committed more than N days ago go. -#}
+{% macro apply_history_retention(relation) %}
+  {%- set days = var('audsync_history_days', none) -%}
+  {%- if days is none -%}{{ return('') }}{%- endif -%}
+  {%- if days is boolean or days is not number or days < 0 -%}
+    {{ exceptions.raise_compiler_error("audsync: vars.audsync_history_days is " ~ days ~ "; expected a number of days (leave it unset to keep all history)") }}
+  {%- endif -%}
+  {% call statement('audsync_history_retention_' ~ relation.identifier) -%}
+    delete from {{ relation }}
+    where _audsync_committed_at < {{ dbt.dateadd('day', -1 * (days | int), dbt.current_timestamp()) }}
+  {%- endcall %}
+{% endmacro %}
