@@ -20,4 +20,6 @@
     ('rows_recorded', 'bigint'),
     ('rows_unmatched', 'bigint'),
     ('full_resync', 'boolean'),
+    ('forced', 'boolean'),
+    ('audience_size', 'bigint'),
 ]) }}

@@ -342,8 +342,10 @@ def reset(app: App, sync_name: str, yes: bool):
 @click.option("--due", is_flag=True, help="Run the syncs whose schedule is due.")
 @click.option("--full-resync", is_flag=True, help="Send every member again, not only the changes.")
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
+@click.option("--force", is_flag=True, help="Send even if a guardrail would block the run (once).")  # governance:
 @pass_app
-def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, full_resync: bool, dry_run: bool):
+def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, full_resync: bool, dry_run: bool,
+        force: bool = False):  # governance: --force
     """Run syncs: SYNC... by name, --select SELECTOR, or --due."""
     from .errors import AudsyncError
     from .output import print_summary
@@ -374,7 +376,7 @@ def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, 
     trigger = "schedule" if due else "manual"
     for sync in syncs:
         try:
-            results.append(runner.run(sync, trigger=trigger, full_resync=full_resync))
+            results.append(runner.run(sync, trigger=trigger, full_resync=full_resync, force=force))  # governance: force
         except AudsyncError as error:
             if len(syncs) == 1:
                 raise
@@ -392,7 +394,7 @@ def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, 
 
 def _worst(codes: list[int]) -> int:
     """The exit code of several runs: a failure over a configuration error over a partial one."""
-    for code in (1, 2, 3):
+    for code in (1, 2, 4, 3):  # governance: 4, blocked by a guardrail
         if code in codes:
             return code
     return 0

@@ -20,6 +20,7 @@ EXIT_SUCCESS = 0
 EXIT_RUN_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_PARTIAL = 3
+EXIT_BLOCKED = 4  # governance: a guardrail blocked the run; nothing was sent
 
 
 class AudsyncError(click.ClickException):

@@ -26,6 +26,8 @@ from .config import DestinationConfig
 from .delivery.engine import DeliverySettings, DeliveryStats, deliver
 from .destinations.base import BatchResult, Change, FatalDestinationError, RowError, SyncInfo
 from .errors import ConfigError
+from .errors import EXIT_BLOCKED  # governance:
+from .governance import hooks as governance  # governance:
 from .plan import CommitCounts, PlanCounts, SyncTables
 from .project import Project, SyncModel
 from .redact import redact, register_secrets
@@ -40,6 +42,7 @@ READ_CHUNK_ROWS = 50_000
 FLUSH_EVERY_S = 1.0
 
 EXIT_CODES = {"success": 0, "skipped": 0, "partial_failure": 3, "error": 1, "aborted": 1}
+EXIT_CODES["blocked"] = EXIT_BLOCKED  # governance: a guardrail stopped the run before sending
 
 
 @dataclass
@@ -138,7 +141,8 @@ class SyncRunner:
 
     # -- a run ------------------------------------------------------------------------------
 
-    def run(self, sync: SyncModel, *, trigger: str = "manual", full_resync: bool = False) -> RunResult:
+    def run(self, sync: SyncModel, *, trigger: str = "manual", full_resync: bool = False,
+            force: bool = False) -> RunResult:  # governance: force overrides the guardrails once
         """Run ``sync`` once; return its result (the status says how it went)."""
         destination = self.destination_of(sync)
         register_secrets(destination.secret_values())
@@ -197,6 +201,8 @@ class SyncRunner:
             self.reporter.event("planned", sync=sync.name, run_id=run_id, adds=planned.adds,
                                 removes=planned.removes, updates=planned.updates, recorded=planned.recorded,
                                 peak_rss_mb=peak_rss_mb())
+            blocked = governance.check_guardrails(self, sync, tables, run_id, planned, force=force, clock=clock)  # governance:
+            if blocked: return blocked  # noqa: E701 - governance: a blocked run sends and commits nothing
 
             # 3. Deliver.
             if planned.sent:
@@ -285,7 +291,7 @@ class SyncRunner:
                             rows_added=result.committed.added, rows_removed=result.committed.removed,
                             rows_updated=result.committed.updated, rows_failed=result.committed.failed,
                             duration_ms=result.duration_ms, peak_rss_mb=peak_rss_mb())
-        return result
+        return governance.after_run(self, sync, result)  # governance: alerts
 
     def _batches(
         self, tables: SyncTables, run_id: str, size: int, batch_size: int, heartbeat: "_Heartbeat"
@@ -311,7 +317,9 @@ class SyncRunner:
         every_batch_answered: bool = False, full_resync: bool = False,
     ) -> CommitCounts:
         def commit(session: Session) -> CommitCounts:
+            pending = governance.history_before_commit(session, tables, run_id)  # governance:
             committed = tables.commit(session, run_id, utcnow(), every_batch_answered, full_resync)
+            governance.history_after_commit(self, session, tables, run_id, pending)  # governance:
             final = status
             if status == "success" and committed.failed:
                 final = "partial_failure"
@@ -344,7 +352,9 @@ class SyncRunner:
 
     def _recover(self, session: Session, tables: SyncTables, run: dict, run_id: str) -> CommitCounts:
         """Commit what the abandoned ``run`` had delivered; mark it aborted."""
+        pending = governance.history_before_commit(session, tables, run["run_id"])  # governance:
         committed = tables.commit(session, run["run_id"], utcnow())
+        governance.history_after_commit(self, session, tables, run["run_id"], pending)  # governance:
         finished = utcnow()
         duration = int((finished - run["started_at"]).total_seconds() * 1000) if run["started_at"] else None
         self.state.update_run(

@@ -25,6 +25,7 @@ RUN_COLUMNS = (
     "planned_adds", "planned_removes", "planned_updates", "rows_added", "rows_removed",
     "rows_updated", "rows_failed", "error_message", "destination", "sync_mode",
     "rows_recorded", "rows_unmatched", "full_resync",
+    "forced", "audience_size",  # governance: --force used; S's size at the run (alerts)
 )
 SYNC_COLUMNS = (
     "sync_name", "status", "status_error", "last_synced_at", "last_run_id", "lock_run_id",
