@@ -191,7 +191,7 @@ def runs(app: App, sync_name: str, limit: int, fmt: str):
 @cli.command()
 @click.argument("sync_name")
 @click.option("--sample", default=5, show_default=True, type=click.IntRange(min=0))
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table")  # governance: markdown
 @pass_app
 def plan(app: App, sync_name: str, sample: int, fmt: str):
     """What the next run of SYNC_NAME would send: counts and a sample. Nothing is sent."""
@@ -204,6 +204,7 @@ def _show_plan(app: App, sync, sample: int, fmt: str) -> None:
     runner = app.state_runner()
     tables = runner.check_ready(sync)
     counts, rows = app.warehouse.in_session(lambda session: tables.preview(session, sample))
+    if fmt == "markdown": return _governance_commands().print_markdown_plan(app, sync, tables, counts, rows)  # noqa: E701 - governance:
     record = {"sync": sync.name, "mode": sync.mode, "destination": sync.destination,
               "adds": counts.adds, "removes": counts.removes, "updates": counts.updates,
               "recorded_without_sending": counts.recorded, "sample": rows}
@@ -277,6 +278,27 @@ def destinations(app: App):
             flags = ", ".join(f for f, on in (("required", key["required"]), ("secret", key["secret"])) if on)
             default = f" [default: {key['default']}]" if key.get("default") is not None else ""
             click.echo(f"    {key['name']}{' (' + flags + ')' if flags else ''}: {key['help']}{default}")
+
+
+# -- governance: membership history (governance.md) ------------------------------------------
+
+
+def _governance_commands():
+    from .governance import commands
+
+    return commands
+
+
+@cli.command("history")
+@click.argument("sync_name")
+@click.option("--key", default=None, help="Only this member's key.")
+@click.option("--since", type=click.DateTime(), default=None, help="Only changes committed at or after this time (UTC).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_app
+def history(app: App, sync_name: str, key: str | None, since: dt.datetime | None, limit: int, fmt: str):
+    """Membership history of SYNC_NAME: when members entered and left, and what was sent."""
+    _governance_commands().show_history(app, sync_name, key, since, limit, fmt)
 
 
 # -- changing state -----------------------------------------------------------------------------
