@@ -258,7 +258,22 @@ def send(channel: Channel, text: str, payload: dict[str, Any], timeout_s: float)
             headers.update({"X-Audsync-Timestamp": stamp, "X-Audsync-Signature": f"sha256={digest}"})
     answer = requests.post(channel.url, data=body, headers=headers, timeout=timeout_s, allow_redirects=False)
     if not 200 <= answer.status_code < 300:
-        raise RuntimeError(f"HTTP {answer.status_code}")
+        raise ChannelAnswer(f"HTTP {answer.status_code}")
+
+
+class ChannelAnswer(Exception):
+    """The channel answered with a status other than 2xx."""
+
+
+def _failure(error: BaseException) -> str:
+    """What went wrong sending an alert, without the URL or the answer's body."""
+    if isinstance(error, ChannelAnswer):
+        return str(error)
+    if isinstance(error, requests.Timeout):
+        return "timeout: the channel did not answer in time"
+    if isinstance(error, requests.ConnectionError):
+        return "unreachable: the channel refused or dropped the connection"
+    return type(error).__name__
 
 
 def alerts_relation(project) -> Relation | None:
@@ -314,7 +329,9 @@ def after_run(runner, sync, result) -> None:
                 try:
                     send(channel, text, {**payload, "rule": rule.name}, min(config.timeout_s, left))
                 except Exception as exc:  # noqa: BLE001 - logged and recorded, never raised
-                    status, error = "failed", scrub(f"{type(exc).__name__}: {exc}")
+                    # The kind only: a transport error's text quotes the URL's path, which
+                    # for a Slack incoming webhook is the credential.
+                    status, error = "failed", _failure(exc)
                     logger.warning("audsync: alert to channel %r failed: %s", name, error)
             records.append((result.run_id, sync.name, rule.name, name, status, error, text, utcnow()))
     relation = alerts_relation(runner.project)

@@ -39,7 +39,7 @@ class Verdict:
             return f"sync {sync!r}: within its guardrails"
         return (
             f"blocked by a guardrail: {'; '.join(self.reasons)}. Nothing was sent. Fix the model, "
-            f"or raise the limit in the sync's config, or run once with `audsync run {sync} --force`"
+            f"or raise the limit in the sync's config, or run once with `audsync run {sync} --force`."
         )
 
     def summary(self) -> str:
