@@ -22,13 +22,18 @@
           type=('table' if part == 'history' else 'view'))}) -%}
   {%- endfor -%}
   {%- set membership = audsync.membership_sql(select_sql, sync) -%}
+  {#- A view of a feature the sync no longer uses would go stale: drop it. -#}
   {%- if sync.governance.exclude -%}
     {% do audsync.replace_view(sibling.excluded, audsync.excluded_sql(membership, sync)) %}
     {%- do made.append(sibling.excluded) -%}
+  {%- else -%}
+    {% do adapter.drop_relation(sibling.excluded) %}
   {%- endif -%}
   {%- if sync.governance.split is not none -%}
     {% do audsync.replace_view(sibling.split, audsync.split_view_sql(audsync.apply_exclusions(membership, sync), sync)) %}
     {%- do made.append(sibling.split) -%}
+  {%- else -%}
+    {% do adapter.drop_relation(sibling.split) %}
   {%- endif -%}
   {% do audsync.ensure_table(sibling.history, audsync.history_shape_sql()) %}
   {% do audsync.apply_history_retention(sibling.history) %}

@@ -25,31 +25,38 @@ SPLIT_SUFFIX = "__split"
 COMMITTED_AT = "_audsync_committed_at"
 SPLIT_GROUP = "_audsync_split_group"
 HISTORY_COLUMNS = (names.KEY, names.OP, names.HASH, names.RUN_ID, COMMITTED_AT, SPLIT_GROUP)
-_PENDING = "audsync_history_pending"
+
+
+def _pending_name(run_id: str) -> str:
+    """A temporary table per run: two syncs committing at once in one process (the
+    service) may share a DuckDB connection's temporary schema."""
+    return "audsync_history_pending_" + "".join(c if c.isalnum() else "_" for c in run_id).lower()
 
 
 def history_relation(sync):
     return sync.relation.with_suffix(HISTORY_SUFFIX)
 
 
-def before_commit(session, tables, run_id: str) -> bool:
-    """Set this run's plan aside for :func:`after_commit`; False when the sync has no
-    ``S__history`` yet (built by its next `dbt run`)."""
+def before_commit(session, tables, run_id: str) -> str | None:
+    """Set this run's plan aside for :func:`after_commit`; return the temporary table, or
+    None when the sync has no ``S__history`` yet (its next `dbt run` creates it)."""
     if session.columns(history_relation(tables.sync)) is None:
-        return False
+        return None
     n = names
-    session.execute(f"drop table if exists {_PENDING}")
+    pending = tables.warehouse.quote(_pending_name(run_id))
+    session.execute(f"drop table if exists {pending}")
     session.execute(
-        f"create temporary table {_PENDING} as"
+        f"create temporary table {pending} as"
         f" select {n.KEY}, {n.OP}, {n.SEND}, {n.HASH} from {tables.plan} where {n.RUN_ID} = ?",
         (run_id,),
     )
-    return True
+    return pending
 
 
-def after_commit(session, tables, run_id: str, pending: bool, split_group: str | None,
+def after_commit(session, tables, run_id: str, pending: str | None, split_group: str | None,
                  committed_at: dt.datetime) -> int:
-    """Append what the commit applied; return the rows appended."""
+    """Append what the commit applied (``pending``: what :func:`before_commit` returned);
+    return the rows appended."""
     if not pending:
         return 0
     n = names
@@ -58,14 +65,14 @@ def after_commit(session, tables, run_id: str, pending: bool, split_group: str |
     appended = session.execute_count(
         f"insert into {history} ({cols})"
         f" select p.{n.KEY}, case when not p.{n.SEND} then 'recorded' else p.{n.OP} end, p.{n.HASH}, ?, ?, ?"
-        f" from {_PENDING} as p"
+        f" from {pending} as p"
         f" where case when p.{n.OP} = 'remove'"
         f"   then not exists (select 1 from {tables.snapshot} as s where s.{n.KEY} = p.{n.KEY})"
         f"   else exists (select 1 from {tables.snapshot} as s where s.{n.KEY} = p.{n.KEY}"
         f"                and s.{n.RUN_ID} = ? and s.{n.HASH} is not null and s.{n.HASH} = p.{n.HASH}) end",
         (run_id, committed_at, split_group, run_id),
     )
-    session.execute(f"drop table if exists {_PENDING}")
+    session.execute(f"drop table if exists {pending}")
     if split_group:
         appended += _log_holdout(session, tables, history, run_id, split_group, committed_at)
     return appended

@@ -65,12 +65,12 @@ def check_guardrails(runner, sync, tables, run_id: str, planned, *, force: bool,
     return after_run(runner, sync, result)
 
 
-def history_before_commit(session, tables, run_id: str) -> bool:
+def history_before_commit(session, tables, run_id: str) -> str | None:
     """In the commit's transaction, before it: set the plan aside for the history."""
     return history.before_commit(session, tables, run_id)
 
 
-def history_after_commit(runner, session, tables, run_id: str, pending: bool) -> None:
+def history_after_commit(runner, session, tables, run_id: str, pending: str | None) -> None:
     """In the commit's transaction, after it: append what the destination accepted."""
     history.after_commit(session, tables, run_id, pending, split_group_of(runner.project, tables.sync), utcnow())
 
