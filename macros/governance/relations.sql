@@ -35,10 +35,35 @@
   {%- else -%}
     {% do adapter.drop_relation(sibling.split) %}
   {%- endif -%}
-  {% do audsync.ensure_table(sibling.history, audsync.history_shape_sql()) %}
+  {% do audsync.ensure_history_table(sibling.history) %}
   {% do audsync.apply_history_retention(sibling.history) %}
   {%- do made.append(sibling.history) -%}
   {{ return(made) }}
+{% endmacro %}
+
+{#- Create S__history when missing; never replace it. (Not `ensure_table`: that gives a
+    table a unique index on the key, and history holds many rows per key.) -#}
+{% macro ensure_history_table(relation) %}
+  {%- set existing = adapter.get_relation(database=relation.database, schema=relation.schema, identifier=relation.identifier) -%}
+  {%- if existing is none -%}
+    {% call statement('audsync_create_' ~ relation.identifier) -%}
+      {{ get_create_table_as_sql(False, relation, audsync.history_shape_sql()) }}
+    {%- endcall %}
+    {% do adapter.dispatch('create_history_index', 'audsync')(relation) %}
+  {%- elif existing.type != 'table' -%}
+    {{ exceptions.raise_compiler_error("audsync: " ~ existing ~ " is a " ~ existing.type ~ "; audsync keeps the sync's membership history there and expects a table. Drop or rename it, then run again.") }}
+  {%- endif -%}
+{% endmacro %}
+
+{% macro default__create_history_index(relation) %}
+{% endmacro %}
+
+{#- PostgreSQL: `audsync history S --key K` and the holdout log read one key's rows. -#}
+{% macro postgres__create_history_index(relation) %}
+  {% call statement('audsync_index_' ~ relation.identifier) -%}
+    create index if not exists {{ adapter.quote(relation.identifier ~ '_audsync_key_idx') }}
+    on {{ relation }} (_audsync_key, _audsync_committed_at)
+  {%- endcall %}
 {% endmacro %}
 
 {#- The typed, empty shape of S__history. -#}
