@@ -90,6 +90,11 @@ def test_max_removals_and_allow_empty(dbt_project, hook):
     project = dbt_project
     write_sync(project, "s2", destination="hook")
     add_config(project, "s2", max_removals=3, allow_empty=True)
+    # The same limits as dbt tests shipped by the package, so `dbt build` can stop first.
+    project.write_file("models/_s2.yml", (
+        "version: 2\nmodels:\n  - name: s2\n    data_tests:\n"
+        "      - audsync.removals_below:\n          arguments: {max_pct: 50, min_rows: 1}\n"
+        "      - audsync.not_emptied\n"))
     write_destinations(project, {"hook": {"type": "webhook", "url": hook.url}})
     write_audience(project, ROWS[:5])
     project.dbt("run")
@@ -98,6 +103,10 @@ def test_max_removals_and_allow_empty(dbt_project, hook):
     project.dbt("run")
     audsync(project, "run", "s2", expect=4)
     assert "remove 4 members, above max_removals 3" in run_rows(project, "s2")[-1]["error_message"]
+    tested = project.dbt("test", "--select", "s2", expect_ok=False)
+    by_test = {("removals_below" if "removals_below" in k else "not_emptied" if "not_emptied" in k else k): v
+               for k, v in tested.statuses.items()}
+    assert by_test == {"removals_below": "fail", "not_emptied": "pass"}, tested.statuses
     write_audience(project, ROWS[:3])
     project.dbt("run")
     audsync(project, "run", "s2")
