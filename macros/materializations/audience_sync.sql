@@ -46,7 +46,7 @@
 
   {#- 3. Build S beside the old one, then swap ---------------------------------------- -#}
   {% call statement('main') -%}
-    {{ get_create_table_as_sql(False, intermediate_relation, audsync.membership_sql(sql, sync)) }}
+    {{ get_create_table_as_sql(False, intermediate_relation, audsync.governed_membership_sql(audsync.membership_sql(sql, sync), sync)) }}  {#- governance: exclusions and split -#}
   {%- endcall %}
   {% if existing_relation is not none %}
     {% set existing_relation = load_cached_relation(existing_relation) %}
@@ -75,8 +75,9 @@
   {% do audsync.replace_view(sibling.adds, audsync.adds_sql(audience, snapshot, sync)) %}
   {% do audsync.replace_view(sibling.removes, audsync.removes_sql(audience, snapshot, sync)) %}
   {% do audsync.replace_view(sibling.updates, audsync.updates_sql(audience, snapshot, sync)) %}
-  {% do audsync.replace_view(sibling.changes, audsync.changes_sql(audience, snapshot, {'add': sibling.adds, 'remove': sibling.removes}, sync)) %}
+  {% do audsync.replace_view(sibling.changes, audsync.with_excluded_removals(audsync.changes_sql(audience, snapshot, {'add': sibling.adds, 'remove': sibling.removes}, sync), snapshot, sync)) %}  {#- governance: excluded removals -#}
   {% do audsync.replace_view(sibling.invalid, audsync.invalid_sql(sql, sync, source_columns)) %}
+  {%- set governance_relations = audsync.governance_relations(target_relation, sql, sync) -%}  {#- governance: S__excluded, S__split, S__history -#}
 
   {#- 6. Finish: hooks, grants, docs, commit, then drop the old S --------------------- -#}
   {{ run_hooks(post_hooks, inside_transaction=True) }}
@@ -89,5 +90,5 @@
   {{ drop_relation_if_exists(backup_relation) }}
   {{ run_hooks(post_hooks, inside_transaction=False) }}
 
-  {{ return({'relations': [target_relation, sibling.snapshot, sibling.plan, sibling.candidates, sibling.adds, sibling.removes, sibling.updates, sibling.changes, sibling.invalid]}) }}
+  {{ return({'relations': [target_relation, sibling.snapshot, sibling.plan, sibling.candidates, sibling.adds, sibling.removes, sibling.updates, sibling.changes, sibling.invalid] + governance_relations}) }}
 {% endmaterialization %}

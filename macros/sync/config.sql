@@ -101,6 +101,7 @@
     {%- if item.source_column not in columns -%}{%- do columns.append(item.source_column) -%}{%- endif -%}
   {%- endfor -%}
 
+  {#- governance: the split_group, exclude and guardrail keys (macros/governance/config.sql) -#}
   {{ return({
       'destination': destination,
       'mode': mode,
@@ -110,6 +111,7 @@
       'columns': columns,
       'schedule': schedule,
       'settings': settings,
+      'governance': audsync.governance_config(where, identifier_column),
   }) }}
 {% endmacro %}
 

@@ -25,4 +25,6 @@
     ('rows_unknown', 'bigint'),
     ('match_rate', 'float'),
     ('evaluated_at', 'timestamp'),
+    ('forced', 'boolean'),
+    ('audience_size', 'bigint'),
 ]) }}

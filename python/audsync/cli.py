@@ -229,7 +229,7 @@ def runs(app: App, sync_name: str, limit: int, fmt: str):
 @cli.command()
 @click.argument("sync_name")
 @click.option("--sample", default=5, show_default=True, type=click.IntRange(min=0))
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table")  # governance: markdown
 @pass_app
 def plan(app: App, sync_name: str, sample: int, fmt: str):
     """What the next run of SYNC_NAME would send: counts and a sample. Nothing is sent."""
@@ -242,6 +242,7 @@ def _show_plan(app: App, sync, sample: int, fmt: str) -> None:
     runner = app.state_runner()
     tables = runner.check_ready(sync)
     counts, rows = app.warehouse.in_session(lambda session: tables.preview(session, sample))
+    if fmt == "markdown": return _governance_commands().print_markdown_plan(app, sync, tables, counts, rows)  # noqa: E701 - governance:
     record = {"sync": sync.name, "mode": sync.mode, "destination": sync.destination,
               "adds": counts.adds, "removes": counts.removes, "updates": counts.updates,
               "recorded_without_sending": counts.recorded, "sample": rows}
@@ -348,6 +349,27 @@ def destinations(app: App):
             click.echo(f"    {key['name']}{' (' + flags + ')' if flags else ''}: {key['help']}{default}")
 
 
+# -- governance: membership history (governance.md) ------------------------------------------
+
+
+def _governance_commands():
+    from .governance import commands
+
+    return commands
+
+
+@cli.command("history")
+@click.argument("sync_name")
+@click.option("--key", default=None, help="Only this member's key.")
+@click.option("--since", type=click.DateTime(), default=None, help="Only changes committed at or after this time (UTC).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_app
+def history(app: App, sync_name: str, key: str | None, since: dt.datetime | None, limit: int, fmt: str):
+    """Membership history of SYNC_NAME: when members entered and left, and what was sent."""
+    _governance_commands().show_history(app, sync_name, key, since, limit, fmt)
+
+
 # -- changing state -----------------------------------------------------------------------------
 
 
@@ -401,8 +423,10 @@ def reset(app: App, sync_name: str, yes: bool):
 @click.option("--due", is_flag=True, help="Run the syncs whose schedule is due.")
 @click.option("--full-resync", is_flag=True, help="Send every member again, not only the changes.")
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
+@click.option("--force", is_flag=True, help="Send even if a guardrail would block the run (once).")  # governance:
 @pass_app
-def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, full_resync: bool, dry_run: bool):
+def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, full_resync: bool, dry_run: bool,
+        force: bool = False):  # governance: --force
     """Run syncs: SYNC... by name, --select SELECTOR, or --due."""
     from .errors import AudsyncError, worst_exit_code
     from .output import print_summary
@@ -434,7 +458,7 @@ def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, 
     for sync in syncs:
         try:
             skipped = _skip_unevaluated(app, runner, sync) if due and not full_resync else None
-            results.append(skipped or runner.run(sync, trigger=trigger, full_resync=full_resync))
+            results.append(skipped or runner.run(sync, trigger=trigger, full_resync=full_resync, force=force))
         except AudsyncError as error:
             if len(syncs) == 1:
                 raise

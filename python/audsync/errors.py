@@ -20,6 +20,7 @@ EXIT_SUCCESS = 0
 EXIT_RUN_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_PARTIAL = 3
+EXIT_BLOCKED = 4  # governance: a guardrail blocked the run; nothing was sent
 
 # The one table of exit codes by a run's final status (contract section 8).
 RUN_STATUS_EXIT = {
@@ -28,7 +29,7 @@ RUN_STATUS_EXIT = {
     "partial_failure": EXIT_PARTIAL,
     "error": EXIT_RUN_FAILED,
     "aborted": EXIT_RUN_FAILED,
-    "blocked": EXIT_RUN_FAILED,
+    "blocked": EXIT_BLOCKED,
 }
 
 
@@ -38,8 +39,9 @@ def exit_code_of(status: str) -> int:
 
 
 def worst_exit_code(codes: list[int]) -> int:
-    """The exit code of several runs: a failure over a configuration error over a partial one."""
-    for code in (EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_PARTIAL):
+    """The exit code of several runs: a failure over a configuration error over a blocked
+    run over a partial one."""
+    for code in (EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_BLOCKED, EXIT_PARTIAL):
         if code in codes:
             return code
     return EXIT_SUCCESS

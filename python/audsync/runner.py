@@ -42,6 +42,7 @@ from .destinations.base import (
     BatchResult, Change, DestinationUnreachable, FatalDestinationError, RowError, SyncInfo,
 )
 from .errors import ConfigError, LockLost, RunStopped, exit_code_of
+from .governance import hooks as governance
 from .plan import CommitCounts, PlanCounts, SyncTables
 from .project import Project, SyncModel
 from .redact import redact, register_secrets
@@ -189,6 +190,7 @@ class SyncRunner:
 
     def run(
         self, sync: SyncModel, *, trigger: str = "manual", full_resync: bool = False, run_id: str | None = None,
+        force: bool = False,
     ) -> RunResult:
         """Run ``sync`` once; return its result (the status says how it went).
 
@@ -199,7 +201,7 @@ class SyncRunner:
         if self.stopping:
             return RunResult(run_id, sync.name, "aborted", error_message=STOPPED_BEFORE_START,
                              destination=sync.destination, mode=sync.mode)
-        return _Run(self, sync, run_id, trigger=trigger, full_resync=full_resync).execute()
+        return _Run(self, sync, run_id, trigger=trigger, full_resync=full_resync, force=force).execute()
 
     def reset(self, sync: SyncModel) -> int:
         """Forget ``sync``'s snapshot under its lock, as a run takes it: a dead holder is
@@ -236,7 +238,11 @@ def recover_unfinished(runner: SyncRunner, sync: SyncModel, tables: SyncTables, 
     for other in sorted((leftover | running) - {lock.run_id}):
         def recover(session: Session, other: str = other) -> CommitCounts:
             runner.state.fence(session, lock)
-            committed = tables.commit(session, other, utcnow()) if other in leftover else CommitCounts()
+            committed = CommitCounts()
+            if other in leftover:
+                pending = governance.history_before_commit(session, tables, other)
+                committed = tables.commit(session, other, utcnow())
+                governance.history_after_commit(runner, session, tables, other, pending)
             row = runner.state.run_row(session, other)
             if row is None:  # plan rows of a run without a row (a reset's, a bug's): commit only
                 return committed
@@ -271,7 +277,8 @@ def recover_unfinished(runner: SyncRunner, sync: SyncModel, tables: SyncTables, 
 class _Run:
     """One run of one sync: each phase is a method, called in order by :meth:`execute`."""
 
-    def __init__(self, runner: SyncRunner, sync: SyncModel, run_id: str, *, trigger: str, full_resync: bool):
+    def __init__(self, runner: SyncRunner, sync: SyncModel, run_id: str, *, trigger: str, full_resync: bool,
+                 force: bool = False):
         self.runner = runner
         self.warehouse = runner.warehouse
         self.state = runner.state
@@ -280,6 +287,10 @@ class _Run:
         self.run_id = run_id
         self.trigger = trigger
         self.full_resync = full_resync
+        self.force = force
+        """``--force``: the guardrails are overridden for this run (recorded on its row)."""
+        self.blocked: RunResult | None = None
+        """Set when a guardrail stopped the run after the freeze (governance)."""
         self.clock = time.monotonic()
         self.result = RunResult(run_id, sync.name, "running", destination=sync.destination, mode=sync.mode)
         self.status = "success"
@@ -318,12 +329,16 @@ class _Run:
             try:
                 recover_unfinished(self.runner, self.sync, self.tables, self.lock)
                 self.plan()
+                if self.blocked is not None:
+                    # A guardrail stopped the run: nothing sent, nothing committed, lock released.
+                    return governance.after_run(self.runner, self.sync, self.blocked)
                 self.deliver()
                 self.commit()
                 self.record()
             except LockLost as error:
                 return self.lost(error)
-        return self.result
+        # Alerts that fire for this run; they never change its outcome.
+        return governance.after_run(self.runner, self.sync, self.result)
 
     # -- 1. lock --------------------------------------------------------------------------
 
@@ -387,6 +402,8 @@ class _Run:
         self.reporter.event("planned", sync=self.sync.name, run_id=self.run_id, adds=planned.adds,
                             removes=planned.removes, updates=planned.updates, recorded=planned.recorded,
                             peak_rss_mb=peak_rss_mb())
+        # Guardrails (governance.md), on the frozen plan and before anything is sent.
+        self.blocked = governance.check_guardrails(self, planned)
 
     # -- 3. deliver -----------------------------------------------------------------------
 
@@ -531,8 +548,12 @@ class _Run:
                 # ones stay, and the commit writes them as unknown.
                 in_flight = self.in_flight.ranges() if self.in_flight is not None else []
                 self.tables.drop_unsent(session, self.run_id, in_flight)
+            # The history is appended in the commit's own transaction: it never disagrees
+            # with the snapshot.
+            pending = governance.history_before_commit(session, self.tables, self.run_id)
             committed = self.tables.commit(session, self.run_id, utcnow(), self.every_batch_answered,
                                            self.full_resync)
+            governance.history_after_commit(self.runner, session, self.tables, self.run_id, pending)
             if self.status == "success" and committed.failed:
                 self.status = "partial_failure"
             self.state.update_run(

@@ -27,6 +27,7 @@ RUN_COLUMNS = (
     "rows_recorded", "rows_unmatched", "full_resync", "rows_unknown", "match_rate",
     # serve branch (issue 12): when S was last built, as the run saw it (freshness).
     "evaluated_at",
+    "forced", "audience_size",  # governance: --force used; S's size at the run (alerts)
 )
 SYNC_COLUMNS = (
     "sync_name", "status", "status_error", "last_synced_at", "last_run_id", "lock_run_id",

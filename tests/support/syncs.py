@@ -65,6 +65,7 @@ def write_sync(
     schedule: str | None = None,
     table: str = "audience_src",
     tags: list[str] | None = None,
+    extra: Mapping[str, Any] | None = None,  # governance: more model config keys (allow_empty=True, ...)
 ) -> None:
     """Declare a sync model over the source table, as contract section 2 shows."""
     parts = [
@@ -80,6 +81,7 @@ def write_sync(
         parts.append(f"schedule={schedule!r}")
     if tags:
         parts.append(f"tags={tags!r}")
+    parts += [f"{key}={value!r}" for key, value in (extra or {}).items()]  # governance:
     project.write_model(
         name,
         "{{ config(" + ", ".join(parts) + ") }}\n"

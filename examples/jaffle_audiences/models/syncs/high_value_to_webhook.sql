@@ -11,5 +11,8 @@
         {'source_column': 'lifetime_value', 'destination_field': 'Customer Value'},
     ],
     schedule      = 'hourly',
+    exclude       = ['do_not_contact'],
+    max_removals_pct = 20,
 ) }}
+-- depends_on: {{ ref('do_not_contact') }}
 select email, first_name, lifetime_value from {{ ref('high_value_customers') }}

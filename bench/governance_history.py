@@ -1,0 +1,73 @@
+"""The cost of membership history (S__history) at a large initial sync on DuckDB.
+
+Builds an audience of N members in SQL, then runs the same initial sync twice from an empty
+snapshot against the counting receiver: once with ``S__history`` present (the commit appends
+N rows to it in its transaction) and once without it (the runner skips history when the table
+is missing). Prints both walls and the difference.
+
+    .venv/bin/python -m bench.governance_history --members 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.receiver import Receiver  # noqa: E402
+from tests.support.dbt_project import DbtProject  # noqa: E402
+from tests.support.syncs import audsync, write_destinations  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=2)
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="audsync-history-bench-"))
+    try:
+        project = DbtProject(root / "proj", "duckdb")
+        project.write_model("audience", (
+            "{{ config(materialized='table') }}\n"
+            "select 'user' || cast(i as varchar) || '@example.com' as email, 'n' || cast(i % 97 as varchar) as first_name,"
+            f" cast(i % 1000 as double) as ltv from range({args.members}) as t(i)"))
+        project.write_model("big_sync", (
+            "{{ config(materialized='audience_sync', destination='hook', identifier='email', field_mapping=["
+            "{'source_column': 'email', 'destination_field': 'email'},"
+            "{'source_column': 'first_name', 'destination_field': 'first_name'},"
+            "{'source_column': 'ltv', 'destination_field': 'ltv'}]) }}\n"
+            "select email, first_name, ltv from {{ ref('audience') }}"))
+        results: dict[str, list[float]] = {"with history": [], "without history": []}
+        with Receiver() as receiver:
+            write_destinations(project, {"hook": {"type": "webhook", "url": receiver.url, "batch_size": 10000}})
+            project.dbt("run")
+            for _ in range(args.runs):
+                for label in ("with history", "without history"):
+                    audsync(project, "reset", "big_sync", "--yes")
+                    if label == "without history":
+                        project.execute(f"drop table if exists {project.relation('big_sync__history')}")
+                    else:
+                        project.dbt("run", "--select", "big_sync")  # creates S__history when missing
+                        project.execute(f"delete from {project.relation('big_sync__history')}")
+                        audsync(project, "reset", "big_sync", "--yes")
+                    started = time.monotonic()
+                    audsync(project, "run", "big_sync")
+                    results[label].append(time.monotonic() - started)
+                    if label == "with history":
+                        rows = project.query(f"select count(*) from {project.relation('big_sync__history')}")[0][0]
+                        assert rows == args.members, rows
+        for label, walls in results.items():
+            print(f"{label}: {', '.join(f'{w:.1f}' for w in walls)} s (best {min(walls):.1f} s)")
+        print(f"history append at {args.members} members: {min(results['with history']) - min(results['without history']):+.1f} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

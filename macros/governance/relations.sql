@@ -1,0 +1,93 @@
+{#-
+  The governance relations of a sync S, built by the materialization beside its own:
+
+    S__excluded  view   members left out by an exclusion list, with the list (when `exclude`)
+    S__split     view   every member with its split, group and bucket (when `split_group`)
+    S__history   table  every change the destination accepted; created when missing, never
+                        replaced; rows older than vars.audsync_history_days are deleted
+-#}
+
+{% macro governance_suffixes() %}
+  {{ return({'excluded': '__excluded', 'split': '__split', 'history': '__history'}) }}
+{% endmacro %}
+
+{#- The materialization's hook: build the governance relations of `target_relation`. -#}
+{% macro governance_relations(target_relation, select_sql, sync) %}
+  {%- set made = [] -%}
+  {%- set sibling = {} -%}
+  {%- for part, suffix in audsync.governance_suffixes().items() -%}
+    {%- do sibling.update({part: api.Relation.create(
+          database=target_relation.database, schema=target_relation.schema,
+          identifier=target_relation.identifier ~ suffix,
+          type=('table' if part == 'history' else 'view'))}) -%}
+  {%- endfor -%}
+  {%- set membership = audsync.membership_sql(select_sql, sync) -%}
+  {#- A view of a feature the sync no longer uses would go stale: drop it. -#}
+  {%- if sync.governance.exclude -%}
+    {% do audsync.replace_view(sibling.excluded, audsync.excluded_sql(membership, sync)) %}
+    {%- do made.append(sibling.excluded) -%}
+  {%- else -%}
+    {% do adapter.drop_relation(sibling.excluded) %}
+  {%- endif -%}
+  {%- if sync.governance.split is not none -%}
+    {% do audsync.replace_view(sibling.split, audsync.split_view_sql(audsync.apply_exclusions(membership, sync), sync)) %}
+    {%- do made.append(sibling.split) -%}
+  {%- else -%}
+    {% do adapter.drop_relation(sibling.split) %}
+  {%- endif -%}
+  {% do audsync.ensure_history_table(sibling.history) %}
+  {% do audsync.apply_history_retention(sibling.history) %}
+  {%- do made.append(sibling.history) -%}
+  {{ return(made) }}
+{% endmacro %}
+
+{#- Create S__history when missing; never replace it. (Not `ensure_table`: that gives a
+    table a unique index on the key, and history holds many rows per key.) -#}
+{% macro ensure_history_table(relation) %}
+  {%- set existing = adapter.get_relation(database=relation.database, schema=relation.schema, identifier=relation.identifier) -%}
+  {%- if existing is none -%}
+    {% call statement('audsync_create_' ~ relation.identifier) -%}
+      {{ get_create_table_as_sql(False, relation, audsync.history_shape_sql()) }}
+    {%- endcall %}
+    {% do adapter.dispatch('create_history_index', 'audsync')(relation) %}
+  {%- elif existing.type != 'table' -%}
+    {{ exceptions.raise_compiler_error("audsync: " ~ existing ~ " is a " ~ existing.type ~ "; audsync keeps the sync's membership history there and expects a table. Drop or rename it, then run again.") }}
+  {%- endif -%}
+{% endmacro %}
+
+{% macro default__create_history_index(relation) %}
+{% endmacro %}
+
+{#- PostgreSQL: `audsync history S --key K` and the holdout log read one key's rows. -#}
+{% macro postgres__create_history_index(relation) %}
+  {% call statement('audsync_index_' ~ relation.identifier) -%}
+    create index if not exists {{ adapter.quote(relation.identifier ~ '_audsync_key_idx') }}
+    on {{ relation }} (_audsync_key, _audsync_committed_at)
+  {%- endcall %}
+{% endmacro %}
+
+{#- The typed, empty shape of S__history. -#}
+{% macro history_shape_sql() %}
+  {%- set n = audsync.audsync_names() -%}
+select
+  cast(null as {{ dbt.type_string() }}) as {{ n.key }},
+  cast(null as {{ dbt.type_string() }}) as {{ n.op }},
+  cast(null as {{ dbt.type_string() }}) as {{ n.hash }},
+  cast(null as {{ dbt.type_string() }}) as {{ n.run_id }},
+  cast(null as {{ dbt.type_timestamp() }}) as _audsync_committed_at,
+  cast(null as {{ dbt.type_string() }}) as _audsync_split_group
+where 1 = 0
+{%- endmacro %}
+
+{#- Retention: with vars.audsync_history_days = N, rows committed more than N days ago go. -#}
+{% macro apply_history_retention(relation) %}
+  {%- set days = var('audsync_history_days', none) -%}
+  {%- if days is none -%}{{ return('') }}{%- endif -%}
+  {%- if days is boolean or days is not number or days < 0 -%}
+    {{ exceptions.raise_compiler_error("audsync: vars.audsync_history_days is " ~ days ~ "; expected a number of days (leave it unset to keep all history)") }}
+  {%- endif -%}
+  {% call statement('audsync_history_retention_' ~ relation.identifier) -%}
+    delete from {{ relation }}
+    where _audsync_committed_at < {{ dbt.dateadd('day', -1 * (days | int), dbt.current_timestamp()) }}
+  {%- endcall %}
+{% endmacro %}
