@@ -399,6 +399,7 @@ class World:
             os.kill(fake.pid, signal.SIGCONT)
             fake.revive()
             fake.inject(clear=True, latency_s=LATENCY_S)
+        time.sleep(0.3)  # a fake that was stopped reads what queued meanwhile
         deadline = time.monotonic() + 30
         while any(f.state(members=False)["in_flight"] for f in self.fakes.values()):
             if time.monotonic() > deadline:
@@ -960,3 +961,68 @@ def test_fault_matrix(dbt_project, warehouse, tmp_path):
     if failures:
         raise CheckFailed(f"fault matrix, {warehouse}, seed {seed}: {len(failures)} of {ITERATIONS} iterations failed:\n"
                           + "\n\n".join(failures) + f"\n{replay}")
+
+
+def test_the_fake_webhook_injects_each_fault_from_another_process():
+    """The matrix trusts the fake's faults: each one does what it says, seen by a real client,
+    and the counters the matrix reads agree."""
+    from audsync.delivery.http import HttpClient
+    from audsync.destinations.base import Change, RetriesExhausted, SyncInfo
+    from audsync.destinations.webhook import WebhookConnector
+
+    def send(hook: WebhookConnector, seq: int, key: str):
+        try:
+            return hook.send_batch([Change(seq, "add", key, {"f": seq}, None)])
+        except RetriesExhausted as error:
+            return error.code
+
+    with FakeWebhookProcess(secret="fake-secret") as fake:
+        http = HttpClient(max_retries=0, timeout_s=0.5, sleep=lambda s: None)
+        hook = WebhookConnector("h", {"url": fake.url, "secret": "fake-secret"},
+                                SyncInfo("s", "mirror", "r1", "email", ("f",)), http)
+        # Applied, then: a dropped connection (after one request that passes), a 503, a late answer.
+        fake.inject(apply_then_fail={"n": 1, "drop": True, "after": 1})
+        assert send(hook, 1, "a").rejected == []
+        assert send(hook, 2, "b") == "connection_error"
+        fake.inject(apply_then_fail={"n": 1, "status": 503})
+        assert send(hook, 3, "c") == "503"
+        fake.inject(apply_then_fail={"n": 1, "delay_s": 1.0})
+        assert send(hook, 4, "d") == "timeout"
+        # Not applied: an error answer, a 429 with Retry-After, a rejected row.
+        fake.inject(fail={"n": 1, "status": 502}, reject_keys=["f"])
+        assert send(hook, 5, "e") == "502"
+        assert [r.key for r in send(hook, 6, "f").rejected] == ["f"]
+        fake.inject(clear=True, fail={"n": 1, "status": 429, "retry_after": 7})
+        assert send(hook, 7, "g") == "429"
+        # A slow answer: applied after the client gave up.
+        fake.inject(delay={"n": 1, "seconds": 1.0})
+        assert send(hook, 8, "h") == "timeout"
+        assert wait_until(lambda: fake.state(members=False)["in_flight"] == 0, 5)
+        state = fake.state()
+        assert sorted(state["members"]) == ["a", "b", "c", "d", "h"]
+        assert (state["applied_unanswered"], state["answers_dropped"], state["pending_failures"]) == (3, 1, 0)
+        assert state["injected"] == {"applied": 3, "answer": 2, "timeout": 1}
+
+        # Dead: hanging (control still answers), then a closed port (revived by signal).
+        fake.inject(dead={"mode": "hang"})
+        assert send(hook, 9, "i") == "timeout"
+        assert fake.state(members=False)["dead_requests"] == 1
+        fake.inject(revive=True)
+        fake.inject(dead={"mode": "refuse"})
+        assert send(hook, 10, "j") == "connection_error"
+        assert send(hook, 11, "k") == "connection_error"
+        with pytest.raises(OSError):
+            fake.state()
+        fake.revive()
+        assert send(hook, 12, "l").rejected == []
+        # The whole process stopped: connections open, nothing answers.
+        os.kill(fake.pid, signal.SIGSTOP)
+        try:
+            assert send(hook, 13, "m") == "timeout"
+        finally:
+            os.kill(fake.pid, signal.SIGCONT)
+        assert wait_until(lambda: "m" in fake.state()["members"], 5)
+        state = fake.state()
+        assert set(state["members"]) == {"a", "b", "c", "d", "h", "l", "m"}  # m: applied late
+        assert state["violations"] == [] and state["bad_signatures"] == 0
+        http.close()
