@@ -239,6 +239,7 @@ class World:
         self.oracles: dict[str, EpochOracle] = {}
         self.attributed: set[str] = set()
         self.checked_runs: set[str] = set()
+        self.run_fields: tuple[str, ...] | None = None
         self.pending_settle: list[tuple[str, EpochOracle, int]] = []
         """Runs attributed to an epoch before they ended: the epoch is settled if they succeed."""
         self.log: list[str] = []
@@ -339,13 +340,16 @@ class World:
         return self.project.relation(table, schema=self.schema)
 
     def runs(self) -> list[dict[str, Any]]:
-        """Every run of the matrix's syncs, oldest first."""
+        """Every run of the matrix's syncs, oldest first (``rows_unknown`` where recorded)."""
+        if self.run_fields is None:
+            columns = {c.lower() for c in self.project.columns(self.state_relation(names.RUNS_TABLE))}
+            self.run_fields = RUN_FIELDS + (("rows_unknown",) if "rows_unknown" in columns else ())
         rows = self.query(
-            f"select {', '.join(RUN_FIELDS)} from {self.state_relation(names.RUNS_TABLE)}"
+            f"select {', '.join(self.run_fields)} from {self.state_relation(names.RUNS_TABLE)}"
             f" where sync_name in ({', '.join(['%s'] * len(SYNCS))}) order by started_at, run_id",
             list(SYNCS.values()),
         )
-        return [dict(zip(RUN_FIELDS, r)) for r in rows]
+        return [dict(zip(self.run_fields, r)) for r in rows]
 
     def attribute(self, *, ambiguous: bool) -> None:
         """Give each run that has frozen its plan since the last look the current epoch (or,
@@ -841,23 +845,31 @@ def check_runs(world: World, it: Iteration) -> list[str]:
 
 
 def count_problems(run: dict) -> list[str]:
-    """How a finished run's counts disagree with its plan."""
+    """How a finished run's counts disagree with its plan.
+
+    Applied rows never exceed the plan; with everything answered (``success``,
+    ``partial_failure``) applied and failed rows make up the plan. Where runs record
+    ``rows_unknown`` (rows written as unknown: unanswered, or failed with a retryable error,
+    which ``rows_failed`` counts too), those are never applied rows, and a success has none.
+    """
     planned = [run[f"planned_{op}"] for op in ("adds", "removes", "updates")]
     applied = [run[f"rows_{op}"] or 0 for op in ("added", "removed", "updated")]
     failed = run["rows_failed"] or 0
+    unknown = run.get("rows_unknown") or 0
     if planned[0] is None:
-        if any(applied) or failed:
-            return [f"nothing was planned, yet it counts {applied} applied and {failed} failed"]
+        if any(applied) or failed or unknown:
+            return [f"nothing was planned, yet it counts {applied} applied, {failed} failed, {unknown} unknown"]
         return []
     problems = []
     if run["status"] == "success":
-        if applied != planned or failed:
-            problems.append(f"success, but planned {planned} and applied {applied}, {failed} failed")
+        if applied != planned or failed or unknown:
+            problems.append(f"success, but planned {planned} and applied {applied}, {failed} failed, {unknown} unknown")
     elif run["status"] == "partial_failure":
-        if not failed or sum(applied) + failed != sum(planned):
-            problems.append(f"partial_failure, but planned {planned}, applied {applied} and {failed} failed")
-    if any(a > p for a, p in zip(applied, planned)) or sum(applied) + failed > sum(planned):
-        problems.append(f"applied {applied} and failed {failed} exceed the plan {planned}")
+        if not failed or sum(applied) + failed != sum(planned) or unknown > failed:
+            problems.append(f"partial_failure, but planned {planned}, applied {applied}, {failed} failed,"
+                            f" {unknown} unknown")
+    if any(a > p for a, p in zip(applied, planned)) or sum(applied) + max(failed, unknown) > sum(planned):
+        problems.append(f"applied {applied}, {failed} failed and {unknown} unknown exceed the plan {planned}")
     return problems
 
 
