@@ -114,9 +114,24 @@ select audience.{{ n.key }} from {{ membership }} as audience where 1 = 0
   {{ destination_id }} as {{ n.destination_id }}
 {%- endmacro %}
 
-{#- S__adds: members of S whose key is not in the snapshot. -#}
+{#- Unknown outcomes. A snapshot row whose `_audsync_hash` is null is *unknown*: the runner
+    sent (or may have sent) it, and the answer was lost (a crash, a timeout after retries, a
+    stop, a fenced run). The runner writes such a row with the values it planned and keeps its
+    key in S__candidates; the views below then send the current truth for that key, whatever
+    the audience did since:
+      mirror:       key in S: `add` with S's values; key not in S: `remove`;
+      add, upsert:  `add`, with S's values when the key is in S, else the unknown row's own
+                    (it was in the audience, and these modes keep departed members);
+      remove:       `remove` (once a member left, it stays removed).
+    An unknown row is never an update: an update assumes the destination holds the member. -#}
+
+{#- S__adds: what is added. In every mode, members of S with no known snapshot row; in `add`
+    and `upsert` modes also the unknown snapshot rows whose key left S, with their own values
+    and their hash recomputed. In `remove` mode (where adds are only recorded, not sent) a
+    member whose snapshot row is unknown is not an add: it is removed first (S__removes). -#}
 {% macro adds_sql(membership, snapshot, sync) %}
   {%- set n = audsync.audsync_names() -%}
+  {%- if sync.mode == 'remove' %}
 select
   {{ audsync._diff_columns(sync, 'audience', 'cast(null as ' ~ dbt.type_string() ~ ')') }}
 from {{ membership }} as audience
@@ -124,9 +139,42 @@ where not exists (
     select 1 from {{ snapshot }} as snapshot
     where snapshot.{{ n.key }} = audience.{{ n.key }}
 )
+  {%- else %}
+select
+  {{ audsync._diff_columns(sync, 'audience', 'snapshot.' ~ n.destination_id) }}
+from {{ membership }} as audience
+left join {{ snapshot }} as snapshot
+    on snapshot.{{ n.key }} = audience.{{ n.key }}
+where snapshot.{{ n.key }} is null
+   or snapshot.{{ n.hash }} is null
+    {%- if sync.mode in ['add', 'upsert'] %}
+union all
+{{ audsync._unknown_departed(membership, snapshot, sync) }}
+    {%- endif %}
+  {%- endif %}
 {%- endmacro %}
 
-{#- S__removes: snapshot rows whose key is not in S, with the values last sent. -#}
+{#- Unknown snapshot rows whose key is not in S, as adds with their own values; the hash is
+    computed from those values, as S computes it, so that the commit records a known row. -#}
+{% macro _unknown_departed(membership, snapshot, sync) %}
+  {%- set n = audsync.audsync_names() -%}
+select
+  snapshot.{{ n.key }}
+  {%- for column in sync.columns %},
+  snapshot.{{ adapter.quote(column) }}
+  {%- endfor %},
+  {{ audsync.row_hash(sync.mapping, 'snapshot.') }} as {{ n.hash }},
+  snapshot.{{ n.destination_id }} as {{ n.destination_id }}
+from {{ snapshot }} as snapshot
+where snapshot.{{ n.hash }} is null
+  and not exists (
+    select 1 from {{ membership }} as audience
+    where audience.{{ n.key }} = snapshot.{{ n.key }}
+)
+{%- endmacro %}
+
+{#- S__removes: snapshot rows whose key is not in S, with the values last sent; in `remove`
+    mode also the unknown rows whose key is back in S. -#}
 {% macro removes_sql(membership, snapshot, sync) %}
   {%- set n = audsync.audsync_names() -%}
 select
@@ -136,9 +184,12 @@ where not exists (
     select 1 from {{ membership }} as audience
     where audience.{{ n.key }} = snapshot.{{ n.key }}
 )
+  {%- if sync.mode == 'remove' %}
+   or snapshot.{{ n.hash }} is null
+  {%- endif %}
 {%- endmacro %}
 
-{#- S__updates: members in both whose row hash differs, with the current values. -#}
+{#- S__updates: members in both whose known row hash differs, with the current values. -#}
 {% macro updates_sql(membership, snapshot, sync) %}
   {%- set n = audsync.audsync_names() -%}
 select
@@ -146,14 +197,14 @@ select
 from {{ membership }} as audience
 inner join {{ snapshot }} as snapshot
     on snapshot.{{ n.key }} = audience.{{ n.key }}
-where snapshot.{{ n.hash }} is null
-   or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
+where snapshot.{{ n.hash }} <> audience.{{ n.hash }}
 {%- endmacro %}
 
 {#- S__changes: what the sync's mode sends, one op per row. `add` and `remove` modes send one
     diff view each; `upsert` and `mirror` use one join rather than a union of the diff views,
     so the audience and the snapshot are each read once: the run's plan is frozen from this
-    view at every run, whatever the audience's size. -#}
+    view at every run, whatever the audience's size. A key whose snapshot row is unknown (a
+    null hash) is an `add` when it is in S. -#}
 {% macro changes_sql(membership, snapshot, diff_relations, sync) %}
   {%- set n = audsync.audsync_names() -%}
   {%- set op_text = dbt.type_string() -%}
@@ -164,7 +215,8 @@ select
 from {{ diff_relations[sync.mode] }} as diff
   {%- elif sync.mode == 'upsert' %}
 select
-    cast(case when snapshot.{{ n.key }} is null then 'add' else 'update' end as {{ op_text }}) as {{ n.op }},
+    cast(case when snapshot.{{ n.key }} is null or snapshot.{{ n.hash }} is null then 'add'
+              else 'update' end as {{ op_text }}) as {{ n.op }},
     {{ audsync._diff_columns(sync, 'audience', 'snapshot.' ~ n.destination_id) | indent(4) }}
 from {{ membership }} as audience
 left join {{ snapshot }} as snapshot
@@ -172,10 +224,13 @@ left join {{ snapshot }} as snapshot
 where snapshot.{{ n.key }} is null
    or snapshot.{{ n.hash }} is null
    or snapshot.{{ n.hash }} <> audience.{{ n.hash }}
+union all
+select cast('add' as {{ op_text }}) as {{ n.op }}, departed.*
+from ({{ audsync._unknown_departed(membership, snapshot, sync) }}) as departed
   {%- else %}
 select
     cast(case when audience.{{ n.key }} is null then 'remove'
-              when snapshot.{{ n.key }} is null then 'add'
+              when snapshot.{{ n.key }} is null or snapshot.{{ n.hash }} is null then 'add'
               else 'update' end as {{ op_text }}) as {{ n.op }},
     coalesce(audience.{{ n.key }}, snapshot.{{ n.key }}) as {{ n.key }}
     {%- for column in sync.columns %},

@@ -20,4 +20,5 @@
     ('rows_recorded', 'bigint'),
     ('rows_unmatched', 'bigint'),
     ('full_resync', 'boolean'),
+    ('rows_unknown', 'bigint'),
 ]) }}

@@ -1,4 +1,7 @@
-{#- The state of each sync: status, last run, and the lock that keeps runs one at a time. -#}
+{#- The state of each sync: status, last run, and the lock that keeps runs one at a time.
+    `lock_generation` counts the lock's acquisitions: a run holds the lock only while the
+    generation it took is still the row's (fencing). Unique per sync_name on PostgreSQL. -#}
+{{ config(post_hook="{{ audsync.unique_sync_name(this) }}") }}
 {{ audsync.empty_table([
     ('sync_name', 'string'),
     ('status', 'string'),
@@ -11,4 +14,5 @@
     ('lock_heartbeat_at', 'timestamp'),
     ('destination_state', 'string'),
     ('updated_at', 'timestamp'),
+    ('lock_generation', 'bigint'),
 ]) }}

@@ -106,14 +106,16 @@ def list_syncs(app: App, fmt: str):
     """The syncs of the project: mode, destination, schedule, status."""
     from .output import print_json, print_table
 
+    from .state import SyncRow
+
     statuses = _sync_rows(app, quiet=True)
     rows = []
     for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
-        state = statuses.get(sync.name, {})
+        state = statuses.get(sync.name) or SyncRow(sync.name)
         rows.append({
             "sync": sync.name, "mode": sync.mode, "destination": sync.destination,
-            "schedule": sync.schedule, "status": state.get("status") or "never run",
-            "last_synced_at": state.get("last_synced_at"), "description": sync.description,
+            "schedule": sync.schedule, "status": state.status or "never run",
+            "last_synced_at": state.last_synced_at, "description": sync.description,
         })
     if fmt == "json":
         print_json(rows)
@@ -130,16 +132,18 @@ def status(app: App, sync_name: str | None, fmt: str):
     """The state of each sync (or one): status, last run, lock."""
     from .output import print_json, print_table
 
+    from .state import SyncRow
+
     syncs = [app.project.get(sync_name)] if sync_name else sorted(app.project.syncs.values(), key=lambda s: s.name)
     states = _sync_rows(app)
     rows = []
     for sync in syncs:
-        state = states.get(sync.name, {})
+        state = states.get(sync.name) or SyncRow(sync.name)
         rows.append({
-            "sync": sync.name, "status": state.get("status") or "never run",
-            "status_error": state.get("status_error"), "last_synced_at": state.get("last_synced_at"),
-            "last_run_id": state.get("last_run_id"), "locked_by": state.get("lock_run_id"),
-            "heartbeat_at": state.get("lock_heartbeat_at"),
+            "sync": sync.name, "status": state.status or "never run",
+            "status_error": state.status_error, "last_synced_at": state.last_synced_at,
+            "last_run_id": state.last_run_id, "locked_by": state.lock_run_id,
+            "heartbeat_at": state.lock_heartbeat_at,
         })
     if fmt == "json":
         print_json(rows)
@@ -148,7 +152,7 @@ def status(app: App, sync_name: str | None, fmt: str):
                     [[r["sync"], r["status"], r["last_synced_at"], r["last_run_id"], r["locked_by"], r["status_error"]] for r in rows])
 
 
-def _sync_rows(app: App, quiet: bool = False) -> dict[str, dict[str, Any]]:
+def _sync_rows(app: App, quiet: bool = False) -> dict[str, Any]:
     """The ``audsync_syncs`` rows by sync (empty when the state tables are not built yet)."""
     runner = app.state_runner()
     with app.warehouse.session() as session:
@@ -175,14 +179,15 @@ def runs(app: App, sync_name: str, limit: int, fmt: str):
             raise _config_error("audsync's state tables are not built yet: run `dbt run` first")
         history = runner.state.runs_of(session, sync.name, limit)
     if fmt == "json":
-        print_json(history)
+        print_json([r.as_dict() for r in history])
         return
     print_table(
-        ["run_id", "status", "trigger", "started_at", "duration", "planned a/r/u", "added", "removed", "updated", "failed", "error"],
-        [[r["run_id"], r["status"], r["trigger"], r["started_at"],
-          f"{(r['duration_ms'] or 0) / 1000:.1f}s",
-          f"{r['planned_adds'] or 0}/{r['planned_removes'] or 0}/{r['planned_updates'] or 0}",
-          r["rows_added"], r["rows_removed"], r["rows_updated"], r["rows_failed"], r["error_message"]]
+        ["run_id", "status", "trigger", "started_at", "duration", "planned a/r/u", "added", "removed", "updated",
+         "failed", "unknown", "error"],
+        [[r.run_id, r.status, r.trigger, r.started_at,
+          f"{(r.duration_ms or 0) / 1000:.1f}s",
+          f"{r.planned_adds or 0}/{r.planned_removes or 0}/{r.planned_updates or 0}",
+          r.rows_added, r.rows_removed, r.rows_updated, r.rows_failed, r.rows_unknown, r.error_message]
          for r in history],
         title=f"runs of {sync.name}",
     )
@@ -312,24 +317,14 @@ def _set_status(app: App, sync_name: str, status: str) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_app
 def reset(app: App, sync_name: str, yes: bool):
-    """Forget SYNC_NAME's snapshot: the next run is an initial sync. The destination is untouched."""
-    from .runner import new_run_id
-    from .state import lock_timeout_s
+    """Forget SYNC_NAME's snapshot: the next run is an initial sync. The destination is untouched.
 
+    The reset takes the sync's lock as a run does: a run holding it refuses the reset, a dead
+    one is recovered first."""
     sync = app.project.get(sync_name)
     if not yes and sys.stdin.isatty():
         click.confirm(f"Forget everything audsync knows {sync.name} has sent?", abort=True)
-    runner = app.state_runner()
-    tables = runner.check_ready(sync)
-    reset_id = "reset-" + new_run_id()
-    with app.warehouse.session() as session:
-        runner.state.acquire_lock(session, sync.name, reset_id, lock_timeout_s())
-    try:
-        with app.warehouse.session() as session:
-            forgotten = tables.reset(session)
-    finally:
-        with app.warehouse.session() as session:
-            runner.state.release_lock(session, sync.name, reset_id)
+    forgotten = app.state_runner().reset(sync)
     click.echo(f"{sync.name}: snapshot reset ({forgotten} member(s) forgotten); the next run is an initial sync")
 
 
@@ -345,7 +340,7 @@ def reset(app: App, sync_name: str, yes: bool):
 @pass_app
 def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, full_resync: bool, dry_run: bool):
     """Run syncs: SYNC... by name, --select SELECTOR, or --due."""
-    from .errors import AudsyncError
+    from .errors import AudsyncError, worst_exit_code
     from .output import print_summary
 
     if sum(bool(x) for x in (sync_names, selector, due)) != 1:
@@ -367,8 +362,8 @@ def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, 
             _show_plan(app, sync, 5, "json" if app.log_format == "json" else "table")
         return
 
-    _sigterm_as_interrupt()
     runner = app.runner()
+    _stop_on_sigterm(runner)
     results = []
     config_errors: list[AudsyncError] = []
     trigger = "schedule" if due else "manual"
@@ -385,17 +380,9 @@ def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, 
     for result in results:
         if result.status == "skipped":
             click.echo(result.error_message, err=True)
-    code = _worst(codes)
+    code = worst_exit_code(codes)
     if code:
         sys.exit(code)
-
-
-def _worst(codes: list[int]) -> int:
-    """The exit code of several runs: a failure over a configuration error over a partial one."""
-    for code in (1, 2, 3):
-        if code in codes:
-            return code
-    return 0
 
 
 def _due_syncs(app: App):
@@ -414,7 +401,8 @@ def _due_syncs(app: App):
             schedule = parse_schedule(sync.schedule)
         except ValueError as error:
             raise _config_error(f"sync {sync.name!r}: schedule: {error}") from None
-        if (states.get(sync.name) or {}).get("status") == "paused":
+        state = states.get(sync.name)
+        if state is not None and state.status == "paused":
             continue
         started = last.get(sync.name)
         started = started.replace(tzinfo=dt.timezone.utc) if started else None
@@ -424,15 +412,29 @@ def _due_syncs(app: App):
     return due
 
 
-def _sigterm_as_interrupt() -> None:
-    """Orchestrators stop a task with SIGTERM: end the run cleanly, as on Ctrl-C."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+def _stop_on_sigterm(runner) -> None:
+    """Orchestrators stop a task with SIGTERM (and a user with Ctrl-C): ask the runner to
+    stop, never raise at an arbitrary point. The current run stops sending, records what was
+    answered, commits and ends ``aborted``; the syncs after it do not start. A second signal
+    exits at once: the next run recovers what this one left, as after a kill."""
+    import os
 
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (an embedding caller)
-        pass
+    def handler(signum, frame):
+        if runner.stopping:
+            os._exit(128 + signum)
+        runner.request_stop()
+        try:
+            sys.stderr.write(f"audsync: {signal.Signals(signum).name} received; stopping after the batches in flight"
+                             " (again to exit at once)\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - a closed stderr must not stop the stop
+            pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(signum, handler)
+        except ValueError:  # not the main thread (an embedding caller)
+            pass
 
 
 def _config_error(message: str):

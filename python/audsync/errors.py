@@ -21,6 +21,29 @@ EXIT_RUN_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_PARTIAL = 3
 
+# The one table of exit codes by a run's final status (contract section 8).
+RUN_STATUS_EXIT = {
+    "success": EXIT_SUCCESS,
+    "skipped": EXIT_SUCCESS,
+    "partial_failure": EXIT_PARTIAL,
+    "error": EXIT_RUN_FAILED,
+    "aborted": EXIT_RUN_FAILED,
+    "blocked": EXIT_RUN_FAILED,
+}
+
+
+def exit_code_of(status: str) -> int:
+    """The exit code of a run that ended with ``status`` (unknown statuses: failed)."""
+    return RUN_STATUS_EXIT.get(status, EXIT_RUN_FAILED)
+
+
+def worst_exit_code(codes: list[int]) -> int:
+    """The exit code of several runs: a failure over a configuration error over a partial one."""
+    for code in (EXIT_RUN_FAILED, EXIT_CONFIG, EXIT_PARTIAL):
+        if code in codes:
+            return code
+    return EXIT_SUCCESS
+
 
 class AudsyncError(click.ClickException):
     """Base of the errors audsync reports to its user.
@@ -132,3 +155,32 @@ class PartialFailure(AudsyncError):
         self.sync = sync
         self.run_id = run_id
         self.rows_failed = rows_failed
+
+
+class LockLost(AudsyncError):
+    """Another run took this run's lock over, after its heartbeat had stopped (exit 1).
+
+    The run stops sending, commits nothing and leaves its run row to the run that took over
+    (which marked it ``aborted`` and recovered what it had delivered).
+
+    Args:
+        message: which run lost the lock and which run took it.
+        sync: the sync concerned.
+        taken_by: the run that holds the lock now, if known.
+    """
+
+    exit_code = EXIT_RUN_FAILED
+
+    def __init__(self, message: str, *, sync: str | None = None, taken_by: str | None = None):
+        super().__init__(message)
+        self.sync = sync
+        self.taken_by = taken_by
+
+
+class RunStopped(AudsyncError):
+    """The run was asked to stop (SIGTERM, a service shutting down) (exit 1).
+
+    Raised inside delivery where a retry would wait, so the stop is not delayed by backoff.
+    """
+
+    exit_code = EXIT_RUN_FAILED

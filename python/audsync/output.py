@@ -110,7 +110,7 @@ class TextReporter(Reporter):
         self._progress = None
 
     def event(self, name: str, **fields: Any) -> None:
-        if name in ("skipped", "lock_taken_over", "recovered") or self.verbose:
+        if name in ("skipped", "lock_taken_over", "recovered", "waiting", "lock_lost") or self.verbose:
             detail = " ".join(f"{k}={v}" for k, v in fields.items())
             self.console.print(redact(f"[audsync] {name} {detail}"), markup=False, highlight=False)
 
@@ -155,6 +155,7 @@ def result_record(result: RunResult) -> dict[str, Any]:
         "planned_adds": p.adds, "planned_removes": p.removes, "planned_updates": p.updates,
         "rows_added": c.added, "rows_removed": c.removed, "rows_updated": c.updated,
         "rows_failed": c.failed, "rows_recorded": c.recorded, "rows_unmatched": c.unmatched,
+        "rows_unknown": c.unknown,
         "duration_ms": result.duration_ms, "error_message": result.error_message,
     }
     if result.stats is not None:
@@ -189,6 +190,9 @@ def print_summary(results: Sequence[RunResult], log_format: str) -> None:
             sys.stdout.write(redact(f"  {r.sync_name}: {r.error_message}") + "\n")
         if r.committed.recorded:
             sys.stdout.write(f"  {r.sync_name}: {r.committed.recorded} new member(s) recorded without sending (remove mode)\n")
+        if r.committed.unknown:
+            sys.stdout.write(f"  {r.sync_name}: {r.committed.unknown} row(s) of unknown outcome (sent, answer lost);"
+                             " the next run sends their current state again\n")
         if r.committed.unmatched:
             sys.stdout.write(f"  {r.sync_name}: {r.committed.unmatched} row(s) accepted but not matched by the destination\n")
     sys.stdout.flush()

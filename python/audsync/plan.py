@@ -56,6 +56,9 @@ class CommitCounts:
     recorded: int = 0
     failed: int = 0
     unmatched: int = 0
+    unknown: int = 0
+    """Rows written as unknown outcomes (a null hash): sent, or perhaps sent, unanswered or
+    failed with a retryable error; never counted as added, removed or updated."""
 
     @property
     def applied(self) -> int:
@@ -67,6 +70,7 @@ class CommitCounts:
         return {
             "rows_added": self.added, "rows_removed": self.removed, "rows_updated": self.updated,
             "rows_failed": self.failed, "rows_recorded": self.recorded, "rows_unmatched": self.unmatched,
+            "rows_unknown": self.unknown,
         }
 
 
@@ -146,6 +150,13 @@ class SyncTables:
             )
             if "remove" in sends:
                 sources.append(f"select 'remove' as op, true as send, {key}{cols}, {hsh}, {dest} from {self.removes}")
+            else:
+                # add and upsert: S__adds also holds the unknown rows whose key left S.
+                sources.append(
+                    f"select 'add' as op, true as send, a.{key}{self._cols('a')}, a.{hsh}, a.{dest}"
+                    f" from {self.adds} as a where not exists"
+                    f" (select 1 from {self.membership} as m where m.{key} = a.{key})"
+                )
         else:
             sources.append(f"select {n.OP} as op, true as send, {key}{cols}, {hsh}, {dest} from {self.changes}")
         if "add" not in sends:
@@ -176,6 +187,29 @@ class SyncTables:
         return int(session.scalar(
             f"select coalesce(max({names.SEQ}), 0) from {self.plan} where {names.RUN_ID} = ?", (run_id,)
         ))
+
+    def plan_run_ids(self, session: Session) -> set[str]:
+        """The runs whose plan rows are still in ``S__plan`` (uncommitted)."""
+        rows = session.fetchall(f"select distinct {names.RUN_ID} from {self.plan}")
+        return {r[0] for r in rows}
+
+    def drop_unsent(self, session: Session, run_id: str, in_flight: list[tuple[int, int]]) -> int:
+        """Remove from run ``run_id``'s plan the sent rows of batches that were never started:
+        rows outside every answered batch and outside the ``in_flight`` seq ranges (started,
+        unanswered). The commit then writes only what may have arrived as unknown."""
+        n = names
+        keep = "".join(f" and not ({n.SEQ} between ? and ?)" for _ in in_flight)
+        params: list[Any] = [run_id, run_id]
+        for first, last in in_flight:
+            params += [first, last]
+        return session.execute_count(
+            f"delete from {self.plan} where {n.RUN_ID} = ? and {n.SEND}"
+            f" and {n.SEQ} not in (select p.{n.SEQ} from {self.plan} as p inner join {self.state.batches} as b"
+            f"   on b.run_id = p.{n.RUN_ID} and p.{n.SEQ} between b.first_seq and b.last_seq"
+            f"   where p.{n.RUN_ID} = ?)"
+            f"{keep}",
+            params,
+        )
 
     # -- read -------------------------------------------------------------------------------
 
@@ -239,21 +273,56 @@ class SyncTables:
             f" select {select} from {self.plan} as p where p.{n.RUN_ID} = ? and not p.{n.SEND}"
         )
 
+    def _unknown(self, every_batch_answered: bool) -> str:
+        """The plan rows of run ``?`` whose outcome is not known (two ``?``, both the run id).
+
+        Rows the destination failed with a retryable error (a timeout, 5xx or 429 after the
+        retries: it may have applied them) and, unless every batch was answered (an abandoned,
+        stopped, fenced or failed run), every sent row outside the answered batches: the
+        runner does not record which batches were on the wire, so all of them count as
+        perhaps applied. A row rejected for good (not retryable) is known not applied.
+        """
+        n = names
+        cols = self._cols("p")
+        select = f"p.{n.OP}, p.{n.SEND}, p.{n.KEY}{cols}, p.{n.HASH}, p.{n.DESTINATION_ID}"
+        retryable = (
+            f"exists (select 1 from {self.state.errors} as e"
+            f"        where e.run_id = p.{n.RUN_ID} and e.member_key = p.{n.KEY} and e.retryable)"
+        )
+        if every_batch_answered:
+            return (
+                f"select {select} from {self.plan} as p"
+                f" where p.{n.RUN_ID} = ? and p.{n.RUN_ID} = ? and p.{n.SEND} and {retryable}"
+            )
+        return (
+            f"select {select} from {self.plan} as p"
+            f" where p.{n.RUN_ID} = ? and p.{n.SEND}"
+            f" and (not exists (select 1 from {self.state.batches} as b"
+            f"                  where b.run_id = ? and p.{n.SEQ} between b.first_seq and b.last_seq)"
+            f"      or {retryable})"
+        )
+
     def commit(
         self, session: Session, run_id: str, synced_at: dt.datetime, every_batch_answered: bool = False,
         full_resync: bool = False,
     ) -> CommitCounts:
-        """Apply run ``run_id``'s accepted rows to the snapshot and drop its plan.
+        """Apply run ``run_id``'s accepted rows to the snapshot, write its unknown rows, and
+        drop its plan and delivery records.
 
         ``every_batch_answered``: the run ended normally, so every planned row was answered;
         ``full_resync``: the plan was frozen with ``--full-resync`` (every member of S).
+        Unknown rows (see :meth:`_unknown`) go to the snapshot with a null hash (a planned
+        remove: the snapshot row it would have removed, its hash set to null) and their keys
+        to ``S__candidates``, so the diff views send the current truth for them next time.
         """
         n = names
         accepted = self._accepted(every_batch_answered)
+        unknown = self._unknown(every_batch_answered)
         counts = _counts(session.fetchall(
             f"select {n.OP}, {n.SEND}, count(*) from ({accepted}) as a group by {n.OP}, {n.SEND}",
             (run_id, run_id),
         ))
+        unknown_count = int(session.scalar(f"select count(*) from ({unknown}) as u", (run_id, run_id)))
         cols = self._cols()
         session.execute(
             f"delete from {self.snapshot} where {n.KEY} in (select {n.KEY} from ({accepted}) as a)",
@@ -267,7 +336,17 @@ class SyncTables:
             f" where a.{n.OP} <> 'remove'",
             (synced_at, run_id, run_id, run_id, run_id),
         )
+        if unknown_count:
+            self._write_unknown(session, run_id, unknown, synced_at)
         self._keep_candidates(session, run_id, accepted, every_batch_answered, full_resync)
+        if unknown_count:
+            # Whatever the candidates held before, an unknown key must be compared next time.
+            session.execute(
+                f"insert into {self.candidates} ({n.KEY})"
+                f" select u.{n.KEY} from ({unknown}) as u"
+                f" where not exists (select 1 from {self.candidates} as c where c.{n.KEY} = u.{n.KEY})",
+                (run_id, run_id),
+            )
         failed, unmatched = session.fetchone(
             f"select coalesce(sum(rows_rejected), 0), coalesce(sum(rows_unmatched), 0)"
             f" from {self.state.batches} where run_id = ?",
@@ -279,7 +358,32 @@ class SyncTables:
         self.warehouse.refresh_statistics(session, self.sync.relation_of("candidates"))
         return CommitCounts(
             added=counts.adds, removed=counts.removes, updated=counts.updates,
-            recorded=counts.recorded, failed=int(failed), unmatched=int(unmatched),
+            recorded=counts.recorded, failed=int(failed), unmatched=int(unmatched), unknown=unknown_count,
+        )
+
+    def _write_unknown(self, session: Session, run_id: str, unknown: str, synced_at: dt.datetime) -> None:
+        """Write the unknown rows of ``run_id`` to the snapshot with a null hash."""
+        n = names
+        cols = self._cols()
+        # A planned add or update: the planned values, as the destination may now hold them.
+        session.execute(
+            f"delete from {self.snapshot} where {n.KEY} in"
+            f" (select {n.KEY} from ({unknown}) as u where u.{n.OP} <> 'remove')",
+            (run_id, run_id),
+        )
+        session.execute(
+            f"insert into {self.snapshot} ({n.KEY}{cols}, {n.HASH}, {n.DESTINATION_ID}, {n.SYNCED_AT}, {n.RUN_ID})"
+            f" select u.{n.KEY}{self._cols('u')}, null, coalesce(i.destination_id, u.{n.DESTINATION_ID}), ?, ?"
+            f" from ({unknown}) as u"
+            f" left join {self.state.ids} as i on i.run_id = ? and i.member_key = u.{n.KEY}"
+            f" where u.{n.OP} <> 'remove'",
+            (synced_at, run_id, run_id, run_id, run_id),
+        )
+        # A planned remove: the row it would have removed, no longer known to be held.
+        session.execute(
+            f"update {self.snapshot} set {n.HASH} = null where {n.KEY} in"
+            f" (select {n.KEY} from ({unknown}) as u where u.{n.OP} = 'remove')",
+            (run_id, run_id),
         )
 
     def _keep_candidates(

@@ -1,20 +1,33 @@
-"""One run of one sync (contract section 5): lock, plan, deliver, commit, record.
+"""One run of one sync (contract section 5), in phases: lock, plan, deliver, commit, record.
 
-Delivery is at least once and nothing undelivered is ever committed:
+Delivery is at least once, nothing undelivered is ever committed, and nothing whose outcome
+is unknown is forgotten:
 
-* the plan is frozen under the run id before anything is sent;
-* each answered batch is recorded (``audsync_batches``, ``audsync_row_errors``) as it
-  returns, about once a second, so a run killed midway leaves a record of what arrived;
-* the commit applies, in one transaction, the rows of answered batches that were not
-  rejected; the next run plans everything else again;
-* a run whose heartbeat stopped is taken over by the next one, which commits what that run
-  had recorded as delivered and marks it ``aborted``.
+* **lock**: the sync's lock is taken with a new generation (a fencing token); a holder whose
+  heartbeat (by the warehouse's clock) is older than ``AUDSYNC_LOCK_TIMEOUT_S`` is taken over.
+  Then every earlier run of the sync that left a plan or delivery records is recovered,
+  whatever its status: what it delivered is committed, what it may have delivered is written
+  as unknown (convention 1: a snapshot row with a null hash).
+* **plan**: ``S__changes`` is frozen under the run id before anything is sent.
+* **deliver**: batches stream to the destination; each answered batch is recorded about
+  once a second, in a transaction that first checks the lock's generation (a run that lost
+  its lock stops within one batch). A sending thread starts no request once the lease has run
+  out (the monotonic time since the last good heartbeat is near the lock timeout: a process
+  stopped with SIGSTOP and resumed sends nothing stale). :meth:`SyncRunner.request_stop`
+  (the CLI's SIGTERM) stops taking batches and wakes retry waits.
+* **commit**: in one fenced transaction, rows of answered batches that were accepted go to the
+  snapshot and the rest whose outcome is unknown go there with a null hash.
+* **record**: the run's row, and the lock released (fenced: a pause during the run stays).
+
+The heartbeat thread runs from the lock until the record is done, on its own connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import secrets as _secrets
 import threading
 import time
@@ -25,11 +38,11 @@ from . import names
 from .config import DestinationConfig
 from .delivery.engine import DeliverySettings, DeliveryStats, deliver
 from .destinations.base import BatchResult, Change, FatalDestinationError, RowError, SyncInfo
-from .errors import ConfigError
+from .errors import ConfigError, LockLost, RunStopped, exit_code_of
 from .plan import CommitCounts, PlanCounts, SyncTables
 from .project import Project, SyncModel
 from .redact import redact, register_secrets
-from .state import StateStore, lock_timeout_s, utcnow
+from .state import Lock, RunRow, StateStore, Takeover, clean_text, lock_timeout_s, utcnow
 from .warehouse import Session, Warehouse
 
 logger = logging.getLogger("audsync.run")
@@ -38,8 +51,14 @@ logger = logging.getLogger("audsync.run")
 READ_CHUNK_ROWS = 50_000
 # How often answered batches are written to the warehouse during delivery.
 FLUSH_EVERY_S = 1.0
+# The heartbeat's period: at most this, and a quarter of the lock timeout.
+HEARTBEAT_MAX_INTERVAL_S = 5.0
+# How long a heartbeat's statements may take (PostgreSQL): a beat never hangs for ever.
+HEARTBEAT_STATEMENT_S = 10.0
 
-EXIT_CODES = {"success": 0, "skipped": 0, "partial_failure": 3, "error": 1, "aborted": 1}
+STOPPED_BEFORE_START = "stopped before it started"
+# How a recovered run's row names the run that took its lock over (recover_unfinished).
+TAKER_PATTERN = r"run (\S+) took the lock over"
 
 
 @dataclass
@@ -59,7 +78,8 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES[self.status]
+        """The CLI's exit code for this run (:data:`audsync.errors.RUN_STATUS_EXIT`)."""
+        return exit_code_of(self.status)
 
 
 class Reporter:
@@ -107,13 +127,17 @@ class SyncRunner:
         self.state = StateStore(
             warehouse, {t: project.state_relation(t) for t in names.STATE_TABLES}
         )
+        self._stop = threading.Event()
+        warehouse.on_wait = lambda message: self.reporter.event("waiting", message=message)
 
     # -- helpers ----------------------------------------------------------------------------
 
     def tables(self, sync: SyncModel) -> SyncTables:
+        """The sync's relations, unresolved."""
         return SyncTables(self.warehouse, sync, self.state)
 
     def destination_of(self, sync: SyncModel) -> DestinationConfig:
+        """The destination ``sync`` sends to; :class:`ConfigError` when it is not declared."""
         if sync.destination not in self.destinations:
             known = ", ".join(sorted(self.destinations)) or "none"
             raise ConfigError(
@@ -136,275 +160,581 @@ class SyncRunner:
             tables.resolve(session)
         return tables
 
+    # -- stopping ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the current run to stop, from any thread (a signal handler, a service).
+
+        The run stops taking batches, wakes its retry waits, lets requests in flight finish
+        (within their timeout), records their answers, commits what was answered (the rest as
+        unknown) and ends ``aborted``. Later :meth:`run` calls do not start.
+        """
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`request_stop` was called."""
+        return self._stop.is_set()
+
     # -- a run ------------------------------------------------------------------------------
 
-    def run(self, sync: SyncModel, *, trigger: str = "manual", full_resync: bool = False) -> RunResult:
-        """Run ``sync`` once; return its result (the status says how it went)."""
-        destination = self.destination_of(sync)
-        register_secrets(destination.secret_values())
-        settings = {**destination.settings, **sync.settings}
-        try:
-            delivery = DeliverySettings.from_settings(destination.connector, settings, destination=destination.name)
-        except ValueError as error:
-            raise ConfigError(f"sync {sync.name!r}: {error}", sync=sync.name) from None
+    def run(
+        self, sync: SyncModel, *, trigger: str = "manual", full_resync: bool = False, run_id: str | None = None,
+    ) -> RunResult:
+        """Run ``sync`` once; return its result (the status says how it went).
+
+        Raises :class:`~audsync.errors.LockHeld` when another live run holds the sync, and
+        :class:`~audsync.errors.ConfigError` for a sync that cannot run as declared.
+        """
+        run_id = run_id or new_run_id()
+        if self.stopping:
+            return RunResult(run_id, sync.name, "aborted", error_message=STOPPED_BEFORE_START,
+                             destination=sync.destination, mode=sync.mode)
+        return _Run(self, sync, run_id, trigger=trigger, full_resync=full_resync).execute()
+
+    def reset(self, sync: SyncModel) -> int:
+        """Forget ``sync``'s snapshot under its lock, as a run takes it: a dead holder is
+        recovered first, a live one refuses (``LockHeld``). Returns the rows forgotten."""
         tables = self.check_ready(sync)
-        run_id = new_run_id()
-        started = utcnow()
-        clock = time.monotonic()
-        base_run = {
-            "run_id": run_id, "sync_name": sync.name, "trigger": trigger, "started_at": started,
-            "destination": sync.destination, "sync_mode": sync.mode, "full_resync": full_resync,
-        }
-        result = RunResult(run_id, sync.name, "running", destination=sync.destination, mode=sync.mode)
-
-        # 1. Lock (or skip a paused sync).
+        reset_id = "reset-" + new_run_id()
         with self.warehouse.session() as session:
-            row = self.state.ensure_sync_row(session, sync.name)
-            if row["status"] == "paused":
-                self.state.insert_run(session, {
-                    **base_run, "status": "skipped", "finished_at": started, "duration_ms": 0,
-                    "error_message": "the sync is paused; `audsync resume` it to run again",
-                })
-                result.status = "skipped"
-                result.error_message = f"sync {sync.name!r} is paused; skipped (audsync resume {sync.name})"
-                self.reporter.event("skipped", sync=sync.name, run_id=run_id, reason="paused")
-                return result
-            takeover = self.state.acquire_lock(session, sync.name, run_id, lock_timeout_s())
-            self.state.insert_run(session, {**base_run, "status": "running"})
-            destination_state = json.loads(row["destination_state"]) if row["destination_state"] else {}
-        if takeover:
-            self.reporter.event("lock_taken_over", sync=sync.name, run_id=run_id, from_run=takeover.run_id)
-        self.reporter.event("locked", sync=sync.name, run_id=run_id)
-
-        heartbeat = _Heartbeat(self.warehouse, self.state, sync.name, run_id)
-        heartbeat.start()
-        status, error_message, fatal = "success", None, None
-        connector = None
-        stats = None
-        new_state = None
+            lock, _takeover = self.state.acquire_lock(session, sync.name, reset_id, lock_timeout_s())
         try:
-            self._recover_abandoned(sync, tables, run_id)
+            recover_unfinished(self, sync, tables, lock)
 
-            # 2. Plan.
-            def freeze(session: Session) -> tuple[PlanCounts, int]:
-                counts = tables.freeze(session, run_id, full_resync=full_resync)
-                self.state.update_run(session, run_id, planned_adds=counts.adds,
-                                      planned_removes=counts.removes, planned_updates=counts.updates)
-                return counts, tables.plan_size(session, run_id)
+            def forget(session: Session) -> int:
+                self.state.fence(session, lock)
+                return tables.reset(session)
 
-            planned, size = self.warehouse.in_session(freeze)
-            result.planned = planned
-            self.reporter.event("planned", sync=sync.name, run_id=run_id, adds=planned.adds,
-                                removes=planned.removes, updates=planned.updates, recorded=planned.recorded,
-                                peak_rss_mb=peak_rss_mb())
+            return self.warehouse.in_session(forget)
+        finally:
+            with self.warehouse.session() as session:
+                self.state.release_lock(session, lock)
 
-            # 3. Deliver.
-            if planned.sent:
-                info = SyncInfo(
-                    name=sync.name, mode=sync.mode, run_id=run_id, identifier=sync.identifier,
-                    fields=tuple(m.destination_field for m in sync.mapping),
-                    settings=dict(sync.settings), state=destination_state,
-                    project_dir=str(self.project.project_dir),
+
+def recover_unfinished(runner: SyncRunner, sync: SyncModel, tables: SyncTables, lock: Lock) -> None:
+    """Recover every earlier run of ``sync`` that did not finish cleanly, under ``lock``.
+
+    A run whose plan rows, answered batches or delivered ids remain (whatever its status:
+    ``running`` after a kill, ``error`` after a failed commit, ``aborted``) has what it
+    delivered committed and what it may have delivered written as unknown; a run still
+    marked ``running`` becomes ``aborted``. After this, those tables hold nothing of any
+    run but the current one.
+    """
+    with runner.warehouse.session() as session:
+        leftover = tables.plan_run_ids(session) | runner.state.runs_with_delivery_records(session, sync.name)
+        running = {r.run_id for r in runner.state.running_runs(session, sync.name)}
+    for other in sorted((leftover | running) - {lock.run_id}):
+        def recover(session: Session, other: str = other) -> CommitCounts:
+            runner.state.fence(session, lock)
+            committed = tables.commit(session, other, utcnow()) if other in leftover else CommitCounts()
+            row = runner.state.run_row(session, other)
+            if row is None:  # plan rows of a run without a row (a reset's, a bug's): commit only
+                return committed
+            finished = utcnow()
+            counts = committed.run_columns()
+            if row.status == "running" or row.status is None:
+                duration = int((finished - row.started_at).total_seconds() * 1000) if row.started_at else None
+                runner.state.update_run(
+                    session, other, status="aborted", finished_at=finished, duration_ms=duration,
+                    error_message=(
+                        f"abandoned: it did not finish (killed, stalled or stopped); run {lock.run_id}"
+                        f" took the lock over and committed the {committed.applied} rows it had delivered"
+                        f" ({committed.unknown} of unknown outcome, to be sent again)"
+                    ),
+                    **counts,
                 )
-                http = delivery.http_client(secrets=destination.secret_values())
-                connector = destination.create_connector(info, http)
-                # Secrets a connector derives (a signed proof, a refreshed token) are masked too.
-                http.add_secrets(connector.secret_values())
-                register_secrets(connector.secret_values())
-                http.classify = getattr(connector, "classify", None) or http.classify
-                opened = connector.open()
-                if opened:
-                    new_state = json.dumps({**destination_state, **opened}, sort_keys=True, default=str)
-                    with self.warehouse.session() as session:
-                        self.state.set_destination_state(session, sync.name, new_state)
-                recorder = _DeliveryRecorder(self.warehouse, self.state, sync.name, run_id, heartbeat)
-                self.reporter.progress_start(sync.name, planned.sent)
-                try:
-                    stats = deliver(
-                        connector,
-                        self._batches(tables, run_id, size, delivery.batch_size, heartbeat),
-                        max_concurrency=delivery.max_concurrency,
-                        on_result=recorder.on_result,
-                        on_progress=self.reporter.progress_update,
-                    )
-                finally:
-                    recorder.flush()
-                    self.reporter.progress_stop()
-                self.reporter.event("delivered", sync=sync.name, run_id=run_id, peak_rss_mb=peak_rss_mb())
-                connector.close(True)
-                http.close()
-        except FatalDestinationError as error:
-            fatal = redact(str(error))
-            status, error_message = "error", f"destination {sync.destination!r}: {fatal}"
-        except KeyboardInterrupt:
-            status, error_message = "aborted", "interrupted"
-        except LockLost as error:
-            status, error_message = "aborted", str(error)
+            else:
+                note = (f"; run {lock.run_id} recovered its delivery: {committed.applied} rows committed,"
+                        f" {committed.unknown} of unknown outcome")
+                runner.state.update_run(
+                    session, other, error_message=((row.error_message or "") + note)[:4000],
+                    **{k: (getattr(row, k) or 0) + v for k, v in counts.items()},
+                )
+            return committed
+
+        committed = runner.warehouse.in_session(recover)
+        runner.reporter.event("recovered", sync=sync.name, run_id=lock.run_id, abandoned_run=other,
+                              rows_committed=committed.applied, rows_unknown=committed.unknown)
+
+
+class _Run:
+    """One run of one sync: each phase is a method, called in order by :meth:`execute`."""
+
+    def __init__(self, runner: SyncRunner, sync: SyncModel, run_id: str, *, trigger: str, full_resync: bool):
+        self.runner = runner
+        self.warehouse = runner.warehouse
+        self.state = runner.state
+        self.reporter = runner.reporter
+        self.sync = sync
+        self.run_id = run_id
+        self.trigger = trigger
+        self.full_resync = full_resync
+        self.clock = time.monotonic()
+        self.result = RunResult(run_id, sync.name, "running", destination=sync.destination, mode=sync.mode)
+        self.status = "success"
+        self.error_message: str | None = None
+        self.fatal = False
+        self.lock: Lock | None = None
+        self.heartbeat: _Heartbeat | None = None
+        self.destination_state: dict[str, Any] = {}
+        self.every_batch_answered = False
+        self.size = 0
+        self.in_flight: _InFlight | None = None
+        """Set once delivery starts: what was on the wire when it ended."""
+
+    # -- the sequence ---------------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        destination = self.runner.destination_of(self.sync)
+        register_secrets(destination.secret_values())
+        settings = {**destination.settings, **self.sync.settings}
+        try:
+            self.delivery = DeliverySettings.from_settings(destination.connector, settings, destination=destination.name)
+        except ValueError as error:
+            raise ConfigError(f"sync {self.sync.name!r}: {error}", sync=self.sync.name) from None
+        self.destination = destination
+        self.tables = self.runner.check_ready(self.sync)
+        self.started = utcnow()
+
+        if not self.lock_sync():
+            return self.result
+        with contextlib.ExitStack() as stack:
+            self.heartbeat = _Heartbeat(self.warehouse, self.state, self.lock)
+            self.heartbeat.start()
+            # The heartbeat runs until the commit and the record are done.
+            stack.callback(self.heartbeat.stop)
+            try:
+                recover_unfinished(self.runner, self.sync, self.tables, self.lock)
+                self.plan()
+                self.deliver()
+                self.commit()
+                self.record()
+            except LockLost as error:
+                return self.lost(error)
+        return self.result
+
+    # -- 1. lock --------------------------------------------------------------------------
+
+    def base_row(self, **values: Any) -> RunRow:
+        return RunRow(
+            run_id=self.run_id, sync_name=self.sync.name, trigger=self.trigger, started_at=self.started,
+            destination=self.sync.destination, sync_mode=self.sync.mode, full_resync=self.full_resync,
+            **values,
+        )
+
+    def lock_sync(self) -> bool:
+        """Take the lock and insert the run's row; False when the sync is paused (the run is
+        recorded as skipped). Raises ``LockHeld`` when a live run holds the sync."""
+        with self.warehouse.session() as session:
+            row = self.state.ensure_sync_row(session, self.sync.name)
+            if row.status == "paused":
+                self.state.insert_run(session, self.base_row(
+                    status="skipped", finished_at=self.started, duration_ms=0,
+                    error_message="the sync is paused; `audsync resume` it to run again",
+                ))
+                self.result.status = "skipped"
+                self.result.error_message = (f"sync {self.sync.name!r} is paused; skipped"
+                                             f" (audsync resume {self.sync.name})")
+                self.reporter.event("skipped", sync=self.sync.name, run_id=self.run_id, reason="paused")
+                return False
+        with self.warehouse.session() as session:
+            self.lock, takeover = self.state.acquire_lock(session, self.sync.name, self.run_id, lock_timeout_s())
+            self.state.insert_run(session, self.base_row(status="running"))
+            row = self.state.sync_row(session, self.sync.name)
+            self.destination_state = json.loads(row.destination_state) if row.destination_state else {}
+        if takeover:
+            self.reporter.event("lock_taken_over", sync=self.sync.name, run_id=self.run_id, from_run=takeover.run_id)
+        self.reporter.event("locked", sync=self.sync.name, run_id=self.run_id, generation=self.lock.generation)
+        return True
+
+    # -- 2. plan --------------------------------------------------------------------------
+
+    def plan(self) -> None:
+        """Freeze this run's changes into ``S__plan``."""
+        def freeze(session: Session) -> tuple[PlanCounts, int]:
+            self.state.fence(session, self.lock)
+            counts = self.tables.freeze(session, self.run_id, full_resync=self.full_resync)
+            self.state.update_run(session, self.run_id, planned_adds=counts.adds,
+                                  planned_removes=counts.removes, planned_updates=counts.updates)
+            return counts, self.tables.plan_size(session, self.run_id)
+
+        try:
+            planned, self.size = self.warehouse.in_session(freeze)
+        except LockLost:
+            raise
         except Exception as error:  # noqa: BLE001 - recorded as the run's error, exit 1
-            status, error_message = "error", redact(f"{type(error).__name__}: {error}")
+            self.fail("error", redact(f"{type(error).__name__}: {error}"))
+            logger.debug("freeze failed", exc_info=True)
+            return
+        self.result.planned = planned
+        self.reporter.event("planned", sync=self.sync.name, run_id=self.run_id, adds=planned.adds,
+                            removes=planned.removes, updates=planned.updates, recorded=planned.recorded,
+                            peak_rss_mb=peak_rss_mb())
+
+    # -- 3. deliver -----------------------------------------------------------------------
+
+    def deliver(self) -> None:
+        """Send the plan; record each answered batch (fenced); stop on a stop request."""
+        if self.status != "success":
+            return
+        planned = self.result.planned
+        if not planned.sent:
+            self.every_batch_answered = not self.runner.stopping
+            if self.runner.stopping:
+                self.fail("aborted", "stopped (SIGTERM or a stop request) before sending")
+            return
+        if self.runner.stopping:
+            self.fail("aborted", "stopped (SIGTERM or a stop request) before sending")
+            return
+        guard = _SendGuard(self.runner._stop, self.heartbeat)
+        self.in_flight = _InFlight()
+        connector = http = None
+        completed = False
+        try:
+            info = SyncInfo(
+                name=self.sync.name, mode=self.sync.mode, run_id=self.run_id, identifier=self.sync.identifier,
+                fields=tuple(m.destination_field for m in self.sync.mapping),
+                settings=dict(self.sync.settings), state=self.destination_state,
+                project_dir=str(self.runner.project.project_dir),
+            )
+            # Retry waits wake at once on a stop request, or when the lease runs out.
+            http = self.delivery.http_client(secrets=self.destination.secret_values(), sleep=guard.sleep)
+            connector = self.destination.create_connector(info, http)
+            # Secrets a connector derives (a signed proof, a refreshed token) are masked too.
+            http.add_secrets(connector.secret_values())
+            register_secrets(connector.secret_values())
+            http.classify = getattr(connector, "classify", None) or http.classify
+            opened = connector.open()
+            if opened:
+                new_state = json.dumps({**self.destination_state, **opened}, sort_keys=True, default=str)
+                with self.heartbeat.held(), self.warehouse.session() as session:
+                    self.state.fence(session, self.lock)
+                    self.state.set_destination_state(session, self.sync.name, new_state)
+            recorder = _DeliveryRecorder(self.warehouse, self.state, self.lock, self.in_flight)
+            self.reporter.progress_start(self.sync.name, planned.sent)
+            try:
+                self.result.stats = deliver(
+                    _GuardedConnector(connector, guard, self.in_flight),
+                    self._batches(self.delivery.batch_size, guard),
+                    max_concurrency=self.delivery.max_concurrency,
+                    on_result=recorder.on_result,
+                    on_progress=self.reporter.progress_update,
+                )
+            finally:
+                try:
+                    recorder.flush()
+                finally:
+                    self.reporter.progress_stop()
+            completed = True
+            self.reporter.event("delivered", sync=self.sync.name, run_id=self.run_id, peak_rss_mb=peak_rss_mb())
+        except LockLost:
+            raise
+        except RunStopped:
+            self.fail("aborted", "stopped (SIGTERM or a stop request) during delivery")
+        except FatalDestinationError as error:
+            self.fatal = True
+            self.fail("error", f"destination {self.sync.destination!r}: {redact(str(error))}")
+        except Exception as error:  # noqa: BLE001 - recorded as the run's error, exit 1
+            self.fail("error", redact(f"{type(error).__name__}: {error}"))
             logger.debug("run failed", exc_info=True)
         finally:
-            if connector is not None and status != "success":
+            if guard.lost_error is not None:
+                raise guard.lost_error
+            if completed and self.runner.stopping and self.status == "success" and not guard.exhausted:
+                self.fail("aborted", "stopped (SIGTERM or a stop request) during delivery")
+            self.every_batch_answered = completed and self.status == "success"
+            if connector is not None:
                 try:
-                    connector.close(False)
+                    connector.close(self.status == "success")
                     http.close()
                 except Exception:  # noqa: BLE001 - the first failure is the one to report
                     logger.debug("connector close failed", exc_info=True)
-            heartbeat.stop()
 
-        # 4. Commit what the destination accepted, and 5. record the run.
-        if not heartbeat.lost:
-            try:
-                # A run that ended normally had every batch answered: commit it without
-                # matching plan rows to batch ranges.
-                result.committed = self._commit(tables, run_id, status, error_message, clock,
-                                                every_batch_answered=status == "success",
-                                                full_resync=full_resync)
-            except Exception as error:  # noqa: BLE001
-                status = "error"
-                error_message = redact(f"commit failed: {type(error).__name__}: {error}")
-                self._record_failure(run_id, status, error_message, clock)
-        result.duration_ms = int((time.monotonic() - clock) * 1000)
-        if result.committed.failed and status == "success":
-            status = "partial_failure"
-            with self.warehouse.session() as session:
-                self.state.update_run(session, run_id, status=status)
-        result.status = status
-        result.error_message = error_message
-        result.stats = stats
-        if not heartbeat.lost:
-            with self.warehouse.session() as session:
-                sync_status = "error" if fatal else "active"
-                self.state.release_lock(
-                    session, sync.name, run_id,
-                    status=sync_status if (fatal or status in ("success", "partial_failure")) else None,
-                    status_error=error_message if fatal else None,
-                    synced_at=utcnow() if status in ("success", "partial_failure") else None,
-                )
-        self.reporter.event("finished", sync=sync.name, run_id=run_id, status=status,
-                            rows_added=result.committed.added, rows_removed=result.committed.removed,
-                            rows_updated=result.committed.updated, rows_failed=result.committed.failed,
-                            duration_ms=result.duration_ms, peak_rss_mb=peak_rss_mb())
-        return result
-
-    def _batches(
-        self, tables: SyncTables, run_id: str, size: int, batch_size: int, heartbeat: "_Heartbeat"
-    ) -> Iterator[tuple[int, list[Change]]]:
-        """The plan's sent rows in batches, read one chunk per warehouse session."""
+    def _batches(self, batch_size: int, guard: "_SendGuard") -> Iterator[tuple[int, list[Change]]]:
+        """The plan's sent rows in batches, read one chunk per warehouse session; ends early
+        on a stop request, raises ``LockLost`` once the lock is lost."""
         chunk = max(batch_size, (READ_CHUNK_ROWS // batch_size) * batch_size)
         batch_no = 0
         after = 0
-        while after < size:
-            if heartbeat.lost:
-                raise LockLost(f"run {run_id} lost its lock; another run took the sync over")
+        while after < self.size:
+            guard.raise_if_lost()
+            if self.runner.stopping:
+                return
             with self.warehouse.session() as session:
-                rows = tables.read(session, run_id, after, after + chunk)
+                rows = self.tables.read(session, self.run_id, after, after + chunk)
             after += chunk
-            changes, _unsent = tables.to_changes(rows)
+            changes, _unsent = self.tables.to_changes(rows)
             del rows
             for start in range(0, len(changes), batch_size):
+                guard.raise_if_lost()
+                if self.runner.stopping:
+                    return
                 yield batch_no, changes[start:start + batch_size]
                 batch_no += 1
+        guard.exhausted = True
 
-    def _commit(
-        self, tables: SyncTables, run_id: str, status: str, error_message: str | None, clock: float,
-        every_batch_answered: bool = False, full_resync: bool = False,
-    ) -> CommitCounts:
+    # -- 4. commit ------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Apply what the destination accepted, and write what is unknown, in one fenced
+        transaction with the run's row."""
         def commit(session: Session) -> CommitCounts:
-            committed = tables.commit(session, run_id, utcnow(), every_batch_answered, full_resync)
-            final = status
-            if status == "success" and committed.failed:
-                final = "partial_failure"
+            self.state.fence(session, self.lock)
+            if not self.every_batch_answered:
+                # This process knows what was sent: rows of batches never started were not,
+                # and leave the plan (the next run plans them again); started and unanswered
+                # ones stay, and the commit writes them as unknown.
+                in_flight = self.in_flight.ranges() if self.in_flight is not None else []
+                self.tables.drop_unsent(session, self.run_id, in_flight)
+            committed = self.tables.commit(session, self.run_id, utcnow(), self.every_batch_answered,
+                                           self.full_resync)
+            if self.status == "success" and committed.failed:
+                self.status = "partial_failure"
             self.state.update_run(
-                session, run_id, status=final, finished_at=utcnow(),
-                duration_ms=int((time.monotonic() - clock) * 1000),
-                error_message=error_message, **committed.run_columns(),
+                session, self.run_id, status=self.status, finished_at=utcnow(),
+                duration_ms=int((time.monotonic() - self.clock) * 1000),
+                error_message=self.error_message, **committed.run_columns(),
             )
             return committed
 
-        return self.warehouse.in_session(commit)
-
-    def _record_failure(self, run_id: str, status: str, error_message: str, clock: float) -> None:
         try:
-            with self.warehouse.session() as session:
-                self.state.update_run(session, run_id, status=status, finished_at=utcnow(),
-                                      duration_ms=int((time.monotonic() - clock) * 1000),
-                                      error_message=error_message)
-        except Exception:  # noqa: BLE001 - the warehouse itself is failing; nothing more to do
-            logger.debug("could not record the failed run", exc_info=True)
+            self.result.committed = self.warehouse.in_session(commit)
+        except LockLost:
+            raise
+        except Exception as error:  # noqa: BLE001 - recorded; the next run recovers the plan
+            self.fail("error", redact(f"commit failed: {type(error).__name__}: {error}"), force=True)
+            logger.debug("commit failed", exc_info=True)
+            try:
+                with self.warehouse.session() as session:
+                    self.state.fence(session, self.lock)
+                    self.state.update_run(session, self.run_id, status=self.status, finished_at=utcnow(),
+                                          duration_ms=int((time.monotonic() - self.clock) * 1000),
+                                          error_message=self.error_message)
+            except LockLost:
+                raise
+            except Exception:  # noqa: BLE001 - the warehouse itself is failing; nothing more to do
+                logger.debug("could not record the failed run", exc_info=True)
 
-    def _recover_abandoned(self, sync: SyncModel, tables: SyncTables, run_id: str) -> None:
-        """Commit what abandoned runs of ``sync`` delivered, and mark them aborted."""
-        with self.warehouse.session() as session:
-            abandoned = [r for r in self.state.running_runs(session, sync.name) if r["run_id"] != run_id]
-        for run in abandoned:
-            committed = self.warehouse.in_session(lambda session, run=run: self._recover(session, tables, run, run_id))
-            self.reporter.event("recovered", sync=sync.name, run_id=run_id, abandoned_run=run["run_id"],
-                                rows_committed=committed.applied)
+    # -- 5. record ------------------------------------------------------------------------
 
-    def _recover(self, session: Session, tables: SyncTables, run: dict, run_id: str) -> CommitCounts:
-        """Commit what the abandoned ``run`` had delivered; mark it aborted."""
-        committed = tables.commit(session, run["run_id"], utcnow())
-        finished = utcnow()
-        duration = int((finished - run["started_at"]).total_seconds() * 1000) if run["started_at"] else None
-        self.state.update_run(
-            session, run["run_id"], status="aborted", finished_at=finished, duration_ms=duration,
-            error_message=(
-                f"abandoned: its heartbeat stopped; run {run_id} took the lock over and "
-                f"committed the {committed.applied} rows it had delivered"
-            ),
-            **committed.run_columns(),
-        )
-        return committed
+    def record(self) -> None:
+        """Release the lock and set the sync's state; fill the result."""
+        self.result.duration_ms = int((time.monotonic() - self.clock) * 1000)
+        self.result.status = self.status
+        self.result.error_message = self.error_message
+        finished = self.status in ("success", "partial_failure")
+        with self.heartbeat.held(), self.warehouse.session() as session:
+            held = self.state.release_lock(
+                session, self.lock,
+                status="error" if self.fatal else ("active" if finished else None),
+                status_error=self.error_message if self.fatal else None,
+                synced_at=utcnow() if finished else None,
+            )
+        if not held:  # taken over after the commit: the run's own row is already final
+            logger.warning("sync %r: run %s found its lock taken over when releasing it", self.sync.name, self.run_id)
+        c = self.result.committed
+        self.reporter.event("finished", sync=self.sync.name, run_id=self.run_id, status=self.status,
+                            rows_added=c.added, rows_removed=c.removed, rows_updated=c.updated,
+                            rows_failed=c.failed, rows_unknown=c.unknown, duration_ms=self.result.duration_ms,
+                            peak_rss_mb=peak_rss_mb())
 
+    # -- endings --------------------------------------------------------------------------
 
-class LockLost(Exception):
-    """Another run took this run's lock over (its heartbeat had stopped for too long)."""
+    def fail(self, status: str, message: str, force: bool = False) -> None:
+        """Note the run's first failure (or, with ``force``, this one over it)."""
+        if self.status in ("success", "partial_failure") or force:
+            self.status = status
+            self.error_message = clean_text(message)
+
+    def lost(self, error: LockLost) -> RunResult:
+        """The run lost its lock: it committed nothing and leaves its row to the taker."""
+        taken_by = getattr(error, "taken_by", None)
+        message = error.message
+        if taken_by is None:
+            try:
+                with self.warehouse.session() as session:
+                    row = self.state.sync_row(session, self.sync.name)
+                    own = self.state.run_row(session, self.run_id)
+                # The taker names itself in this run's row when it recovers it.
+                named = re.search(TAKER_PATTERN, (own.error_message or "") if own else "")
+                taken_by = named.group(1) if named else (row.lock_run_id or row.last_run_id if row else None)
+            except Exception:  # noqa: BLE001 - the message is the best we can do then
+                logger.debug("could not read who took the lock", exc_info=True)
+            if taken_by:
+                message += f"; run {taken_by} took the sync over"
+            error = LockLost(message, sync=self.sync.name, taken_by=taken_by)
+        self.result.status = "aborted"
+        self.result.error_message = message
+        self.result.duration_ms = int((time.monotonic() - self.clock) * 1000)
+        self.result.committed = CommitCounts()
+        self.reporter.event("lock_lost", sync=self.sync.name, run_id=self.run_id,
+                            taken_by=taken_by, message=message)
+        return self.result
 
 
 class _Heartbeat:
-    """Refreshes the lock's heartbeat from a thread of its own while the run works."""
+    """Refreshes the lock's heartbeat from a thread of its own, on its own connection, from
+    the lock until the run's record: delivery, flushes and commits never delay it."""
 
-    def __init__(self, warehouse: Warehouse, state: StateStore, sync_name: str, run_id: str):
+    def __init__(self, warehouse: Warehouse, state: StateStore, lock: Lock):
         self.warehouse = warehouse
         self.state = state
-        self.sync_name = sync_name
-        self.run_id = run_id
-        self.interval_s = min(30.0, lock_timeout_s() / 4)
+        self.lock = lock
+        self.timeout_s = lock_timeout_s()
+        self.interval_s = min(HEARTBEAT_MAX_INTERVAL_S, self.timeout_s / 4)
+        # The lease: a sender starts no request once this long has passed since the last good
+        # beat (two beats short of the timeout), so it stops before another run may take over.
+        self.lease_s = max(self.timeout_s - 2 * self.interval_s, self.interval_s)
         self.lost = False
+        self.last_ok = time.monotonic()
         self._stop = threading.Event()
+        self._beat = threading.Condition()
+        self._writing = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="audsync-heartbeat", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No beat during the block: for another transaction of this process that updates the
+        sync's row (on DuckDB two open transactions updating one row conflict)."""
+        with self._writing:
+            yield
+
     def stop(self) -> None:
+        """Stop beating; waits a bounded time for a beat in progress."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=HEARTBEAT_STATEMENT_S + self.interval_s)
+
+    def fresh(self) -> bool:
+        """True while the lease holds (the lock is surely still this run's)."""
+        return not self.lost and time.monotonic() - self.last_ok < self.lease_s
+
+    def wait_fresh(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the next beat."""
+        with self._beat:
+            self._beat.wait(timeout_s)
 
     def _loop(self) -> None:
         try:
             while not self._stop.wait(self.interval_s):
+                beat_started = time.monotonic()
                 try:
-                    with self.warehouse.session() as session:
-                        if not self.state.heartbeat(session, self.sync_name, self.run_id):
-                            self.lost = True
-                            return
+                    with self._writing, self.warehouse.session() as session:
+                        self.warehouse.limit_statements(session, HEARTBEAT_STATEMENT_S)
+                        held = self.state.heartbeat(session, self.lock)
                 except Exception:  # noqa: BLE001 - a missed beat is retried at the next tick
                     logger.debug("heartbeat failed", exc_info=True)
+                    continue
+                with self._beat:
+                    if held:
+                        # The beat's start: the lock was surely held then.
+                        self.last_ok = beat_started
+                    else:
+                        self.lost = True
+                    self._beat.notify_all()
+                if not held:
+                    return
         finally:
             self.warehouse.close()
 
 
-class _DeliveryRecorder:
-    """Buffers answered batches and writes them to the warehouse about once a second."""
+class _SendGuard:
+    """What a sending thread checks before each request: no stop request, the lock held, and
+    the lease fresh. A retry's wait ends at once on a stop request."""
 
-    def __init__(self, warehouse: Warehouse, state: StateStore, sync_name: str, run_id: str, heartbeat: _Heartbeat):
+    def __init__(self, stop: threading.Event, heartbeat: _Heartbeat):
+        self.stop = stop
+        self.heartbeat = heartbeat
+        self.lost_error: LockLost | None = None
+        self.exhausted = False
+
+    def raise_if_lost(self) -> None:
+        if self.heartbeat.lost:
+            self._lost("its heartbeat found the lock taken over")
+
+    def _lost(self, why: str) -> None:
+        lock = self.heartbeat.lock
+        if self.lost_error is None:
+            self.lost_error = LockLost(
+                f"sync {lock.sync_name!r}: run {lock.run_id} lost its lock ({why}); it stopped"
+                " sending and committed nothing; the run that took over recovers its delivery",
+                sync=lock.sync_name,
+            )
+        raise self.lost_error
+
+    def before_request(self) -> None:
+        """Block until the lease is fresh; raise on a stop request or a lost lock."""
+        while True:
+            self.raise_if_lost()
+            if self.stop.is_set():
+                raise RunStopped("the run was asked to stop")
+            if self.heartbeat.fresh():
+                return
+            # A stall (SIGSTOP, a warehouse that does not answer): wait for a good beat, which
+            # also tells whether another run took the lock meanwhile.
+            self.heartbeat.wait_fresh(0.1)
+
+    def sleep(self, seconds: float) -> None:
+        """A retry's wait, cut short by a stop request."""
+        if self.stop.wait(seconds):
+            raise RunStopped("the run was asked to stop while waiting to retry")
+        self.before_request()
+
+
+class _InFlight:
+    """The seq ranges of batches that were started but not answered yet (thread-safe): at an
+    abnormal end of a run in this process they are the rows of unknown outcome; batches never
+    started were not sent, and are planned again by the next run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ranges: set[tuple[int, int]] = set()
+
+    def started(self, batch: Sequence[Change]) -> None:
+        if batch:
+            with self._lock:
+                self._ranges.add((batch[0].seq, batch[-1].seq))
+
+    def answered(self, batch: Sequence[Change]) -> None:
+        if batch:
+            with self._lock:
+                self._ranges.discard((batch[0].seq, batch[-1].seq))
+
+    def ranges(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return sorted(self._ranges)
+
+
+class _GuardedConnector:
+    """A connector whose ``send_batch`` first passes the :class:`_SendGuard`, and whose
+    started batches are tracked in :class:`_InFlight`."""
+
+    def __init__(self, connector: Any, guard: _SendGuard, in_flight: _InFlight):
+        self._connector = connector
+        self._guard = guard
+        self._in_flight = in_flight
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connector, name)
+
+    def send_batch(self, batch: Sequence[Change]) -> BatchResult:
+        self._guard.before_request()
+        self._in_flight.started(batch)
+        return self._connector.send_batch(batch)
+
+
+class _DeliveryRecorder:
+    """Buffers answered batches and writes them to the warehouse about once a second, each
+    write in a transaction that first checks the lock (fencing)."""
+
+    def __init__(self, warehouse: Warehouse, state: StateStore, lock: Lock, in_flight: "_InFlight"):
         self.warehouse = warehouse
         self.state = state
-        self.sync_name = sync_name
-        self.run_id = run_id
-        self.heartbeat = heartbeat
+        self.lock = lock
+        self.in_flight = in_flight
         self.batches: list[tuple[int, int, int, int, int]] = []
         self.errors: list[RowError] = []
         self.ids: list[tuple[str, str]] = []
@@ -413,6 +743,7 @@ class _DeliveryRecorder:
     def on_result(self, batch_no: int, batch: Sequence[Change], result: BatchResult) -> None:
         if not batch:
             return
+        self.in_flight.answered(batch)
         self.batches.append((batch_no, batch[0].seq, batch[-1].seq, len(result.rejected), result.unmatched))
         self.errors.extend(result.rejected)
         if result.destination_ids:
@@ -427,6 +758,11 @@ class _DeliveryRecorder:
                 for e in self.errors
             ]
             with self.warehouse.session() as session:
-                self.state.record_delivery(session, self.run_id, self.sync_name, self.batches, errors, self.ids)
+                self.state.fence(session, self.lock)
+                self.state.record_delivery(session, self.lock.run_id, self.lock.sync_name,
+                                           self.batches, errors, self.ids)
             self.batches, self.errors, self.ids = [], [], []
         self.last_flush = time.monotonic()
+
+
+__all__ = ["Reporter", "RunResult", "SyncRunner", "Takeover", "new_run_id", "recover_unfinished"]

@@ -83,6 +83,33 @@ class Warehouse:
     def __init__(self, credentials: Any, target_name: str):
         self.credentials = credentials
         self.target_name = target_name
+        self.on_wait: Any = None
+        """Called as ``on_wait(message)`` when a session has to wait for the warehouse (a
+        DuckDB file another process holds), so that the wait shows in the progress output."""
+
+    # -- the warehouse's clock ----------------------------------------------------------
+
+    def now_sql(self) -> str:
+        """The warehouse's current time as naive UTC, as the state tables hold it.
+
+        The lock's times are written and compared with this clock, never a host's: two hosts
+        whose clocks differ still agree on a heartbeat's age.
+        """
+        return "(current_timestamp at time zone 'UTC')"
+
+    def seconds_since_sql(self, column: str) -> str:
+        """Seconds from the naive-UTC timestamp ``column`` to :meth:`now_sql`, in SQL."""
+        return f"extract(epoch from ({self.now_sql()} - {column}))"
+
+    fence_writes: bool = True
+    """Whether the lock's fence check writes the sync's row (taking its row lock, so a
+    takeover waits for the fenced transaction), or only reads it. DuckDB reads: one process at
+    a time holds its file, so transactions of two runs never overlap, and within one process
+    two open transactions that update one row conflict."""
+
+    def on_conflict_do_nothing(self) -> str:
+        """The clause that makes an insert skip a row its unique index already holds."""
+        return " on conflict do nothing"
 
     # -- naming ---------------------------------------------------------------------------
 
@@ -138,6 +165,10 @@ class Warehouse:
 
     def refresh_statistics(self, session: Session, relation: Relation) -> None:
         """Let the planner know ``relation`` just changed a lot (a commit, a frozen plan)."""
+
+    def limit_statements(self, session: Session, seconds: float) -> None:
+        """Bound every statement (and lock wait) of this session's transaction to
+        ``seconds``, where the engine can (the heartbeat must never hang)."""
 
     def lock_state_table(self, session: Session, relation: Relation) -> None:
         """Serialise the lock-takers of ``relation`` until the session's transaction ends."""

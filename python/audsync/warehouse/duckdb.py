@@ -22,6 +22,8 @@ logger = logging.getLogger("audsync.warehouse")
 # How long a session waits for a DuckDB file that another process holds.
 LOCK_WAIT_ENV = "AUDSYNC_DUCKDB_LOCK_WAIT_S"
 DEFAULT_LOCK_WAIT_S = 120.0
+# A wait for the file longer than this is reported (progress output, JSON events).
+WAIT_REPORT_AFTER_S = 1.0
 # DuckDB's buffer pool defaults to 80% of RAM, and lives in the runner's process. The
 # runner starts with this limit, so that a run of a usual size stays small; a step that runs
 # out of memory anyway (a join over 10M members) is retried with four times as much, up to
@@ -75,8 +77,10 @@ class DuckDBWarehouse(Warehouse):
 
         config = dict(self.settings)
         config["memory_limit"] = self.memory_limit
-        deadline = time.monotonic() + self.lock_wait_s
+        started = time.monotonic()
+        deadline = started + self.lock_wait_s
         delay = 0.02
+        told = False
         while True:
             try:
                 connection = duckdb.connect(self.path, config=config)
@@ -86,6 +90,13 @@ class DuckDBWarehouse(Warehouse):
             except duckdb.IOException as error:
                 if "lock" not in str(error).lower() or time.monotonic() > deadline:
                     raise
+                if not told and time.monotonic() - started > WAIT_REPORT_AFTER_S and self.on_wait:
+                    told = True
+                    try:
+                        self.on_wait(f"waiting for the DuckDB file {self.path}, which another process"
+                                     f" holds (a dbt run?); up to {self.lock_wait_s:.0f} s ({LOCK_WAIT_ENV})")
+                    except Exception:  # noqa: BLE001 - reporting must not break a session
+                        logger.debug("on_wait failed", exc_info=True)
                 # Another process holds the file for a moment (dbt, another audsync run).
                 time.sleep(delay + random.random() * delay)
                 delay = min(delay * 2, 0.5)
@@ -129,6 +140,13 @@ class DuckDBWarehouse(Warehouse):
         session.execute("create or replace temporary sequence audsync_row_numbers start 1")
         yield "nextval('audsync_row_numbers')"
         session.execute("drop sequence audsync_row_numbers")
+
+    fence_writes = False
+
+    def on_conflict_do_nothing(self) -> str:
+        # No unique index on DuckDB's state tables (one writing process at a time holds the
+        # file, so the insert-if-missing cannot race), and DuckDB refuses the clause without one.
+        return ""
 
     def rows_changed(self, cursor: Any) -> int:
         # DuckDB answers a DML statement with one row holding the count.

@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Any, Iterator
 
 from .base import Relation, Session, Warehouse
+
+
+# Timeouts of every runner connection, so that no statement or lock wait can hang a run
+# (and let its lock go stale) for ever. Seconds; 0 turns one off. The defaults are long enough
+# for the freeze and the commit of a 10M-member plan.
+STATEMENT_TIMEOUT_ENV = "AUDSYNC_PG_STATEMENT_TIMEOUT_S"
+DEFAULT_STATEMENT_TIMEOUT_S = 3600.0
+LOCK_TIMEOUT_ENV = "AUDSYNC_PG_LOCK_TIMEOUT_S"
+DEFAULT_LOCK_TIMEOUT_S = 60.0
+
+
+def _seconds(env: str, default: float) -> float:
+    raw = os.environ.get(env)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{env} is {raw!r}; expected a number of seconds (0: no timeout)") from None
+    if value < 0:
+        raise ValueError(f"{env} is {raw!r}; expected a number of seconds (0: no timeout)")
+    return value
 
 
 class PostgresWarehouse(Warehouse):
@@ -26,9 +49,12 @@ class PostgresWarehouse(Warehouse):
             import psycopg2
 
             c = self.credentials
-            options = {}
+            statement_ms = int(_seconds(STATEMENT_TIMEOUT_ENV, DEFAULT_STATEMENT_TIMEOUT_S) * 1000)
+            lock_ms = int(_seconds(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT_S) * 1000)
+            settings = [f"-c statement_timeout={statement_ms}", f"-c lock_timeout={lock_ms}"]
             if c.search_path:
-                options["options"] = f"-c search_path={c.search_path}"
+                settings.append(f"-c search_path={c.search_path}")
+            options = {"options": " ".join(settings)}
             connection = psycopg2.connect(
                 host=c.host,
                 port=c.port,
@@ -67,6 +93,11 @@ class PostgresWarehouse(Warehouse):
         # planner believes a freshly filled snapshot or plan is still empty, and picks nested
         # loops over millions of rows: the next freeze ran for minutes in the benchmark.
         session.execute(f"analyze {self.relation_sql(relation)}")
+
+    def limit_statements(self, session: Session, seconds: float) -> None:
+        milliseconds = str(max(1, int(seconds * 1000)))
+        session.execute("select set_config('statement_timeout', ?, true), set_config('lock_timeout', ?, true)",
+                        (milliseconds, milliseconds))
 
     def lock_state_table(self, session: Session, relation: Relation) -> None:
         # Two runs that both find no lock row must not both insert one: take a table lock
