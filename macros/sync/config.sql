@@ -8,7 +8,7 @@
   {%- set where = "audsync: sync '" ~ model.name ~ "' (" ~ model.original_file_path ~ ")" -%}
 
   {#- A misspelt key would otherwise be ignored silently: catch the likely ones. -#}
-  {%- set known = ['destination', 'sync_mode', 'identifier', 'field_mapping', 'schedule', 'config'] -%}
+  {%- set known = ['destination', 'sync_mode', 'identifier', 'identifier_normalise', 'field_mapping', 'schedule', 'config'] -%}
   {%- for key in model.config.keys() -%}
     {%- if key not in known -%}
       {%- for prefix in ['sync', 'dest', 'ident', 'field', 'mapping', 'schedul'] -%}
@@ -40,6 +40,13 @@
   {%- set identifier_column = audsync._find_column(identifier, source_columns) -%}
   {%- if identifier_column is none -%}
     {{ exceptions.raise_compiler_error(where ~ ": config key 'identifier' is '" ~ identifier ~ "', which the select does not return; expected one of: " ~ source_columns | join(', ')) }}
+  {%- endif -%}
+
+  {#- identifier_normalise: how the destination matches keys (see normalised_key) -#}
+  {%- set normalise = config.get('identifier_normalise', 'none') -%}
+  {%- if normalise is none -%}{%- set normalise = 'none' -%}{%- endif -%}
+  {%- if normalise is not string or normalise not in audsync.identifier_normalisations() -%}
+    {{ exceptions.raise_compiler_error(where ~ ": config key 'identifier_normalise' is '" ~ normalise ~ "'; expected one of " ~ audsync.identifier_normalisations() | join(', ') ~ " (lower_trim for emails at Meta, Google, HubSpot, Mailchimp, Klaviyo)") }}
   {%- endif -%}
 
   {#- field_mapping -#}
@@ -98,6 +105,7 @@
       'destination': destination,
       'mode': mode,
       'identifier': identifier_column,
+      'identifier_normalise': normalise,
       'mapping': mapping,
       'columns': columns,
       'schedule': schedule,
@@ -114,4 +122,27 @@
     {%- if column.lower() == name.lower() -%}{%- do matches.append(column) -%}{%- endif -%}
   {%- endfor -%}
   {{ return(matches[0] if matches | length == 1 else none) }}
+{% endmacro %}
+
+
+{#- The longest key a sync takes, in characters, the same on every warehouse. A longer key is
+    an invalid row (identifier_too_long): PostgreSQL's btree index, which keeps the snapshot's
+    keys unique, refuses entries over about 2.7 kB, and 512 characters are at most 2 kB in
+    UTF-8. No email (254), phone or id comes near it. -#}
+{% macro max_key_length() %}{{ return(512) }}{% endmacro %}
+
+
+{#- The values of identifier_normalise: how the destination tells keys apart. `none`: as
+    given; `trim`: surrounding spaces ignored; `lower_trim`: case and surrounding spaces
+    ignored (emails at Meta, Google, HubSpot, Mailchimp, Klaviyo). Keys that are one key once
+    normalised are duplicates: none of them is synced. -#}
+{% macro identifier_normalisations() %}{{ return(['none', 'trim', 'lower_trim']) }}{% endmacro %}
+
+
+{#- `expression` (a key) as the destination compares it, under `how`. -#}
+{% macro normalised_key(expression, how) %}
+  {%- if how == 'lower_trim' -%}lower(trim({{ expression }}))
+  {%- elif how == 'trim' -%}trim({{ expression }})
+  {%- else -%}{{ expression }}
+  {%- endif -%}
 {% endmacro %}

@@ -3,9 +3,12 @@
   materialization decides how it is stored. `cols` are the mapped source columns of `S`.
 -#}
 
-{#- S: the valid members of the select, keyed, with the row hash. -#}
+{#- S: the valid members of the select, keyed, with the row hash. A row is left out (and shown
+    in S__invalid) when its key is null, longer than audsync.max_key_length() characters, or
+    not unique: as given, or after the sync's identifier_normalise. -#}
 {% macro membership_sql(select_sql, sync) %}
   {%- set n = audsync.audsync_names() -%}
+  {%- set normalise = sync.get('identifier_normalise', 'none') -%}
 with audsync_source as (
 {{ select_sql }}
 ),
@@ -20,7 +23,9 @@ audsync_keyed as (
 audsync_counted as (
     select
         audsync_keyed.*,
-        count(*) over (partition by {{ n.key }}) as audsync_key_count
+        count(*) over (
+            partition by {{ audsync.normalised_key(n.key, normalise) }}
+        ) as audsync_key_count
     from audsync_keyed
     where {{ n.key }} is not null
 )
@@ -32,33 +37,50 @@ select
     {{ audsync.row_hash(sync.mapping) }} as {{ n.hash }}
 from audsync_counted
 where audsync_key_count = 1
+  and {{ dbt.length(n.key) }} <= {{ audsync.max_key_length() }}
 {%- endmacro %}
 
 
-{#- S__invalid: the rows S leaves out, every column of the select, with the reason. -#}
+{#- S__invalid: the rows S leaves out, every column of the select, with the reason (the first
+    that applies): null_identifier, identifier_too_long, duplicate_identifier, and under an
+    identifier_normalise, duplicate_after_normalising (keys that differ as given but are one
+    key once normalised: each such row is listed, and none is in S). -#}
 {% macro invalid_sql(select_sql, sync, source_columns) %}
   {%- set n = audsync.audsync_names() -%}
+  {%- set normalise = sync.get('identifier_normalise', 'none') -%}
 with audsync_source as (
 {{ select_sql }}
 ),
-audsync_counted as (
+audsync_valued as (
     select
         audsync_source.*,
-        cast({{ adapter.quote(sync.identifier) }} as {{ dbt.type_string() }}) as audsync_key_value,
-        count(*) over (
-            partition by cast({{ adapter.quote(sync.identifier) }} as {{ dbt.type_string() }})
-        ) as audsync_key_count
+        cast({{ adapter.quote(sync.identifier) }} as {{ dbt.type_string() }}) as audsync_key_value
     from audsync_source
+),
+audsync_counted as (
+    select
+        audsync_valued.*,
+        count(*) over (partition by audsync_key_value) as audsync_key_count,
+        count(*) over (
+            partition by {{ audsync.normalised_key('audsync_key_value', normalise) }}
+        ) as audsync_normalised_count
+    from audsync_valued
 )
 select
     audsync_key_value as {{ n.key }},
     case when audsync_key_value is null then 'null_identifier'
-         else 'duplicate_identifier' end as {{ n.reason }}
+         when {{ dbt.length('audsync_key_value') }} > {{ audsync.max_key_length() }}
+              then 'identifier_too_long'
+         when audsync_key_count > 1 then 'duplicate_identifier'
+         else 'duplicate_after_normalising' end as {{ n.reason }}
     {%- for column in source_columns %},
     {{ adapter.quote(column) }}
     {%- endfor %}
 from audsync_counted
-where audsync_key_value is null or audsync_key_count > 1
+where audsync_key_value is null
+   or {{ dbt.length('audsync_key_value') }} > {{ audsync.max_key_length() }}
+   or audsync_key_count > 1
+   or audsync_normalised_count > 1
 {%- endmacro %}
 
 

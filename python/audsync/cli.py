@@ -239,6 +239,8 @@ def check(app: App):
     except AudsyncError as error:
         destinations = {}
         problems.append(error.message)
+    # Syncs whose config is invalid: named here, while other commands leave them aside.
+    problems += [project.invalid[name] for name in sorted(project.invalid)]
     for sync in sorted(project.syncs.values(), key=lambda s: s.name):
         where = f"sync {sync.name!r} ({sync.path})"
         if sync.destination not in destinations and not any(f"destination {sync.destination!r}" in p for p in problems):
@@ -260,6 +262,12 @@ def check(app: App):
         problems.append(error.message)
     except Exception as error:  # noqa: BLE001 - the warehouse is unreachable: a problem to name
         problems.append(f"warehouse: {type(error).__name__}: {error}")
+    from .config import normalise_warning
+
+    for sync in sorted(project.syncs.values(), key=lambda s: s.name):
+        warning = normalise_warning(sync, destinations.get(sync.destination))
+        if warning:
+            click.echo(f"  warning: {warning}", err=True)
     if problems:
         for problem in dict.fromkeys(problems):
             click.echo(f"  - {problem}", err=True)

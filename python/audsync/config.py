@@ -296,6 +296,8 @@ _NUMBERS: dict[str, _Number] = {
     "rate_limit": _Number("a positive number", _parse_number, lambda v: v > 0),
     "timeout_s": _Number("a positive number", _parse_number, lambda v: v > 0),
     "max_retries": _Number("an integer of 0 or more", _parse_int, lambda v: v >= 0),
+    "unreachable_after": _Number("an integer of 0 or more", _parse_int, lambda v: v >= 0),
+    "max_total_wait_s": _Number("a number of 0 or more", _parse_number, lambda v: v >= 0),
 }
 
 
@@ -525,3 +527,27 @@ def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
     return f"a {type(value).__name__}"
+
+
+# Destination types that match members by a normalised email (lower case, no surrounding
+# spaces): two audience keys that differ only so are one member there, and a remove of one
+# removes both. `audsync check` warns when a sync to one of them does not declare
+# identifier_normalise='lower_trim', under which such keys are duplicates (S__invalid).
+NORMALISING_TYPES = frozenset(
+    {"facebook_custom_audience", "google_customer_match", "hubspot_list", "mailchimp", "klaviyo_list"}
+)
+
+
+def normalise_warning(sync: Any, destination: DestinationConfig | None) -> str | None:
+    """The warning `audsync check` gives for ``sync`` when its destination normalises keys and
+    the sync does not say so, else ``None``."""
+    if destination is None or destination.type not in NORMALISING_TYPES:
+        return None
+    if getattr(sync, "identifier_normalise", "none") == "lower_trim":
+        return None
+    return (
+        f"sync {sync.name!r} ({sync.path}): destination {destination.name!r} ({destination.type})"
+        " matches members by a normalised key (lower case, no surrounding spaces), so keys that"
+        " differ only so are one member there; set identifier_normalise='lower_trim' in the"
+        " model's config to list such keys in S__invalid instead of syncing them"
+    )

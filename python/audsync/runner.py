@@ -37,7 +37,9 @@ from typing import Any, Iterator, Mapping, Sequence
 from . import names
 from .config import DestinationConfig
 from .delivery.engine import DeliverySettings, DeliveryStats, deliver
-from .destinations.base import BatchResult, Change, FatalDestinationError, RowError, SyncInfo
+from .destinations.base import (
+    BatchResult, Change, DestinationUnreachable, FatalDestinationError, RowError, SyncInfo,
+)
 from .errors import ConfigError, LockLost, RunStopped, exit_code_of
 from .plan import CommitCounts, PlanCounts, SyncTables
 from .project import Project, SyncModel
@@ -399,7 +401,12 @@ class _Run:
                 project_dir=str(self.runner.project.project_dir),
             )
             # Retry waits wake at once on a stop request, or when the lease runs out.
-            http = self.delivery.http_client(secrets=self.destination.secret_values(), sleep=guard.sleep)
+            # Waits the destination asks for (Retry-After) show in the progress output.
+            http = self.delivery.http_client(
+                secrets=self.destination.secret_values(), sleep=guard.sleep,
+                on_wait=lambda seconds, reason: self.reporter.event(
+                    "waiting", sync=self.sync.name, run_id=self.run_id, seconds=round(seconds, 1), reason=reason),
+            )
             connector = self.destination.create_connector(info, http)
             # Secrets a connector derives (a signed proof, a refreshed token) are masked too.
             http.add_secrets(connector.secret_values())
@@ -432,6 +439,11 @@ class _Run:
             raise
         except RunStopped:
             self.fail("aborted", "stopped (SIGTERM or a stop request) during delivery")
+        except DestinationUnreachable as error:
+            # Convention 4: one error for the run, starting "destination unreachable".
+            self.fatal = True
+            detail = redact(str(error)).removeprefix("destination unreachable: ")
+            self.fail("error", f"destination unreachable: {self.sync.destination!r}: {detail}")
         except FatalDestinationError as error:
             self.fatal = True
             self.fail("error", f"destination {self.sync.destination!r}: {redact(str(error))}")

@@ -300,3 +300,86 @@ def test_a_failing_plan_reader_is_raised_after_in_flight_batches():
     with pytest.raises(OSError, match="lost the warehouse"):
         deliver(Quiet("q", {}, SYNC, None), source(), max_concurrency=4, on_result=recorder)
     assert sorted(recorder.results) == [1, 2, 3]
+
+
+# -- the circuit breaker (issue 10, point 8) --------------------------------------------------
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}/hook"
+
+
+@pytest.mark.parametrize("max_retries", [0, 2, 5])
+def test_a_dead_destination_stops_the_run_with_one_error_not_one_per_row(max_retries):
+    from audsync.destinations.base import DestinationUnreachable
+
+    client = HttpClient(max_retries=max_retries, backoff_base_s=0.01, timeout_s=2)
+    hook = WebhookConnector("hook", {"url": _closed_port_url()}, SYNC, client)
+    recorder = Recorder()
+    started = time.monotonic()
+    with pytest.raises(DestinationUnreachable) as stopped:
+        deliver(hook, plan(790, 10), max_concurrency=2, on_result=recorder)
+    assert time.monotonic() - started < 10
+    assert str(stopped.value).startswith("destination unreachable: ")
+    # No batch is reported as 79 batches of failed rows: one error, for the run.
+    assert recorder.results == {}
+    # Nothing further was sent once the breaker opened: at most one attempt per thread more.
+    assert client.requests <= 5 + 2
+
+
+def test_answered_batches_are_reported_before_the_breaker_stops_the_run():
+    from audsync.destinations.base import DestinationUnreachable
+
+    fake = FakeWebhook().start()
+    stopped = threading.Event()
+    recorder = Recorder()
+
+    def on_result(batch_no, batch, result):
+        recorder(batch_no, batch, result)
+        if not stopped.is_set():
+            stopped.set()
+            hook._url = _closed_port_url()  # the destination goes away after the first answer
+
+    client = HttpClient(max_retries=3, backoff_base_s=0.01, timeout_s=2)
+    hook = WebhookConnector("hook", {"url": fake.url}, SYNC, client)
+    try:
+        with pytest.raises(DestinationUnreachable):
+            deliver(hook, plan(200, 10), max_concurrency=1, on_result=on_result)
+    finally:
+        fake.stop()
+    assert 1 <= len(recorder.results) < 20
+    assert all(result.rejected == [] for _, result in recorder.results.values())
+    reported = {c.key for batch, _ in recorder.results.values() for c in batch}
+    assert reported == set(fake.members)
+
+
+def test_batches_without_an_answer_are_reported_once_the_destination_answers_again():
+    """A batch whose retries ran out on timeouts is held back, then reported when another
+    batch is answered: the breaker did not open, so its rows fail as retryable as before."""
+    fake = FakeWebhook().start()
+    try:
+        fake.delay_next(2, 1.0)  # the first batch's two attempts time out
+        client = HttpClient(max_retries=1, timeout_s=0.3, sleep=lambda s: None, unreachable_after=5)
+        hook = WebhookConnector("hook", {"url": fake.url}, SYNC, client)
+        recorder = Recorder()
+        deliver(hook, plan(30, 10), max_concurrency=1, on_result=recorder)
+        assert sorted(recorder.results) == [1, 2, 3]
+        codes = {c.error_code for c in recorder.results[1][1].rejected}
+        assert codes == {"timeout"} and recorder.order[0] == 1
+    finally:
+        fake.stop()
+
+
+def test_settings_of_the_breaker_and_the_wait_limit():
+    settings = DeliverySettings.from_settings(WebhookConnector, {"unreachable_after": "3", "max_total_wait_s": 60})
+    assert (settings.unreachable_after, settings.max_total_wait_s) == (3, 60.0)
+    client = settings.http_client()
+    assert (client.unreachable_after, client.max_total_wait_s) == (3, 60.0)
+    defaults = DeliverySettings.from_settings(WebhookConnector, {})
+    assert (defaults.unreachable_after, defaults.max_total_wait_s) == (5, 900.0)
+    with pytest.raises(ValueError, match="unreachable_after"):
+        DeliverySettings.from_settings(WebhookConnector, {"unreachable_after": -1})

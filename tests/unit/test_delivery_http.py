@@ -257,3 +257,135 @@ def test_secrets_never_leave_in_errors_or_logs(fake, caplog):
         for form in forms:
             assert form not in text, f"secret leaked in: {text}"
     assert any("retry 1 of 1" in m for m in logged)
+
+
+# -- the circuit breaker and the run's total wait (issue 10, point 8) ------------------------
+
+
+def closed_port_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens: connections are refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/hook"
+
+
+@pytest.fixture
+def black_hole():
+    """A server that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def test_a_closed_port_opens_the_breaker_after_five_requests_and_nothing_more_is_sent():
+    from audsync.destinations.base import DestinationUnreachable
+
+    url = closed_port_url()
+    with HttpClient(max_retries=20, backoff_base_s=0.01) as client:
+        started = time.monotonic()
+        with pytest.raises(DestinationUnreachable) as opened:
+            post(client, url)
+        assert time.monotonic() - started < 5
+        assert client.requests == 5 and client.unreachable
+        message = str(opened.value)
+        assert message.startswith("destination unreachable: POST " + url)
+        assert "connection_error" in message and "5 requests in a row" in message
+        # Open: a later request raises at once without sending.
+        with pytest.raises(DestinationUnreachable):
+            post(client, url, batch_id="run-2")
+        assert client.requests == 5
+    assert isinstance(opened.value, FatalDestinationError)
+
+
+def test_a_server_that_never_answers_opens_the_breaker_on_timeouts(black_hole):
+    from audsync.destinations.base import DestinationUnreachable
+
+    with HttpClient(max_retries=20, timeout_s=0.2, backoff_base_s=0.01) as client:
+        started = time.monotonic()
+        with pytest.raises(DestinationUnreachable) as opened:
+            post(client, black_hole)
+        assert time.monotonic() - started < 5
+        assert client.requests == 5
+        assert "timeout" in str(opened.value)
+
+
+def test_an_answer_between_failures_keeps_the_breaker_closed(fake):
+    url = closed_port_url()
+    with HttpClient(max_retries=0, unreachable_after=3) as client:
+        for _ in range(3):
+            for _ in range(2):
+                with pytest.raises(RetriesExhausted):
+                    post(client, url)
+            post(client, fake.url)  # an answer: the count starts again
+        assert not client.unreachable
+        with pytest.raises(RetriesExhausted):
+            post(client, url)
+
+
+def test_the_breaker_can_be_turned_off():
+    with HttpClient(max_retries=7, backoff_base_s=0.001, unreachable_after=0) as client:
+        with pytest.raises(RetriesExhausted):
+            post(client, closed_port_url())
+        assert client.requests == 8 and not client.unreachable
+
+
+def test_a_wait_in_progress_ends_when_the_breaker_opens():
+    """A thread in a long backoff wakes as soon as another thread opens the breaker."""
+    from audsync.destinations.base import DestinationUnreachable
+
+    url = closed_port_url()
+    with HttpClient(max_retries=5, backoff_base_s=60, backoff_max_s=60, unreachable_after=2) as client:
+        outcome: list[BaseException] = []
+
+        def sender() -> None:
+            try:
+                post(client, url)
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+                outcome.append(exc)
+
+        waiting = threading.Thread(target=sender)
+        waiting.start()
+        time.sleep(0.3)  # the first thread failed once and now waits 30 s or more
+        started = time.monotonic()
+        with pytest.raises(DestinationUnreachable):
+            post(client, url, batch_id="run-2")
+        waiting.join(timeout=5)
+        assert not waiting.is_alive() and time.monotonic() - started < 5
+        assert isinstance(outcome[0], DestinationUnreachable)
+
+
+def test_retry_after_waits_are_bounded_by_the_run_total_and_reported(fake):
+    sleeps = Sleeps()
+    waits: list[tuple[float, str]] = []
+    with HttpClient(max_retries=5, sleep=sleeps, max_total_wait_s=100,
+                    on_wait=lambda s, why: waits.append((s, why))) as client:
+        fake.fail_next(1, 429, retry_after=60)
+        post(client, fake.url)  # honoured: 60 of 100 s
+        assert sleeps.calls == [60] and client.waited_s == 60
+        assert waits and waits[0][0] == 60 and "429" in waits[0][1] and "Retry-After" in waits[0][1]
+        fake.fail_next(1, 429, retry_after=60)
+        with pytest.raises(RetriesExhausted) as limited:
+            post(client, fake.url, batch_id="run-2")
+        assert limited.value.code == "wait_limit"
+        assert "max_total_wait_s" in limited.value.message and "60s" in limited.value.message
+        assert sleeps.calls == [60]  # the second wait was never started

@@ -227,3 +227,58 @@ def test_the_fake_flags_requests_that_break_the_contract():
         assert fake.members == {}
         assert requests.post(fake.url, data=orjson.dumps(good), headers=json_headers, timeout=5).ok
         assert set(fake.members) == {"a"}
+
+
+# -- answers that cannot be understood (issue 10, point 7) ------------------------------------
+
+UNREADABLE_ANSWERS = {
+    "html_from_a_proxy": b"<html><body>Welcome to the captive portal</body></html>",
+    "plain_text": b"OK",
+    "truncated_json": b'{"rejected": [{"key": "user1@example.com"',
+    "json_that_is_not_an_object": b'["user1@example.com"]',
+    "rejected_not_a_list": b'{"rejected": "user1@example.com"}',
+    "rejected_entry_not_an_object": b'{"rejected": ["user1@example.com"]}',
+    "rejected_key_in_another_case": b'{"rejected": [{"key": "USER1@example.com", "error": "x"}]}',
+    "rejected_key_not_in_the_batch": b'{"rejected": [{"key": "other@example.com", "error": "x"}]}',
+    "rejected_key_not_a_string": b'{"rejected": [{"key": 1, "error": "x"}]}',
+    "rejected_error_not_text": b'{"rejected": [{"key": "user1@example.com", "error": {"a": 1}}]}',
+}
+
+
+@pytest.mark.parametrize("answer", sorted(UNREADABLE_ANSWERS))
+def test_a_2xx_that_is_not_the_webhook_answer_is_retried_then_fails(fake, answer):
+    hook = connector(fake.url)  # max_retries=3: four attempts
+    fake.fail_next(4, 200, body=UNREADABLE_ANSWERS[answer])
+    with pytest.raises(RetriesExhausted) as failed:
+        hook.send_batch(changes(3))
+    assert failed.value.code == "unexpected_answer"
+    assert "not JSON" in failed.value.message or "rejected" in failed.value.message \
+        or "object" in failed.value.message
+    assert fake.requests == 4 and fake.members == {}
+
+
+def test_an_unreadable_2xx_then_a_good_answer_succeeds(fake):
+    fake.fail_next(1, 200, body="<html>proxy</html>")
+    result = connector(fake.url).send_batch(changes(3))
+    assert result.rejected == []
+    assert set(fake.members) == {f"user{i}@example.com" for i in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("body", [b"", b"  \n", b"{}", b'{"rejected": null}', b'{"rejected": []}',
+                                  b'{"accepted": 3}'])
+def test_answers_that_accept_every_row(fake, body):
+    fake.fail_next(1, 200, body=body)
+    assert connector(fake.url).send_batch(changes(3)).rejected == []
+    assert fake.requests == 1
+
+
+def test_the_engine_fails_an_unreadable_batch_as_retryable_never_accepted(fake):
+    from audsync.delivery.engine import deliver
+
+    hook = connector(fake.url)
+    fake.fail_next(4, 200, body="<html>proxy</html>")
+    results = []
+    deliver(hook, [(0, changes(3))], max_concurrency=1,
+            on_result=lambda n, batch, result: results.append(result))
+    [result] = results
+    assert [(r.error_code, r.retryable) for r in result.rejected] == [("unexpected_answer", True)] * 3

@@ -27,6 +27,7 @@ from audsync.destinations.base import (
     BatchResult,
     Change,
     Connector,
+    DestinationUnreachable,
     RequestRejected,
     RetriesExhausted,
     RowError,
@@ -40,6 +41,12 @@ logger = logging.getLogger("audsync.delivery")
 # Defaults of the common keys (destinations/base.py COMMON_KEYS).
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_RETRIES = 5
+DEFAULT_UNREACHABLE_AFTER = 5  # delivery/http.py UNREACHABLE_AFTER
+DEFAULT_MAX_TOTAL_WAIT_S = 900.0  # delivery/http.py MAX_TOTAL_WAIT_S
+
+# Codes of RetriesExhausted whose last attempt got no answer at all (delivery/http.py
+# TRANSPORT_FAILURES): such a batch is held back until the run sees an answer again.
+_NO_ANSWER = frozenset({"timeout", "connection_error"})
 
 # Batches held at once per thread: one being sent, one queued, so a thread never waits for the
 # calling thread to read the next batch from the warehouse.
@@ -88,6 +95,10 @@ class DeliverySettings:
     """Requests a second across the run's threads; ``None``: no limit."""
     timeout_s: float
     max_retries: int
+    unreachable_after: int = DEFAULT_UNREACHABLE_AFTER
+    """Requests in a row without an answer that open the circuit breaker (0: never)."""
+    max_total_wait_s: float = DEFAULT_MAX_TOTAL_WAIT_S
+    """The most the run waits in total for what answers ask (``Retry-After``)."""
 
     @classmethod
     def from_settings(
@@ -145,12 +156,20 @@ class DeliverySettings:
             rate_limit = connector_cls.default_rate_limit
         timeout_s = get("timeout_s", integer=False)
         max_retries = get("max_retries", integer=True, allow_zero=True)
+        unreachable_after = get("unreachable_after", integer=True, allow_zero=True)
+        max_total_wait_s = get("max_total_wait_s", integer=False, allow_zero=True)
         return cls(
             batch_size=int(batch_size),
             max_concurrency=int(concurrency),
             rate_limit=float(rate_limit) if rate_limit is not None else None,
             timeout_s=float(DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s),
             max_retries=int(DEFAULT_MAX_RETRIES if max_retries is None else max_retries),
+            unreachable_after=int(
+                DEFAULT_UNREACHABLE_AFTER if unreachable_after is None else unreachable_after
+            ),
+            max_total_wait_s=float(
+                DEFAULT_MAX_TOTAL_WAIT_S if max_total_wait_s is None else max_total_wait_s
+            ),
         )
 
     def http_client(
@@ -169,6 +188,8 @@ class DeliverySettings:
             timeout_s=self.timeout_s,
             max_retries=self.max_retries,
             rate_limit=self.rate_limit,
+            unreachable_after=self.unreachable_after,
+            max_total_wait_s=self.max_total_wait_s,
             secrets=secrets,
             classify=classify,
             **kwargs,
@@ -218,20 +239,21 @@ def reject_all(batch: Sequence[Change], code: str, message: str, retryable: bool
 
 def _outcome(
     future: Future[BatchResult], batch: Sequence[Change], connector: Connector
-) -> BatchResult:
-    """A sent batch's result: a refused request as rejected rows; anything else fatal raises."""
+) -> tuple[BatchResult, bool]:
+    """A sent batch's result, and whether its last attempt got no answer at all; a refused
+    request as rejected rows; anything else fatal raises."""
     try:
         result = future.result()
     except RequestRejected as exc:
-        return reject_all(batch, exc.code, exc.message, retryable=False)
+        return reject_all(batch, exc.code, exc.message, retryable=False), False
     except RetriesExhausted as exc:
-        return reject_all(batch, exc.code, exc.message, retryable=True)
+        return reject_all(batch, exc.code, exc.message, retryable=True), exc.code in _NO_ANSWER
     if not isinstance(result, BatchResult):
         raise TypeError(
             f"{type(connector).__name__}.send_batch returned {type(result).__name__},"
             " not a BatchResult"
         )
-    return result
+    return result, False
 
 
 @contextlib.contextmanager
@@ -287,9 +309,16 @@ def deliver(
     Returns:
         The delivery's counts and duration.
 
+    A batch whose retries ran out on requests that got no answer (timeouts, refused
+    connections) is held back until another batch is answered, then reported as usual. When
+    the circuit breaker opens instead (:class:`DestinationUnreachable`), such batches are never
+    reported: their rows fail with the run's one error, not one error each, and are planned
+    again by the next run.
+
     Raises:
         FatalDestinationError: after the batches in flight have finished and been reported;
             batches not yet started are dropped (the next run plans them again).
+        DestinationUnreachable: likewise, once the client's circuit breaker has opened.
         Exception: any other exception of the connector or of ``batches``, likewise; an
             exception of ``on_result`` or ``on_progress`` at once, after the threads stop.
     """
@@ -304,6 +333,17 @@ def deliver(
     source = iter(batches)
     exhausted = False
     send = connector.send_batch
+    # Batches whose retries ran out without any answer, held until the run is answered again.
+    held: list[tuple[int, Sequence[Change], BatchResult]] = []
+
+    def report(batch_no: int, batch: Sequence[Change], result: BatchResult) -> None:
+        stats.batches += 1
+        stats.rows_sent += len(batch)
+        stats.rows_rejected += len(result.rejected)
+        stats.rows_unmatched += result.unmatched
+        on_result(batch_no, batch, result)
+        if on_progress is not None:
+            on_progress(stats.rows_sent)
 
     pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="audsync-send")
     try:
@@ -332,7 +372,7 @@ def deliver(
                 if future.cancelled():
                     continue
                 try:
-                    result = _outcome(future, batch, connector)
+                    result, unanswered = _outcome(future, batch, connector)
                 except Exception as exc:
                     # FatalDestinationError, or a bug: never recorded as row rejections.
                     if failure is None:
@@ -340,13 +380,21 @@ def deliver(
                     else:
                         logger.debug("another batch failed after the first failure: %r", exc)
                     continue
-                stats.batches += 1
-                stats.rows_sent += len(batch)
-                stats.rows_rejected += len(result.rejected)
-                stats.rows_unmatched += result.unmatched
-                on_result(batch_no, batch, result)
-                if on_progress is not None:
-                    on_progress(stats.rows_sent)
+                if unanswered:
+                    held.append((batch_no, batch, result))
+                    continue
+                for earlier in held:
+                    report(*earlier)
+                held.clear()
+                report(batch_no, batch, result)
+        if held and not isinstance(failure, DestinationUnreachable):
+            for earlier in held:
+                report(*earlier)
+        elif held:
+            logger.info(
+                "%d batches that got no answer are left unreported: the destination is"
+                " unreachable, and the next run plans them again", len(held),
+            )  # fmt: skip
     finally:
         # Normally nothing is left; after an exception of on_result (or an interrupt), drop
         # what has not started and wait for what has: a thread cannot be stopped mid-request.

@@ -38,7 +38,12 @@ from requests.adapters import HTTPAdapter
 
 from audsync import redact as _redact
 from audsync.delivery.ratelimit import TokenBucket
-from audsync.destinations.base import FatalDestinationError, RequestRejected, RetriesExhausted
+from audsync.destinations.base import (
+    DestinationUnreachable,
+    FatalDestinationError,
+    RequestRejected,
+    RetriesExhausted,
+)
 
 logger = logging.getLogger("audsync.delivery")
 
@@ -51,6 +56,28 @@ ANSWER_TEXT_LIMIT = 500
 # once ``max_retries`` runs out, so the next scheduled run plans it again, than by a run that
 # sleeps for hours. Five minutes also stays well inside the lock's takeover timeout heartbeat.
 RETRY_AFTER_CAP_S = 300.0
+
+# The circuit breaker: this many requests in a row that got no answer at all (connection
+# refused, a DNS failure, a timeout), with no answer between them, and the destination is taken
+# to be down: the run stops instead of retrying every batch (a closed port took four minutes
+# for 79 batches, a black-holed host about an hour). Five is one batch's worth of attempts
+# under the default retries, and few enough that a run against a closed port ends in seconds.
+UNREACHABLE_AFTER = 5
+
+# The longest time a run spends, in total, waiting for what answers asked (Retry-After, a
+# connector's retryDelay): each wait is honoured (up to RETRY_AFTER_CAP_S), but a run that has
+# already waited this long fails the batch as retryable instead of waiting again, so a
+# destination that keeps asking for minutes cannot hold the sync's lock for hours.
+MAX_TOTAL_WAIT_S = 900.0
+
+# Codes of failures that got no HTTP answer: what the circuit breaker counts.
+TRANSPORT_FAILURES = frozenset({"timeout", "connection_error"})
+
+# Waits at least this long are reported to ``on_wait`` (the progress output shows them).
+REPORTED_WAIT_S = 1.0
+
+# The error code of a 2xx answer a connector cannot understand (see :func:`unexpected_answer`).
+UNEXPECTED_ANSWER = "unexpected_answer"
 
 # Loggers of urllib3 that write request lines, URLs included, at DEBUG: the query string of a
 # URL may carry a token (Meta's ``access_token``), so a masking filter is put on each.
@@ -124,6 +151,48 @@ def default_verdict(response: requests.Response) -> Verdict:
     if status in (401, 403):
         return Verdict.fatal(f"{status} {response.reason or ''}".strip())
     return Verdict.reject(str(status), answer_text(response) or str(response.reason or status))
+
+
+def unexpected_answer(response: requests.Response, expected: str) -> Verdict:
+    """The verdict on a 2xx whose body is not the answer the API gives (``expected``, in words).
+
+    A proxy's HTML page, a truncated body or a shape the connector cannot read says nothing
+    about what the destination did, so it is never a success: it is retried like a 5xx and,
+    once retries run out, the batch's rows fail as retryable (code ``unexpected_answer``).
+    Connectors return it from a ``classify`` hook.
+    """
+    text = answer_text(response, limit=200) or "an empty body"
+    return Verdict.retry(
+        code=UNEXPECTED_ANSWER,
+        message=f"{response.status_code} answer that is not {expected}: {text}",
+    )
+
+
+def json_object_answer(expected: str, *, allow_empty: bool = False) -> Classify:
+    """A per-request ``classify`` hook for an API whose 2xx answers are JSON objects: a 2xx
+    whose body is not one (a proxy's HTML page, a truncated body) is :func:`unexpected_answer`.
+
+    It returns ``None`` for everything else, so the connector's own hook and the default policy
+    still sort the answer.
+
+    Args:
+        expected: the answer expected, in words, for the error message.
+        allow_empty: an empty 2xx body (a 204) is a success too.
+    """
+
+    def classify(response: requests.Response) -> Verdict | None:
+        if not 200 <= response.status_code < 300:
+            return None
+        content = response.content
+        if not content or not content.strip():
+            return None if allow_empty else unexpected_answer(response, expected)
+        try:
+            document = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return unexpected_answer(response, expected)
+        return None if isinstance(document, dict) else unexpected_answer(response, expected)
+
+    return classify
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,8 +349,15 @@ class HttpClient:
         backoff_max_s: longest backoff delay.
         retry_after_cap_s: longest wait an answer (or a ``Verdict``) can ask for.
         sleep: how to wait between attempts (injectable for tests; the rate limiter always
-            uses real time).
+            uses real time). The default wait ends early when the circuit breaker opens.
         user_agent: the ``User-Agent`` header.
+        unreachable_after: requests in a row with no answer (connection refused, DNS failure,
+            timeout) after which the circuit breaker opens: that request and every later one
+            raise :class:`DestinationUnreachable` without sending (0: never).
+        max_total_wait_s: the most the run waits in total for what answers ask
+            (``Retry-After``); past it a batch that is asked to wait fails as retryable.
+        on_wait: called as ``on_wait(seconds, reason)`` before a wait of a second or more
+            (the runner's progress output shows it); called from the sending thread.
     """
 
     def __init__(
@@ -295,8 +371,11 @@ class HttpClient:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         retry_after_cap_s: float = RETRY_AFTER_CAP_S,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         user_agent: str = "audsync",
+        unreachable_after: int = UNREACHABLE_AFTER,
+        max_total_wait_s: float = MAX_TOTAL_WAIT_S,
+        on_wait: Callable[[float, str], None] | None = None,
     ):
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
@@ -307,6 +386,16 @@ class HttpClient:
         self.retry_after_cap_s = float(retry_after_cap_s)
         self.user_agent = user_agent
         self._sleep = sleep
+        self.unreachable_after = int(unreachable_after)
+        self.max_total_wait_s = float(max_total_wait_s)
+        self.on_wait = on_wait
+        self.waited_s = 0.0
+        """Seconds waited so far for what answers asked (counted against the total limit)."""
+        self._unanswered = 0
+        self._unreachable: str | None = None
+        self.breaker_opened = threading.Event()
+        """Set when the circuit breaker opens; an injected ``sleep`` may wait on it too, so a
+        backoff in progress ends as soon as nothing more will be sent."""
         self._limiter = TokenBucket(rate_limit) if rate_limit else None
         self.masker = SecretMasker(secrets)
         self._local = threading.local()
@@ -387,6 +476,8 @@ class HttpClient:
                     # ``from None``: the chained requests exception would print the raw URL.
                     raise RetriesExhausted(failure.code, message) from None
                 delay = self._delay(attempt, failure.after_s)
+                if failure.after_s is not None:
+                    self._charge_wait(where, failure, delay, attempt)
                 attempt += 1
                 with self._lock:
                     self.retries += 1
@@ -398,7 +489,15 @@ class HttpClient:
                     ),
                 )
                 if delay > 0:
-                    self._sleep(delay)
+                    if self.on_wait is not None and delay >= REPORTED_WAIT_S:
+                        reason = "Retry-After" if failure.after_s is not None else "backoff"
+                        self.on_wait(delay, self.mask(f"{where}: {failure.code} ({reason})"))
+                    self._wait(delay)
+
+    @property
+    def unreachable(self) -> bool:
+        """True once the circuit breaker has opened: nothing more is sent."""
+        return self.breaker_opened.is_set()
 
     def close(self) -> None:
         """Close every thread's session and remove the log filters."""
@@ -416,6 +515,58 @@ class HttpClient:
         self.close()
 
     # -- internals --------------------------------------------------------------------
+
+    def _wait(self, seconds: float) -> None:
+        """Wait before a retry; the default wait ends as soon as the circuit breaker opens
+        (the retry then raises at once), so a stopping run is not held by a backoff."""
+        if self._sleep is not None:
+            if not self.breaker_opened.is_set():
+                self._sleep(seconds)
+        else:
+            self.breaker_opened.wait(seconds)
+
+    def _charge_wait(self, where: str, failure: "_Failure", delay: float, attempt: int) -> None:
+        """Count a wait an answer asked for against the run's total; past it, fail the batch."""
+        with self._lock:
+            if self.waited_s + delay > self.max_total_wait_s:
+                waited = self.waited_s
+            else:
+                self.waited_s += delay
+                return
+        message = self.mask(
+            f"{where} failed {attempt + 1} time(s), last with {failure.code}: {failure.message};"
+            f" the answer asks to wait {delay:.0f}s and the run has already waited {waited:.0f}s"
+            f" of its {self.max_total_wait_s:.0f}s limit (max_total_wait_s)"
+        )
+        logger.warning("%s", message)
+        raise RetriesExhausted("wait_limit", message)
+
+    def _check_breaker(self) -> None:
+        """Raise :class:`DestinationUnreachable` once the circuit breaker is open."""
+        if self.breaker_opened.is_set():
+            raise DestinationUnreachable(f"destination unreachable: {self._unreachable}")
+
+    def _no_answer(self, where: str, code: str, message: str) -> "_Failure":
+        """Count a request that got no answer; open the breaker at the bound, else retry."""
+        text = self.mask(f"{where}: {code}: {message}")
+        with self._lock:
+            self._unanswered += 1
+            trip = 0 < self.unreachable_after <= self._unanswered and not self.breaker_opened.is_set()
+            if trip:
+                self._unreachable = (
+                    f"{text} ({self._unanswered} requests in a row got no answer)"
+                )
+                self.breaker_opened.set()
+        if trip:
+            logger.warning("destination unreachable: %s", self._unreachable)
+        self._check_breaker()
+        return _Failure(code, message)
+
+    def _answered(self) -> None:
+        """Any HTTP answer, whatever its status, shows the destination is reachable."""
+        if self._unanswered:
+            with self._lock:
+                self._unanswered = 0
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -445,8 +596,10 @@ class HttpClient:
         sign: Sign | None,
     ) -> requests.Response:
         """One attempt: a response to return, or an exception (``_Failure`` to retry)."""
+        self._check_breaker()
         if self._limiter is not None:
             self._limiter.acquire()
+            self._check_breaker()
         if sign is not None:
             headers = {**headers, **sign(data)}
         with self._lock:
@@ -462,7 +615,9 @@ class HttpClient:
                 timeout=self.timeout_s,
             )
         except requests.Timeout as exc:
-            raise _Failure("timeout", f"no answer within {self.timeout_s:g}s ({exc})") from None
+            raise self._no_answer(
+                where, "timeout", f"no answer within {self.timeout_s:g}s ({exc})"
+            ) from None
         except requests.exceptions.SSLError as exc:
             # A certificate problem does not heal by itself: stop rather than retry.
             raise FatalDestinationError(self.mask(f"{where}: TLS error: {exc}")) from None
@@ -471,11 +626,12 @@ class HttpClient:
             requests.exceptions.ChunkedEncodingError,
             requests.exceptions.ContentDecodingError,
         ) as exc:
-            raise _Failure("connection_error", str(exc)) from None
+            raise self._no_answer(where, "connection_error", str(exc)) from None
         except requests.RequestException as exc:
             # A malformed URL or header, too many redirects: configuration, not the network.
             raise FatalDestinationError(self.mask(f"{where}: {exc}")) from None
 
+        self._answered()
         verdict = None
         if classify is not None:
             verdict = classify(response)

@@ -11,7 +11,8 @@ Failures are sorted by what happens next (as the Singer SDK does):
 * a transient failure of one request (timeout, 408, 429, 5xx, a rate limit signalled in the
   body) is retried by the ``HttpClient``; when retries run out, the batch's rows fail with
   ``retryable=True`` and are planned again by the next run;
-* :class:`FatalDestinationError` (bad credentials, a missing list) stops the run;
+* :class:`FatalDestinationError` (bad credentials, a missing list) stops the run, and so does
+  its subclass :class:`DestinationUnreachable` (the circuit breaker of the ``HttpClient``);
 * a rejected row is listed in :attr:`BatchResult.rejected` and fails alone.
 """
 
@@ -95,6 +96,12 @@ class FatalDestinationError(DestinationError):
     """The destination cannot be used for this run (auth, permissions, a missing list)."""
 
 
+class DestinationUnreachable(FatalDestinationError):
+    """The circuit breaker opened: requests in a row got no answer (connection refused, DNS
+    failure, timeouts). The run stops sending; its message starts "destination unreachable"
+    and ends with the last error."""
+
+
 class RequestRejected(DestinationError):
     """A non-retriable answer to one request (a 4xx other than 401/403/408/429).
 
@@ -125,6 +132,17 @@ COMMON_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("timeout_s", "seconds to wait for one answer", default=30.0),
     ConfigKey("max_retries", "retries of a transient failure", default=5),
     ConfigKey("base_url", "another host for the API: a proxy, or a local fake in tests"),
+    ConfigKey(
+        "unreachable_after",
+        "requests in a row without an answer (refused, DNS, timeout) that stop the run as"
+        " 'destination unreachable' (0: never)",
+        default=5,
+    ),
+    ConfigKey(
+        "max_total_wait_s",
+        "the most a run waits in total for Retry-After answers before failing batches as retryable",
+        default=900.0,
+    ),
 )
 
 

@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from audsync.delivery.http import Verdict, dumps, parse_retry_after
+from audsync.delivery.http import Verdict, dumps, json_object_answer, parse_retry_after
 from audsync.destinations.base import (
     BatchResult,
     Change,
@@ -228,6 +228,8 @@ class BrazeConnector(Connector):
             self._track_url,
             data=body,
             headers={**self._headers, "Content-Type": "application/json"},
+            # Issue 10: a 2xx that is not Braze's JSON answer is retried, never a success.
+            classify=json_object_answer("a Braze /users/track answer (a JSON object)"),
         )
         rejected += self._errors_in(response.content, sent)
         return BatchResult(rejected=rejected)

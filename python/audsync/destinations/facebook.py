@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import orjson
 
-from audsync.delivery.http import Verdict
+from audsync.delivery.http import Verdict, json_object_answer
 from audsync.destinations.base import (
     BatchResult,
     Change,
@@ -398,6 +398,8 @@ class FacebookCustomAudienceConnector(Connector):
             json=body,
             headers=self._headers(),
             params=self._params(),
+            # Issue 10: a 2xx that is not the Graph API's JSON answer is retried, never a success.
+            classify=json_object_answer("a Graph API /users answer (a JSON object)"),
         )
         try:
             answer = orjson.loads(response.content) if response.content else {}

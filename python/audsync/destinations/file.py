@@ -1,12 +1,21 @@
-"""The file destination: each run's operations written to one JSONL or CSV file in a folder.
+"""The file destination: each batch of a run's operations published as one JSONL or CSV file.
 
-The file is named from the sync and the run (``<sync>__<run_id>.jsonl``), written under a
-temporary name in the same folder and renamed into place in :meth:`FileConnector.close`, so
-a reader never sees half a file: a run that dies leaves only the temporary file, and its rows,
-never committed, are planned again by the next run.
+A batch is written to ``<sync>__<run_id>__<first seq>.<format>`` (the batch's first plan
+position, ten digits, so a run's files sort in plan order): under a temporary name
+(``.<name>.tmp``) in the same folder, fsynced, renamed into place and the folder fsynced,
+all before :meth:`FileConnector.send_batch` returns. A row counts as delivered only once it
+is durable where the reader picks it up; a reader that takes the files whose names do not
+start with ``.`` sees whole batches only, and every file it sees holds rows the runner may
+commit. A run killed mid-write leaves at most a temporary file, whose rows were never
+reported and are planned again; the next run of the sync removes it.
+
+(Before issue 10 a run wrote one file, renamed into place at close: rows counted as
+delivered while they sat in a buffered temporary file, so after a kill -9 the recovery
+committed rows no reader could see. A run of at most ``batch_size`` rows, 10,000 by default,
+still writes one file.)
 
 JSONL lines are the webhook's operations (``{"op", "key", "fields"}``); CSV has the columns
-``op,key,<field...>`` in ``field_mapping`` order.
+``op,key,<field...>`` in ``field_mapping`` order, with the header in every file.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import re
 import threading
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from audsync.delivery.http import dumps
 from audsync.destinations.base import (
@@ -39,9 +48,20 @@ FORMATS = ("jsonl", "csv")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def file_name(sync: str, run_id: str, fmt: str) -> str:
-    """The final name of a run's file: ``<sync>__<run_id>.<format>``, made safe for a path."""
-    return f"{_UNSAFE.sub('_', sync)}__{_UNSAFE.sub('_', run_id)}.{fmt}"
+def file_name(sync: str, run_id: str, fmt: str, first_seq: int) -> str:
+    """The published name of a batch's file, ``<sync>__<run_id>__<first seq>.<format>``,
+    made safe for a path."""
+    return f"{run_prefix(sync, run_id)}{first_seq:010d}.{fmt}"
+
+
+def run_prefix(sync: str, run_id: str) -> str:
+    """The start of the names of a run's files."""
+    return f"{sync_prefix(sync)}{_UNSAFE.sub('_', run_id)}__"
+
+
+def sync_prefix(sync: str) -> str:
+    """The start of the names of every file of a sync."""
+    return f"{_UNSAFE.sub('_', sync)}__"
 
 
 def _csv_value(value: Any) -> Any:
@@ -60,18 +80,20 @@ def _csv_value(value: Any) -> Any:
 
 
 class FileConnector(Connector):
-    """Write a run's operations to one file, renamed into place when the run closes it."""
+    """Publish each batch of a run as one file, durable before the batch is reported."""
 
     type: ClassVar[str] = "file"
-    description: ClassVar[str] = "write each run's operations to a JSONL or CSV file in a folder"
+    description: ClassVar[str] = (
+        "write each batch of a run's operations to a JSONL or CSV file in a folder, atomically"
+    )
     config_keys: ClassVar[tuple[ConfigKey, ...]] = (
         ConfigKey("path", "the folder files are written to (created if missing; relative to the dbt project)", required=True),
         ConfigKey("format", "jsonl or csv", default="jsonl"),
     )
-    # Batches only bound memory here: no API limits them.
+    # One file per batch: batches bound memory and the number of files; no API limits them.
     max_batch_size: ClassVar[int] = 100_000
     default_batch_size: ClassVar[int | None] = 10_000
-    # Writes are serialised; a second thread encodes while the first writes.
+    # Each batch is its own file: threads write in parallel; one encodes while another syncs.
     max_concurrency: ClassVar[int] = 8
     default_concurrency: ClassVar[int] = 2
 
@@ -91,63 +113,86 @@ class FileConnector(Connector):
         if not self.folder.is_absolute() and sync.project_dir:
             # Like destinations.yml itself, a relative folder belongs to the dbt project.
             self.folder = Path(sync.project_dir) / self.folder
-        self.path = self.folder / file_name(sync.name, sync.run_id, fmt)
-        """Where the file is once the run closes it."""
-        self.temp_path = self.folder / f".{self.path.name}.tmp"
-        """Where it is written until then."""
         self.columns: tuple[str, ...] = tuple(sync.fields)
         self.rows_written = 0
+        self.files: list[Path] = []
+        """The files this run published, in the order they were published."""
         self._lock = threading.Lock()
-        self._file: IO[bytes] | None = None
+        self._opened = False
+
+    def path_of(self, first_seq: int) -> Path:
+        """Where the batch starting at plan position ``first_seq`` is published."""
+        return self.folder / file_name(self.sync.name, self.sync.run_id, self.format, first_seq)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the folder and the temporary file (with the CSV header)."""
+        """Create the folder; remove temporary files that killed runs of this sync left."""
         with self._lock:
             self._open_locked()
         return None
 
-    def _open_locked(self) -> IO[bytes]:
-        if self._file is None:
+    def _open_locked(self) -> None:
+        if self._opened:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FatalDestinationError(
+                f"destination {self.name!r}: cannot write in {str(self.folder)!r}: {exc}"
+            ) from exc
+        # One run of a sync at a time (the lock): a temporary file of this sync is a killed
+        # run's, whose rows were never reported as delivered.
+        for leftover in self.folder.glob(f".{sync_prefix(self.sync.name)}*.tmp"):
             try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.temp_path, "wb")
-            except OSError as exc:
-                raise FatalDestinationError(
-                    f"destination {self.name!r}: cannot write in {str(self.folder)!r}: {exc}"
-                ) from exc
-            if self.format == "csv" and self.columns:
-                self._file.write(self._csv_lines([("op", "key", *self.columns)]))
-        return self._file
+                leftover.unlink()
+            except OSError:
+                pass
+        self._opened = True
 
     def send_batch(self, batch: Sequence[Change]) -> BatchResult:
-        """Append ``batch`` to the file. Every row is taken but one that cannot be encoded."""
+        """Publish ``batch`` as one file, durably; every row is taken but one that cannot be
+        encoded."""
+        if not batch:
+            return BatchResult()
         if self.format == "jsonl":
             data, invalid = self._jsonl(batch)
         else:
             data, invalid = self._csv(batch), []
-        # Encoding happens outside the lock; only the write is serialised.
-        with self._lock:
-            self._open_locked().write(data)
-            self.rows_written += len(batch) - len(invalid)
+        if data:
+            with self._lock:
+                self._open_locked()
+            self._publish(self.path_of(batch[0].seq), data)
+            with self._lock:
+                self.rows_written += len(batch) - len(invalid)
         return BatchResult(rejected=invalid)
 
-    def close(self, succeeded: bool = True) -> None:
-        """Flush and rename the file into place, whether or not the run succeeded.
-
-        The rows written were accepted and will be committed, so the file must exist even when
-        a later batch failed the run.
-        """
-        with self._lock:
-            if self._file is None:
-                return
-            handle, self._file = self._file, None
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
-            os.replace(self.temp_path, self.path)
+    def _publish(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically and durably: a temporary file, fsync, rename,
+        fsync of the folder. Only then may the batch be reported as delivered."""
+        temp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
             _fsync_folder(self.folder)
+        except OSError as exc:
+            try:
+                temp.unlink()
+            except OSError:
+                pass
+            # The folder cannot take the batch (full, read-only): no later batch would fare
+            # better, so the run stops; nothing of this batch was published.
+            raise FatalDestinationError(
+                f"destination {self.name!r}: cannot write {str(path)!r}: {exc}"
+            ) from exc
+        with self._lock:
+            self.files.append(path)
+
+    def close(self, succeeded: bool = True) -> None:
+        """Nothing to finish: every batch was published when it was sent."""
 
     # -- encoding -------------------------------------------------------------------------
 
@@ -166,19 +211,17 @@ class FileConnector(Connector):
 
     def _csv(self, batch: Sequence[Change]) -> bytes:
         if not self.columns:
-            # No field_mapping known: take the first row's fields, once, for the whole file.
-            # The header is written under the lock that sets the columns, so no thread can
-            # write rows before it.
+            # No field_mapping known: take the first row's fields, once, for every file of the
+            # run, so that all of them have the same columns.
             with self._lock:
                 if not self.columns:
                     self.columns = tuple(batch[0].fields)
-                    self._open_locked().write(self._csv_lines([("op", "key", *self.columns)]))
         columns = self.columns
         rows = [
             (op, key, *[_csv_value(fields.get(c)) for c in columns])
             for _, op, key, fields, _ in batch
         ]
-        return self._csv_lines(rows)
+        return self._csv_lines([("op", "key", *columns), *rows])
 
     @staticmethod
     def _csv_lines(rows: list[tuple[Any, ...]]) -> bytes:

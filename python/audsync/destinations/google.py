@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import orjson
 
-from audsync.delivery.http import Verdict, answer_text
+from audsync.delivery.http import Verdict, answer_text, json_object_answer
 from audsync.destinations.base import (
     BatchResult,
     Change,
@@ -65,6 +65,9 @@ from audsync.destinations.common import (
 from audsync.identifiers import GOOGLE_RULES, InvalidIdentifier, Options, is_blank
 
 logger = logging.getLogger("audsync.destinations.google")
+
+# The ingest and remove answers are JSON objects (``{"requestId": ...}``).
+_INGEST_ANSWER = json_object_answer("a Data Manager ingest/remove answer (a JSON object)")
 
 # -- the API ------------------------------------------------------------------------------
 
@@ -377,7 +380,8 @@ class GoogleCustomerMatchConnector(Connector):
         """For ingest and remove: a 400 that names bad members is returned to the connector,
         which rejects those rows and sends the others again (nothing was applied)."""
         if response.status_code != 400:
-            return None
+            # Issue 10: a 2xx that is not the API's JSON answer is retried, never a success.
+            return _INGEST_ANSWER(response)
         error = google_error(response)
         if error is not None and member_violations(error):
             return Verdict.ok()

@@ -7,7 +7,8 @@ Each batch is one ``POST`` of::
 
 with ``Idempotency-Key: <batch_id>`` and, when a ``secret`` is set, ``X-Audsync-Timestamp`` and
 ``X-Audsync-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<raw body>">``. A 2xx accepts
-every operation but those its JSON body lists under ``rejected``.
+every operation but those its JSON body lists under ``rejected``; a 2xx that is not such an
+answer (:func:`rejected_in`) is retried like a 5xx and never counts as a success.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from audsync.delivery.http import dumps, strip_query
+from audsync.delivery.http import Verdict, dumps, strip_query, unexpected_answer
 from audsync.destinations.base import (
     BatchResult,
     Change,
@@ -31,7 +32,6 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
-from audsync.destinations.common import json_list
 
 logger = logging.getLogger("audsync.destinations.webhook")
 
@@ -198,14 +198,29 @@ class WebhookConnector(Connector):
             "Content-Type": "application/json",
             IDEMPOTENCY_HEADER: the_batch_id,
         }
-        response = self.http.request(
+        # The answer is read inside the request's classify hook, so that one that cannot be
+        # understood is retried (then fails the batch as retryable) and never counts as a
+        # success; the rows it rejects are kept for the result.
+        answered: list[list[RowError]] = []
+
+        def classify(response: Any) -> Verdict | None:
+            if not 200 <= response.status_code < 300:
+                return None
+            parsed = rejected_in(response.content, batch)
+            if isinstance(parsed, str):
+                return unexpected_answer(response, parsed)
+            answered[:] = [parsed]
+            return Verdict.ok()
+
+        self.http.request(
             "POST",
             self._url,
             data=body,
             headers=headers,
             sign=self._sign if self._secret else None,
+            classify=classify,
         )
-        return BatchResult(rejected=invalid + self._rejected_in(response.content, batch))
+        return BatchResult(rejected=invalid + (answered[0] if answered else []))
 
     def _sign(self, body: bytes) -> dict[str, str]:
         """Signature headers with a fresh timestamp, computed again for each attempt."""
@@ -213,30 +228,53 @@ class WebhookConnector(Connector):
         timestamp = str(int(time.time()))
         return {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: sign(self._secret, timestamp, body)}
 
-    def _rejected_in(self, content: bytes, batch: Sequence[Change]) -> list[RowError]:
-        """Rows the answer lists under ``rejected``; none when it lists none or is not JSON."""
-        listed = json_list(content, "rejected")
-        if not listed:
-            return []
-        ops = {change.key: change.op for change in batch}
-        rejected: list[RowError] = []
-        unknown = 0
-        for item in listed:
-            if not isinstance(item, dict):
-                unknown += 1
-                continue
-            key = item.get("key")
-            op = ops.pop(key, None)  # pop: a key listed twice fails once
-            if op is None:
-                unknown += 1
-                continue
-            error = item.get("error")
-            message = str(error) if error not in (None, "") else "rejected by the webhook"
-            rejected.append(RowError(key, op, "rejected", message[:500]))
-        if unknown:
-            logger.warning(
-                "destination %r listed %d rejected keys that are not in the batch; ignored",
-                self.name,
-                unknown,
+
+ANSWER_RULES = (
+    "an empty body, or a JSON object whose optional 'rejected' is a list of"
+    " {\"key\": <a key of the batch>, \"error\": <text>} objects"
+)
+"""What a 2xx answer of the webhook may be (contract section 7), in words for errors."""
+
+
+def rejected_in(content: bytes | None, batch: Sequence[Change]) -> list[RowError] | str:
+    """The rows a 2xx answer rejects, or why the answer cannot be understood.
+
+    An empty body accepts every operation; so does a JSON object without ``rejected`` (or with
+    ``null`` or ``[]``). Anything else is not an answer of the webhook format and is refused
+    whole (a string, the reason): a body that is not a JSON object (a proxy's HTML page),
+    ``rejected`` that is not a list, an entry that is not an object with a string ``key``, a
+    key that is not one of the batch's keys exactly as sent (echoed in another case, say), or
+    an ``error`` that is neither text nor null. Trusting part of such an answer would count
+    rows as accepted on a guess.
+    """
+    if not content or not content.strip():
+        return []
+    try:
+        document = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return f"{ANSWER_RULES}: the body is not JSON"
+    if not isinstance(document, dict):
+        return f"{ANSWER_RULES}: the body is a JSON {type(document).__name__}, not an object"
+    listed = document.get("rejected")
+    if listed is None:
+        return []
+    if not isinstance(listed, list):
+        return f"{ANSWER_RULES}: 'rejected' is a {type(listed).__name__}, not a list"
+    ops = {change.key: change.op for change in batch}
+    rejected: dict[str, RowError] = {}
+    for position, item in enumerate(listed):
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+            return f"{ANSWER_RULES}: rejected entry {position} has no string 'key'"
+        key = item["key"]
+        if key not in ops:
+            return (
+                f"{ANSWER_RULES}: rejected entry {position} names key {key[:100]!r},"
+                " which is not in the batch"
             )
-        return rejected
+        error = item.get("error")
+        if error is not None and not isinstance(error, str):
+            return f"{ANSWER_RULES}: rejected entry {position} has an 'error' that is not text"
+        message = error if error else "rejected by the webhook"
+        # A key listed twice fails once.
+        rejected.setdefault(key, RowError(key, ops[key], "rejected", message[:500]))
+    return list(rejected.values())
