@@ -280,14 +280,14 @@ class World:
         """The current audience with random adds, removes and field updates (20 to 60 members)."""
         current = {r[0]: r for r in self.rows_history[-1] if r[0] is not None}
         keys = list(current)
-        for key in self.rng.sample(keys, min(len(keys), self.rng.randint(0, 8))):
+        for key in self.rng.sample(keys, min(len(keys), self.rng.randint(0, 10))):
             if len(current) > 20:
                 del current[key]
         outside = [k for k in UNIVERSE if k not in current]
-        for key in self.rng.sample(outside, min(len(outside), self.rng.randint(0, 10))):
+        for key in self.rng.sample(outside, min(len(outside), self.rng.randint(1, 12))):
             if len(current) < 60:
                 current[key] = self.random_member(key)
-        for key in self.rng.sample(list(current), min(len(current), self.rng.randint(0, 8))):
+        for key in self.rng.sample(list(current), min(len(current), self.rng.randint(2, 12))):
             current[key] = self.random_member(key)
         rows = list(current.values())
         if self.rng.random() < 0.15:
@@ -393,6 +393,14 @@ class World:
         self.log.append(text)
 
     # -- the fakes ------------------------------------------------------------------------
+
+    def pending_batches(self) -> dict[str, int]:
+        """How many batches each sync's next run will send (what ``S__changes`` holds now)."""
+        counts = {}
+        for mode, name in SYNCS.items():
+            rows = self.query(f"select count(*) from {self.project.relation(name, '__changes')}")[0][0]
+            counts[mode] = -(-int(rows) // BATCH_SIZE)
+        return counts
 
     def requests_seen(self) -> int:
         return sum(f.state(members=False)["requests"] for f in self.fakes.values())
@@ -504,15 +512,20 @@ class Iteration:
     order: list[str]
     notes: list[str] = field(default_factory=list)
     reverted: bool = False
+    batches: dict[str, int] = field(default_factory=dict)
+    """Batches each sync's next run sends (from ``S__changes`` before the fault)."""
     sigterm_runs: list[dict] | None = None
     """The runs of a SIGTERM'd command, as it left them."""
     sigterm_locks: list[str] = field(default_factory=list)
     """Locks held when the SIGTERM'd command had ended."""
     stalled: "Stall | None" = None
+    dead_run: tuple[dict, int] | None = None
+    """The target sync's run against a dead destination, and its number of row errors."""
 
     def describe(self) -> str:
         extra = "; ".join(self.notes)
         return (f"iteration {self.number}: fault {self.fault} on {self.target}"
+                f" (batches {','.join(str(self.batches.get(m, '?')) for m in MODES)})"
                 f"{' then the audience reverted' if self.reverted else ''}"
                 f" (order {', '.join(self.order)}){': ' + extra if extra else ''}")
 
@@ -529,6 +542,9 @@ def new_iteration(world: World, number: int) -> Iteration:
 def run_iteration(world: World, it: Iteration) -> None:
     clock = time.monotonic()
     world.build(world.mutate())
+    it.batches = world.pending_batches()
+    if not it.batches[it.target]:  # aim the fault at a sync with something to send
+        it.target = next((m for m in world.rng.sample(MODES, len(MODES)) if it.batches[m]), it.target)
     INJECT[it.fault](world, it)
     if it.fault in REVERTIBLE and world.rng.random() < 0.4:
         it.reverted = True
@@ -542,7 +558,9 @@ def run_iteration(world: World, it: Iteration) -> None:
 
 def inject_signal(world: World, it: Iteration, signum: int) -> Command:
     command = start_run(world, it.order)
-    point = ("requests", world.rng.randint(0, 12)) if world.rng.random() < 0.7 else ("time", world.rng.uniform(0.3, 4.0))
+    batches = sum(it.batches.values())
+    point = (("requests", world.rng.randint(0, batches)) if world.rng.random() < 0.7
+             else ("time", world.rng.uniform(0.3, 4.0)))
     if not wait_for_point(world, command, point):
         it.notes.append(f"the run ended before the point {point}")
         command.finish()
@@ -672,7 +690,7 @@ def build_beside(world: World, rows: list[tuple], stalled: Command) -> bool:
 
 def _http_fault(spec: Callable[[World, Iteration, int], dict]) -> Callable[[World, Iteration], None]:
     def fault(world: World, it: Iteration) -> None:
-        after = world.rng.randint(0, 5)
+        after = world.rng.randint(0, max(0, it.batches[it.target] - 1))
         world.fakes[it.target].inject(**spec(world, it, after))
         it.notes.append(f"after {after} requests")
         command = start_run(world, it.order)
@@ -682,8 +700,9 @@ def _http_fault(spec: Callable[[World, Iteration, int], dict]) -> Callable[[Worl
 
 
 def _rejected_keys(world: World, it: Iteration, after: int) -> dict:
-    keys = world.rng.sample(UNIVERSE, 6)
-    return {"reject_keys": keys}
+    name = SYNCS[it.target]
+    keys = [r[0] for r in world.query(f"select {names.KEY} from {world.project.relation(name, '__changes')}")]
+    return {"reject_keys": world.rng.sample(keys, min(len(keys), world.rng.randint(1, 5)))}
 
 
 def fault_dbt_during(world: World, it: Iteration) -> None:
@@ -702,14 +721,16 @@ def fault_dbt_during(world: World, it: Iteration) -> None:
 def fault_dead(mode: str) -> Callable[[World, Iteration], None]:
     def fault(world: World, it: Iteration) -> None:
         fake = world.fakes[it.target]
+        before = {r["run_id"] for r in world.runs()}
         command = start_run(world, it.order)
-        after = world.rng.randint(0, 6)
+        after = world.rng.randint(0, max(0, it.batches[it.target] - 1))
         base = fake.state(members=False)["requests"]
         wait_until(lambda: not command.alive() or fake.state(members=False)["requests"] >= base + after, 60)
         if mode == "stopped":
             os.kill(fake.pid, signal.SIGSTOP)
         else:
             fake.inject(dead={"mode": mode})
+        died = time.monotonic()
         it.notes.append(f"dead ({mode}) after {after} requests")
         try:
             command.finish()
@@ -718,8 +739,34 @@ def fault_dead(mode: str) -> Callable[[World, Iteration], None]:
                 os.kill(fake.pid, signal.SIGCONT)
             else:
                 fake.revive()
-        it.notes.append(f"exit {command.code}")
+        target = [r for r in world.runs() if r["run_id"] not in before and r["sync_name"] == SYNCS[it.target]]
+        it.notes.append(f"exit {command.code} {time.monotonic() - died:.0f} s after it died")
+        if target:
+            run = target[-1]
+            it.notes.append(f"{run['sync_name']} {run['status']}: {str(run['error_message'])[:90]}")
+            errors = world.query(
+                f"select count(*) from {world.state_relation(names.ROW_ERRORS_TABLE)} where run_id = %s",
+                [run["run_id"]],
+            )[0][0]
+            it.dead_run = (run, int(errors))
     return fault
+
+
+def dead_problems(it: Iteration) -> list[str]:
+    """A dead destination ends the run with one error, "destination unreachable", not one
+    error per member; what was not answered is planned again (the oracle checks that)."""
+    if it.dead_run is None:
+        return []
+    run, errors = it.dead_run
+    problems = []
+    if run["status"] == "error" and "unreachable" not in str(run["error_message"]):
+        problems.append(f"dead destination: the run ended error with {run['error_message']!r},"
+                        " not 'destination unreachable'")
+    # At most the rows in flight when the breaker opened fail (or go unknown) one by one.
+    bound = 2 * CONCURRENCY * BATCH_SIZE
+    if errors > bound:
+        problems.append(f"dead destination: {errors} row errors for the run (one per member), not at most {bound}")
+    return problems
 
 
 INJECT: dict[str, Callable[[World, Iteration], None]] = {
@@ -841,6 +888,7 @@ def check_runs(world: World, it: Iteration) -> list[str]:
         problems += sigterm_problems(it)
     if it.stalled is not None:
         problems += fencing_problems(world, it.stalled)
+    problems += dead_problems(it)
     return problems
 
 
