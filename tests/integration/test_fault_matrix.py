@@ -92,6 +92,9 @@ BATCH_SIZE = 3
 CONCURRENCY = 2
 TIMEOUT_S = 1.5
 MAX_RETRIES = 2
+ATTEMPTS = MAX_RETRIES + 1
+"""Attempts of a batch: a fault of up to ``ATTEMPTS * CONCURRENCY`` requests can exhaust every
+attempt of a batch (its rows then have an unknown outcome)."""
 LATENCY_S = 0.06
 UNIVERSE = [f"fm{i:02d}@example.com" for i in range(70)]
 NAMES = ["Ann", "Bob", None, "", "zoë", "o'brien", "Chloé"]
@@ -774,17 +777,17 @@ INJECT: dict[str, Callable[[World, Iteration], None]] = {
     "sigterm": fault_sigterm,
     "sigstop": fault_sigstop,
     "slow": _http_fault(lambda w, it, after: {"delay": {
-        "n": w.rng.randint(1, 3), "seconds": TIMEOUT_S + 1.0, "after": after}}),
+        "n": w.rng.randint(1, ATTEMPTS * CONCURRENCY), "seconds": TIMEOUT_S + 1.0, "after": after}}),
     "5xx": _http_fault(lambda w, it, after: {"fail": {
-        "n": w.rng.randint(1, 4), "status": w.rng.choice([500, 502, 503]), "after": after}}),
+        "n": w.rng.randint(1, ATTEMPTS * CONCURRENCY), "status": w.rng.choice([500, 502, 503]), "after": after}}),
     "429": _http_fault(lambda w, it, after: {"fail": {
         "n": w.rng.randint(1, 3), "status": 429, "retry_after": 1, "after": after}}),
     "apply-5xx": _http_fault(lambda w, it, after: {"apply_then_fail": {
-        "n": w.rng.randint(1, 4), "status": w.rng.choice([500, 503]), "after": after}}),
+        "n": w.rng.randint(1, ATTEMPTS * CONCURRENCY), "status": w.rng.choice([500, 503]), "after": after}}),
     "apply-drop": _http_fault(lambda w, it, after: {"apply_then_fail": {
-        "n": w.rng.randint(1, 4), "drop": True, "after": after}}),
+        "n": w.rng.randint(1, ATTEMPTS * CONCURRENCY), "drop": True, "after": after}}),
     "apply-late": _http_fault(lambda w, it, after: {"apply_then_fail": {
-        "n": w.rng.randint(1, 3), "delay_s": TIMEOUT_S + 1.0, "after": after}}),
+        "n": w.rng.randint(1, ATTEMPTS * CONCURRENCY), "delay_s": TIMEOUT_S + 1.0, "after": after}}),
     "reject": _http_fault(_rejected_keys),
     "dbt-during": fault_dbt_during,
     "dead-hang": fault_dead("hang"),
