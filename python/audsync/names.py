@@ -9,6 +9,12 @@ from __future__ import annotations
 # System columns of a sync's relations.
 KEY = "_audsync_key"
 HASH = "_audsync_hash"
+# A snapshot row whose HASH is NULL is an *unknown outcome* (team convention 1): a row sent,
+# or perhaps sent, whose answer was lost (a kill, a timeout or 5xx after the retries, a stop,
+# a fenced run), or a key `audsync verify --repair` found drifted. Its key is kept in
+# S__candidates, and the diff views send the current truth for it: mirror adds it (key in S)
+# or removes it (not in S); add and upsert add it (S's values, else its own); remove mode
+# removes it. It never counts as held by the destination.
 OP = "_audsync_op"
 SYNCED_AT = "_audsync_synced_at"
 RUN_ID = "_audsync_run_id"

@@ -451,17 +451,17 @@ class _Run:
             self.fail("error", redact(f"{type(error).__name__}: {error}"))
             logger.debug("run failed", exc_info=True)
         finally:
-            if guard.lost_error is not None:
-                raise guard.lost_error
             if completed and self.runner.stopping and self.status == "success" and not guard.exhausted:
                 self.fail("aborted", "stopped (SIGTERM or a stop request) during delivery")
-            self.every_batch_answered = completed and self.status == "success"
+            self.every_batch_answered = completed and self.status == "success" and guard.lost_error is None
             if connector is not None:
                 try:
-                    connector.close(self.status == "success")
+                    connector.close(self.every_batch_answered)
                     http.close()
                 except Exception:  # noqa: BLE001 - the first failure is the one to report
                     logger.debug("connector close failed", exc_info=True)
+        if guard.lost_error is not None:
+            raise guard.lost_error
 
     def _batches(self, batch_size: int, guard: "_SendGuard") -> Iterator[tuple[int, list[Change]]]:
         """The plan's sent rows in batches, read one chunk per warehouse session; ends early
