@@ -153,6 +153,9 @@ class FakeWebhook(FakeServer):
             """Hook requests that reached a dead destination (not counted in ``requests``)."""
             self.injected: Counter[str] = Counter()
             """Injected failures taken by a request, by kind (``answer``, ``timeout``, ...)."""
+            self.batch_keys: dict[str, list[str]] | None = None
+            """The keys of each applied batch, by ``batch_id``, once ``record_batches`` is on
+            (off by default: a benchmark's millions of rows would cost memory)."""
 
     def _queue(self, failure: Failure, n: int, after: int) -> None:
         """Queue ``failure`` for ``n`` requests, after ``after`` requests that pass untouched."""
@@ -263,6 +266,7 @@ class FakeWebhook(FakeServer):
                 "max_concurrent": self.max_concurrent,
                 "idempotency_keys": list(self.idempotency_keys),
                 "applied_batches": dict(self.applied_batches),
+                "batch_keys": dict(self.batch_keys or {}),
                 "ops": dict(self.ops),
                 "member_count": len(self._replay()),
                 "applied_unanswered": self.applied_unanswered,
@@ -284,7 +288,8 @@ class FakeWebhook(FakeServer):
         ``"fail": {"n", "status", "retry_after", "body", "after"}``,
         ``"delay": {"n", "seconds", "after"}``,
         ``"apply_then_fail": {"n", "status", "drop", "delay_s", "after"}``,
-        ``"reject_keys": [...]``, ``"latency_s": x``, ``"seed_members": {key: fields}``,
+        ``"reject_keys": [...]``, ``"record_batches": bool``, ``"latency_s": x``,
+        ``"seed_members": {key: fields}``,
         ``"dead": {"mode": "hang" | "refuse", "for_s": x}``.
         """
         if spec.get("clear"):
@@ -311,6 +316,9 @@ class FakeWebhook(FakeServer):
         if "reject_keys" in spec:
             with self._lock:
                 self.reject_keys = set(spec["reject_keys"])
+        if "record_batches" in spec:
+            with self._lock:
+                self.batch_keys = {} if spec["record_batches"] else None
         if "latency_s" in spec:
             self.latency_s = float(spec["latency_s"])
         if "seed_members" in spec:
@@ -468,6 +476,8 @@ class FakeWebhook(FakeServer):
             self.rows_rejected += len(rejected)
             self.accepted_requests += 1
             self.applied_batches[batch_id] += 1
+            if self.batch_keys is not None:
+                self.batch_keys.setdefault(batch_id, sorted({op["key"] for op in operations}))
         answer: dict[str, Any] = {"accepted": len(operations) - len(rejected)}
         if rejected:
             answer["rejected"] = rejected
