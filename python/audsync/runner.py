@@ -159,6 +159,12 @@ class SyncRunner:
                     f"audsync's state tables {', '.join(missing)} are not in {self.warehouse.describe()}; "
                     "run `dbt run --select package:audsync` (or `dbt run`) first"
                 )
+            columns = self.state.missing_columns(session)
+            if columns:
+                raise ConfigError(
+                    f"audsync's state tables lack the column(s) {', '.join(columns)} of this version;"
+                    " run `dbt run --select package:audsync` (or `dbt run`) to add them"
+                )
             tables.resolve(session)
         return tables
 

@@ -178,6 +178,15 @@ class StateStore:
         """State tables that are not in the warehouse yet (``dbt run`` builds them)."""
         return [t for t in names.STATE_TABLES if session.columns(self.relations[t]) is None]
 
+    def missing_columns(self, session: Session) -> list[str]:
+        """``table.column`` of the runner's columns the state tables lack (tables built by an
+        older version of the package: ``dbt run`` adds them)."""
+        missing = []
+        for table, columns in ((names.RUNS_TABLE, RUN_COLUMNS), (names.SYNCS_TABLE, SYNC_COLUMNS)):
+            have = {c.lower() for c in session.columns(self.relations[table]) or ()}
+            missing += [f"{table}.{c}" for c in columns if have and c not in have]
+        return missing
+
     # -- sync rows and the lock -------------------------------------------------------------
 
     def sync_row(self, session: Session, sync_name: str) -> SyncRow | None:
@@ -200,6 +209,11 @@ class StateStore:
         lock is waited for, so two first runs cannot deadlock here.
         """
         row = self.sync_row(session, sync_name)
+        if row is None:
+            # Serialise the inserters (taken before this transaction writes anything, so a
+            # wait here cannot close a cycle), then look again.
+            self.warehouse.lock_state_table(session, self.relations[names.SYNCS_TABLE])
+            row = self.sync_row(session, sync_name)
         if row is None:
             session.execute(
                 f"insert into {self.syncs} (sync_name, status, updated_at, lock_generation)"

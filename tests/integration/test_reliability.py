@@ -343,22 +343,55 @@ def test_a_run_whose_commit_failed_is_recovered_by_the_next(dbt_project, monkeyp
 # -- 9. PostgreSQL ----------------------------------------------------------------------------
 
 
-def test_two_first_runs_at_once_do_not_deadlock(dbt_project, warehouse):
-    """Two first-ever runs of a sync start together: one runs, the other is refused naming it
-    (or runs after it); neither fails with a deadlock, and the sync has one state row."""
+def test_two_first_runs_at_once_do_not_deadlock(dbt_project, warehouse, monkeypatch):
+    """Two first-ever runs of a sync start together (the window in which both insert the
+    sync's row is widened): one runs, the other is refused naming it or runs after it; neither
+    fails with a deadlock, and the sync has one state row. Before, both inserted the row and
+    then waited for each other's table lock: PostgreSQL killed one with "deadlock detected"."""
+    import threading
+
+    from audsync.config import load_destinations
+    from audsync.errors import LockHeld
+    from audsync.project import Project
+    from audsync.runner import SyncRunner
+    from audsync.state import StateStore
+
     with FakeWebhook(secret="first-secret", latency_s=0.05) as fake:
         write_sync(dbt_project, "s", mode="mirror", destination="hook")
-        write_destinations(dbt_project, {"hook": hook(fake, batch_size=5)})
+        path = write_destinations(dbt_project, {"hook": hook(fake, batch_size=5)})
         write_audience(dbt_project, members("d", 20))
         dbt_project.dbt("run")
-        processes = [audsync_process(dbt_project, "run", "s") for _ in range(2)]
-        outputs = [p.communicate(timeout=120) for p in processes]
-        text = "\n".join(o + e for o, e in outputs)
-        assert "deadlock" not in text.lower(), text
-        codes = sorted(p.returncode for p in processes)
-        assert codes[0] == 0 and codes[1] in (0, 1), text
-        if codes[1] == 1:
-            assert "locked by run" in text
+        real = StateStore.ensure_sync_row
+        barrier = threading.Barrier(2, timeout=5)
+
+        def slow_first_insert(self, session, sync_name):
+            row = real(self, session, sync_name)
+            try:
+                barrier.wait()  # both runs have inserted (or tried to) before either goes on
+            except threading.BrokenBarrierError:
+                pass
+            return row
+
+        monkeypatch.setattr(StateStore, "ensure_sync_row", slow_first_insert)
+        outcomes: list = []
+
+        def one_run():
+            project = Project.load(dbt_project.root, dbt_project.root)
+            wh = project.open_warehouse()
+            try:
+                outcomes.append(SyncRunner(project, wh, load_destinations(path)).run(project.get("s")).status)
+            except Exception as error:  # noqa: BLE001 - the outcome under test
+                outcomes.append(error)
+            finally:
+                wh.close()
+
+        threads = [threading.Thread(target=one_run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(isinstance(o, Exception) and not isinstance(o, LockHeld) for o in outcomes), outcomes
+        assert "success" in outcomes and len(outcomes) == 2, outcomes
         assert len(state_rows(dbt_project, names.SYNCS_TABLE, "where sync_name = %s", ["s"])) == 1
 
 
@@ -470,3 +503,52 @@ def test_a_pause_during_a_run_stays_and_reset_takes_over_like_a_run(dbt_project,
         assert leftovers(dbt_project) == {"plan": 0, "batches": 0, "ids": 0}
         assert snapshot_rows(dbt_project) == {}
         assert lock_holder(dbt_project)[0] is None
+
+
+def test_the_diff_views_send_the_truth_for_unknown_rows_in_every_mode(dbt_project):
+    """Convention 1 in SQL: an unknown snapshot row (null hash) of a key in S is an `add` with
+    S's values (a `remove` in remove mode); of a key not in S, a `remove` in mirror and remove
+    modes and an `add` with its own values and a computed hash in add and upsert modes. Never
+    an update; a known row that equals S sends nothing."""
+    modes = ("mirror", "add", "upsert", "remove")
+    for mode in modes:
+        write_sync(dbt_project, f"v_{mode}", mode=mode, destination="hook")
+    write_destinations(dbt_project, {"hook": {"type": "file", "path": "out"}})
+    write_audience(dbt_project, [("a@x.com", "Ann", 1.0), ("b@x.com", "Bob", 2.0)])
+    dbt_project.dbt("run")
+    departed_hash = {}
+    for mode in modes:
+        snapshot = dbt_project.relation(f"v_{mode}", "__snapshot")
+        candidates = dbt_project.relation(f"v_{mode}", "__candidates")
+        k, h = names.KEY, names.HASH
+        dbt_project.execute(
+            f"insert into {snapshot} ({k}, email, first_name, ltv, {h}) select {k}, email, first_name, ltv, {h}"
+            f" from {dbt_project.relation(f'v_{mode}')}")
+        dbt_project.execute(f"update {snapshot} set {h} = null where {k} = 'a@x.com'")
+        dbt_project.execute(
+            f"insert into {snapshot} ({k}, email, first_name, ltv, {h}) values ('z@x.com', 'z@x.com', 'Zed', 9.0, null)")
+        dbt_project.execute(f"delete from {candidates}")
+        dbt_project.execute(f"insert into {candidates} ({k}) values ('a@x.com'), ('z@x.com'), ('b@x.com')")
+        changes = dbt_project.query(
+            f"select {names.OP}, {k}, first_name, ltv, {h} is not null"
+            f" from {dbt_project.relation(f'v_{mode}', '__changes')} order by {k}")
+        expected = {
+            "mirror": [("add", "a@x.com", "Ann", 1.0, True), ("remove", "z@x.com", "Zed", 9.0, False)],
+            "add": [("add", "a@x.com", "Ann", 1.0, True), ("add", "z@x.com", "Zed", 9.0, True)],
+            "upsert": [("add", "a@x.com", "Ann", 1.0, True), ("add", "z@x.com", "Zed", 9.0, True)],
+            "remove": [("remove", "a@x.com", "Ann", 1.0, False), ("remove", "z@x.com", "Zed", 9.0, False)],
+        }[mode]
+        assert [tuple(r) for r in changes] == expected, mode
+        if mode in ("add", "upsert"):
+            departed_hash[mode] = dbt_project.query(
+                f"select {h} from {dbt_project.relation(f'v_{mode}', '__changes')} where {k} = 'z@x.com'")[0][0]
+        assert dbt_project.query(f"select count(*) from {dbt_project.relation(f'v_{mode}', '__updates')}") == [(0,)]
+        adds = {r[0] for r in dbt_project.query(f"select {k} from {dbt_project.relation(f'v_{mode}', '__adds')}")}
+        assert adds == ({"a@x.com", "z@x.com"} if mode in ("add", "upsert") else {"a@x.com"} if mode == "mirror" else set())
+    # add and upsert: the hash computed for the departed unknown row is the one S computes.
+    write_audience(dbt_project, [("a@x.com", "Ann", 1.0), ("b@x.com", "Bob", 2.0), ("z@x.com", "Zed", 9.0)])
+    dbt_project.dbt("run", "--select", "v_add", "v_upsert")
+    for mode in ("add", "upsert"):
+        [(in_s,)] = dbt_project.query(
+            f"select {names.HASH} from {dbt_project.relation(f'v_{mode}')} where {names.KEY} = 'z@x.com'")
+        assert departed_hash[mode] == in_s

@@ -41,6 +41,8 @@ class Session:
         self.warehouse = warehouse
         self.connection = connection
         self._cursor = connection.cursor()
+        self.on_end: list = []
+        """Called once the session's transaction has ended (committed or rolled back)."""
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run ``sql`` with ``?`` placeholders bound to ``params``; return the cursor."""

@@ -15,6 +15,8 @@ import random
 import time
 from typing import Any, Iterator
 
+import threading
+
 from .base import Relation, Session, Warehouse
 
 logger = logging.getLogger("audsync.warehouse")
@@ -22,6 +24,8 @@ logger = logging.getLogger("audsync.warehouse")
 # How long a session waits for a DuckDB file that another process holds.
 LOCK_WAIT_ENV = "AUDSYNC_DUCKDB_LOCK_WAIT_S"
 DEFAULT_LOCK_WAIT_S = 120.0
+# Serialises the lock-takers of this process (DuckDBWarehouse.lock_state_table).
+_STATE_LOCK = threading.RLock()
 # A wait for the file longer than this is reported (progress output, JSON events).
 WAIT_REPORT_AFTER_S = 1.0
 # DuckDB's buffer pool defaults to 80% of RAM, and lives in the runner's process. The
@@ -104,6 +108,7 @@ class DuckDBWarehouse(Warehouse):
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         connection = self._connect()
+        session = None
         try:
             connection.execute("begin transaction")
             session = Session(self, connection)
@@ -115,6 +120,15 @@ class DuckDBWarehouse(Warehouse):
             connection.execute("commit")
         finally:
             connection.close()
+            for callback in (session.on_end if session is not None else ()):
+                callback()
+
+    def lock_state_table(self, session: Session, relation: Relation) -> None:
+        # Other processes are kept out by the file's own lock; threads of this process (two
+        # runners of a service) take this lock until the transaction ends, or both would
+        # insert the sync's row, or conflict on updating it.
+        _STATE_LOCK.acquire()
+        session.on_end.append(_STATE_LOCK.release)
 
     def grow_memory(self, error: BaseException) -> bool:
         import duckdb
