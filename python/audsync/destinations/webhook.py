@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import hmac
-import logging
 import time
 from typing import Any, ClassVar, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
@@ -32,8 +31,6 @@ from audsync.destinations.base import (
     FatalDestinationError,
     RowError,
 )
-
-logger = logging.getLogger("audsync.destinations.webhook")
 
 SIGNATURE_HEADER = "X-Audsync-Signature"
 TIMESTAMP_HEADER = "X-Audsync-Timestamp"
