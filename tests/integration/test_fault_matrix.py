@@ -1152,6 +1152,9 @@ def test_a_request_started_before_a_stall_and_landing_after_the_takeover_is_not_
 
     monkeypatch.setenv("AUDSYNC_LOCK_TIMEOUT_S", "2")
     fake = FakeWebhook(secret="stall-secret").start()
+    stalled, release = threading.Event(), threading.Event()
+    send, beat = WebhookConnector.send_batch, StateStore.heartbeat
+    thread = threading.Thread()
     try:
         write_sync(dbt_project, "s", mode="mirror", destination="hook")
         write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url, "secret": "stall-secret",
@@ -1163,8 +1166,6 @@ def test_a_request_started_before_a_stall_and_landing_after_the_takeover_is_not_
         write_audience(dbt_project, base + [("x@example.com", "x", 1.0)])
         dbt_project.dbt("run")
 
-        stalled, release = threading.Event(), threading.Event()
-        send, beat = WebhookConnector.send_batch, StateStore.heartbeat
 
         def send_batch(self, batch):
             if any(change.key == "x@example.com" for change in batch) and not release.is_set():
@@ -1195,4 +1196,7 @@ def test_a_request_started_before_a_stall_and_landing_after_the_takeover_is_not_
         assert run_rows(dbt_project, "s")[-1]["status"] == "success"
         assert "x@example.com" not in fake.members
     finally:
+        release.set()  # never leave run A's sending thread blocked: it would hold the process
+        if thread.is_alive():
+            thread.join(60)
         fake.stop()
