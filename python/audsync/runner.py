@@ -452,7 +452,11 @@ class _Run:
             self.fail("error", f"destination unreachable: {self.sync.destination!r}: {detail}")
         except FatalDestinationError as error:
             self.fatal = True
-            self.fail("error", f"destination {self.sync.destination!r}: {redact(str(error))}")
+            text = redact(str(error))
+            # Convention 4: the circuit breaker's error (periphery branch) says "destination
+            # unreachable" first, as it is; other fatal answers are prefixed with the destination.
+            unreachable = type(error).__name__ == "DestinationUnreachable"
+            self.fail("error", text if unreachable else f"destination {self.sync.destination!r}: {text}")
         except Exception as error:  # noqa: BLE001 - recorded as the run's error, exit 1
             self.fail("error", redact(f"{type(error).__name__}: {error}"))
             logger.debug("run failed", exc_info=True)
