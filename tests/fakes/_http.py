@@ -7,10 +7,16 @@ and holds what every fake needs beside its API's own rules: the lifecycle (``sta
 ``stop``, ``with``, ``port``, ``base_url``), the count of requests in flight
 (``max_concurrent``), the protocol breaches a test asserts are absent (``violations``), and
 the failures ``fail_next`` queues for the next requests (:class:`FailureQueue`).
+
+Two failures below the API's own shapes are shared too: an answer of status :data:`DROP`
+closes the connection without a byte of answer (a server that crashed after reading the
+request), and :meth:`FakeServer.close_port` / :meth:`FakeServer.reopen_port` make the port
+refuse connections, established keep-alive ones included, as a destination that went down.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
@@ -27,6 +33,10 @@ if TYPE_CHECKING:
 
 Answer = tuple[int, bytes, dict[str, str]]
 """What :meth:`FakeServer.handle` returns: status, body, and headers to send with them."""
+
+DROP = -1
+"""The status of an :data:`Answer` that is never sent: the connection is closed instead, so
+the client sees the server hang up without answering (whatever the request did stays done)."""
 
 
 class Failure:
@@ -79,6 +89,12 @@ class FailureQueue:
             )
         with self._lock:
             self._queue.extend(failure for _ in range(n))
+
+    def pending(self, *, ignore: Iterable[str] = ()) -> int:
+        """How many failures are still queued (of kinds not in ``ignore``)."""
+        skip = frozenset(ignore)
+        with self._lock:
+            return sum(1 for failure in self._queue if failure.kind not in skip)
 
     def take(self, method: str = "", path: str = "") -> Failure | None:
         """The first queued failure for this request, removed from the queue; or ``None``."""
@@ -161,6 +177,8 @@ class FakeServer:
         self._lock = threading.RLock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.refusing = False
+        """The port is closed (:meth:`close_port`): every connection is refused or dropped."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -169,6 +187,8 @@ class FakeServer:
         server = _Server(("127.0.0.1", self._port), _Handler)
         server.fake = self
         self._server = server
+        # Once bound, keep the port: reopen_port binds the same one again.
+        self._port = server.server_address[1]
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -185,6 +205,24 @@ class FakeServer:
             self._thread.join(timeout=5)
             self._thread = None
 
+    def close_port(self) -> None:
+        """Stop listening, as a destination that went down: new connections are refused, and a
+        request on a connection opened before (clients keep them alive) is dropped unanswered.
+        :meth:`reopen_port` listens on the same port again. Safe to call from a handler."""
+        with self._lock:
+            if self.refusing:
+                return
+            self.refusing = True
+        self.stop()
+
+    def reopen_port(self) -> None:
+        """Listen again on the port :meth:`close_port` closed."""
+        with self._lock:
+            if not self.refusing:
+                return
+            self.refusing = False
+        self.start()
+
     def __enter__(self) -> Self:
         return self.start()
 
@@ -193,9 +231,9 @@ class FakeServer:
 
     @property
     def port(self) -> int:
-        """The port listened on."""
-        assert self._server is not None, "the fake is not started"
-        return self._server.server_address[1]
+        """The port listened on (also while :meth:`close_port` has it closed)."""
+        assert self._server is not None or self.refusing, "the fake is not started"
+        return self._port
 
     @property
     def base_url(self) -> str:
@@ -285,12 +323,26 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Silence the per-request log line."""
 
+    def _drop(self) -> None:
+        """Close the connection without answering."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the client hung up first
+            pass
+
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         path, _, query = self.path.partition("?")
         fake = self.server.fake
+        if fake.refusing:  # a keep-alive connection opened before the port closed
+            self._drop()
+            return
         status, answer, headers = fake.handle(self.command, path, query, self.headers, body)
+        if status == DROP:
+            self._drop()
+            return
         self.send_response(status)
         if answer and fake.content_type and "Content-Type" not in headers:
             self.send_header("Content-Type", fake.content_type)

@@ -9,6 +9,26 @@ background thread). It keeps the destination's state (``members``: key -> fields
         ...  # point a webhook destination at hook.url
         assert hook.violations == [] and hook.bad_signatures == 0
 
+The failures it injects, each for the next ``n`` hook requests after ``after`` more have
+passed untouched (so a fault lands mid-delivery):
+
+* :meth:`~FakeWebhook.fail_next`: an answer (5xx, 429 with ``Retry-After``, 4xx), nothing
+  applied;
+* :meth:`~FakeWebhook.delay_next`: the request held, then applied and answered (a client
+  that timed out first never learns it was applied);
+* :meth:`~FakeWebhook.apply_then_fail`: the batch applied, then the answer is an error, or
+  the connection is dropped, or the answer is held past the client's timeout: the outcomes
+  a client cannot tell from "not applied";
+* ``reject_keys``: rows rejected (not applied) in every 2xx answer;
+* :meth:`~FakeWebhook.go_dead`: a dead destination, either ``hang`` (requests are read and
+  never answered, then dropped unapplied) or ``refuse`` (the port closes: connections are
+  refused or dropped), until :meth:`~FakeWebhook.revive` or ``for_s`` seconds.
+
+Counters beside the state say what happened: ``applied_unanswered`` (batches applied whose
+client got no success), ``answers_dropped``, ``dead_requests``, ``in_flight`` (hook requests
+being handled now: a test waits for 0 before it reads a settled state), ``injected`` (faults
+taken, by kind) and ``pending_failures`` (still queued).
+
 Every request is checked: ``POST`` to the hook path, ``Content-Type: application/json``, the
 body's shape, ``Idempotency-Key`` equal to the body's ``batch_id``, and, with a secret, the
 HMAC signature (401 and :attr:`FakeWebhook.bad_signatures` counted on a bad one). A breach of
@@ -19,8 +39,9 @@ For an audsync run in another process, run the server as a program::
     python tests/fakes/webhook_server.py --port 0 --secret S --state-file state.json
 
 It prints ``READY <url>`` once listening, serves ``GET /_fake/state`` (the state as JSON),
-``POST /_fake/inject`` and ``POST /_fake/reset``, and writes the state to ``--state-file`` when
-it stops (SIGTERM or SIGINT). :class:`FakeWebhookProcess` wraps all that.
+``POST /_fake/inject`` (:meth:`FakeWebhook.inject`) and ``POST /_fake/reset``, revives on
+SIGUSR1 (a closed port takes no control request), and writes the state to ``--state-file``
+when it stops (SIGTERM or SIGINT). :class:`FakeWebhookProcess` wraps all that.
 
 Speed: bodies are parsed with orjson and each operation costs a few dictionary operations, so
 the server absorbs well over 500,000 rows a second and is never the bottleneck of a benchmark.
@@ -47,14 +68,15 @@ from urllib.request import Request, urlopen
 import orjson
 
 try:
-    from ._http import Answer, Failure, FakeServer, hold, media_type, target
+    from ._http import DROP, Answer, Failure, FakeServer, hold, media_type, target
 except ImportError:  # run as a program (FakeWebhookProcess): this folder is on sys.path
-    from _http import Answer, Failure, FakeServer, hold, media_type, target  # type: ignore[no-redef]
+    from _http import DROP, Answer, Failure, FakeServer, hold, media_type, target  # type: ignore[no-redef]
 
 OPS = frozenset({"add", "remove", "update"})
 ENVELOPE_KEYS = ("sync", "run_id", "batch_id", "sent_at")
 SENT_AT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 CONTROL_PREFIX = "/_fake/"
+DEAD_MODES = ("hang", "refuse")
 
 
 class FakeWebhook(FakeServer):
@@ -83,6 +105,11 @@ class FakeWebhook(FakeServer):
         self.path = path
         self.latency_s = latency_s
         self.timestamp_tolerance_s = timestamp_tolerance_s
+        self.dead: str | None = None
+        """``hang`` or ``refuse`` while :meth:`go_dead` is in force, else ``None``."""
+        self._alive = threading.Event()
+        self._alive.set()
+        self._revive_timer: threading.Timer | None = None
         self.reset()
 
     @property
@@ -118,6 +145,24 @@ class FakeWebhook(FakeServer):
             """The headers and raw body of the latest hook request."""
             self.reject_keys: set[str] = set()
             """Keys listed as rejected (and not applied) in every 200 answer."""
+            self.applied_unanswered = 0
+            """Batches applied whose client got no success (an error, a drop, a late answer)."""
+            self.answers_dropped = 0
+            """Connections closed without an answer (applied or not)."""
+            self.dead_requests = 0
+            """Hook requests that reached a dead destination (not counted in ``requests``)."""
+            self.injected: Counter[str] = Counter()
+            """Injected failures taken by a request, by kind (``answer``, ``timeout``, ...)."""
+            self.batch_keys: dict[str, list[str]] | None = None
+            """The keys of each applied batch, by ``batch_id``, once ``record_batches`` is on
+            (off by default: a benchmark's millions of rows would cost memory)."""
+
+    def _queue(self, failure: Failure, n: int, after: int) -> None:
+        """Queue ``failure`` for ``n`` requests, after ``after`` requests that pass untouched."""
+        with self._lock:  # the passes and the failures stay together
+            if after:
+                self._failures.add(Failure("pass"), int(after))
+            self._failures.add(failure, int(n))
 
     def fail_next(
         self,
@@ -126,19 +171,82 @@ class FakeWebhook(FakeServer):
         *,
         retry_after: Any = None,
         body: str | bytes | None = None,
+        after: int = 0,
     ) -> None:
-        """Answer the next ``n`` hook requests with ``status`` (and ``Retry-After``) unapplied."""
+        """Answer the next ``n`` hook requests (after ``after`` others) with ``status`` (and
+        ``Retry-After``), unapplied."""
         data = body.encode() if isinstance(body, str) else body
         answer = {"status": status, "retry_after": retry_after, "body": data}
-        self._failures.add(Failure("answer", answer), n)
+        self._queue(Failure("answer", answer), n, after)
 
-    def delay_next(self, n: int, seconds: float) -> None:
-        """Hold the next ``n`` hook requests ``seconds`` before handling them normally.
+    def delay_next(self, n: int, seconds: float, *, after: int = 0) -> None:
+        """Hold the next ``n`` hook requests (after ``after`` others) ``seconds`` before
+        handling them normally.
 
         A client that times out first still has the request applied, as with a real server
         whose answer was lost: the retry applies it again (under the same idempotency key).
         """
-        self._failures.add(Failure("timeout", {"seconds": seconds}), n)
+        self._queue(Failure("timeout", {"seconds": seconds}), n, after)
+
+    def apply_then_fail(
+        self,
+        n: int = 1,
+        *,
+        status: int = 500,
+        drop: bool = False,
+        delay_s: float = 0.0,
+        after: int = 0,
+    ) -> None:
+        """Apply the next ``n`` hook requests (after ``after`` others), then fail to answer:
+
+        * ``drop``: close the connection without an answer;
+        * else ``delay_s`` > 0: hold the answer ``delay_s`` seconds, then answer normally (a
+          client whose timeout is shorter has given up);
+        * else answer ``status`` (a 5xx from a proxy or a crash after the commit).
+        """
+        options = {"status": int(status), "drop": bool(drop), "delay_s": float(delay_s)}
+        self._queue(Failure("applied", options), n, after)
+
+    def clear_failures(self) -> None:
+        """Forget the failures still queued, and the keys to reject."""
+        with self._lock:
+            self._failures = type(self._failures)(self.failure_kinds)
+            self.reject_keys = set()
+
+    def go_dead(self, mode: str = "hang", *, for_s: float | None = None) -> None:
+        """Stop answering, as a destination that went down, until :meth:`revive` (or for
+        ``for_s`` seconds).
+
+        ``hang``: hook requests are read and never answered; on revival they are dropped
+        unapplied (the client has timed out long before). Control requests still work.
+        ``refuse``: the port closes: connections are refused, and requests on connections
+        opened before are dropped unanswered; control requests too, so revive with
+        :meth:`revive` (SIGUSR1 for the program) or ``for_s``.
+        """
+        if mode not in DEAD_MODES:
+            raise ValueError(f"unknown dead mode {mode!r}; expected one of {', '.join(DEAD_MODES)}")
+        with self._lock:
+            if self.dead is not None:
+                return
+            self.dead = mode
+            self._alive.clear()
+            if for_s is not None:
+                self._revive_timer = threading.Timer(float(for_s), self.revive)
+                self._revive_timer.daemon = True
+                self._revive_timer.start()
+        if mode == "refuse":
+            self.close_port()
+
+    def revive(self) -> None:
+        """Answer again after :meth:`go_dead`; hung requests are dropped, unapplied."""
+        with self._lock:
+            mode, self.dead = self.dead, None
+            timer, self._revive_timer = self._revive_timer, None
+        if timer is not None:
+            timer.cancel()
+        if mode == "refuse":
+            self.reopen_port()
+        self._alive.set()
 
     def duplicate_batches(self) -> dict[str, int]:
         """Batch ids applied more than once."""
@@ -158,16 +266,36 @@ class FakeWebhook(FakeServer):
                 "max_concurrent": self.max_concurrent,
                 "idempotency_keys": list(self.idempotency_keys),
                 "applied_batches": dict(self.applied_batches),
+                "batch_keys": dict(self.batch_keys or {}),
                 "ops": dict(self.ops),
                 "member_count": len(self._replay()),
+                "applied_unanswered": self.applied_unanswered,
+                "answers_dropped": self.answers_dropped,
+                "dead_requests": self.dead_requests,
+                "dead": self.dead,
+                "in_flight": self._concurrent,
+                "injected": dict(self.injected),
+                "pending_failures": self._failures.pending(ignore=("pass",)),
             }
             if members:
                 state["members"] = dict(self._members)
         return state
 
     def inject(self, spec: dict[str, Any]) -> None:
-        """Apply a control request: ``{"fail": {...}, "delay": {...}, "reject_keys": [...],
-        "latency_s": x}`` (the body of ``POST /_fake/inject``)."""
+        """Apply a control request (the body of ``POST /_fake/inject``), its keys in this order:
+
+        ``{"clear": true}`` (:meth:`clear_failures`), ``"revive": true``,
+        ``"fail": {"n", "status", "retry_after", "body", "after"}``,
+        ``"delay": {"n", "seconds", "after"}``,
+        ``"apply_then_fail": {"n", "status", "drop", "delay_s", "after"}``,
+        ``"reject_keys": [...]``, ``"record_batches": bool``, ``"latency_s": x``,
+        ``"seed_members": {key: fields}``,
+        ``"dead": {"mode": "hang" | "refuse", "for_s": x}``.
+        """
+        if spec.get("clear"):
+            self.clear_failures()
+        if spec.get("revive"):
+            self.revive()
         if "fail" in spec:
             fail = spec["fail"]
             self.fail_next(
@@ -175,14 +303,29 @@ class FakeWebhook(FakeServer):
                 int(fail["status"]),
                 retry_after=fail.get("retry_after"),
                 body=fail.get("body"),
+                after=int(fail.get("after", 0)),
             )
         if "delay" in spec:
-            self.delay_next(int(spec["delay"].get("n", 1)), float(spec["delay"]["seconds"]))
+            delay = spec["delay"]
+            self.delay_next(
+                int(delay.get("n", 1)), float(delay["seconds"]), after=int(delay.get("after", 0))
+            )
+        if "apply_then_fail" in spec:
+            options = dict(spec["apply_then_fail"])
+            self.apply_then_fail(int(options.pop("n", 1)), **options)
         if "reject_keys" in spec:
             with self._lock:
                 self.reject_keys = set(spec["reject_keys"])
+        if "record_batches" in spec:
+            with self._lock:
+                self.batch_keys = {} if spec["record_batches"] else None
         if "latency_s" in spec:
             self.latency_s = float(spec["latency_s"])
+        if "seed_members" in spec:
+            self.seed_members(dict(spec["seed_members"]))
+        if "dead" in spec:
+            dead = spec["dead"]
+            self.go_dead(dead.get("mode", "hang"), for_s=dead.get("for_s"))
 
     # -- handling (called on the server's threads) ------------------------------------------
 
@@ -238,8 +381,40 @@ class FakeWebhook(FakeServer):
 
     def handle_hook(self, headers: Any, body: bytes) -> Answer:
         """Check and apply one hook request; return status, body and extra headers."""
+        if self.dead is not None:
+            # Never answered: held until revived (the client times out), then dropped.
+            with self._lock:
+                self.dead_requests += 1
+            self._alive.wait()
+            with self._lock:
+                self.answers_dropped += 1
+            return DROP, b"", {}
         with self._in_flight():
-            return self._hook(self._arrive(headers.get("Idempotency-Key") or ""), headers, body)
+            action = self._arrive(headers.get("Idempotency-Key") or "")
+            if action is not None and action.kind == "pass":
+                action = None
+            if action is not None:
+                with self._lock:
+                    self.injected[action.kind] += 1
+            answer = self._hook(action, headers, body)
+            if action is not None and action.kind == "applied" and answer[0] == 200:
+                return self._fail_after_applying(action, answer)
+            return answer
+
+    def _fail_after_applying(self, action: Failure, applied: Answer) -> Answer:
+        """The answer to a request that was applied and whose client must not learn it."""
+        options = action.options
+        with self._lock:
+            self.applied_unanswered += 1
+        if options["drop"]:
+            with self._lock:
+                self.answers_dropped += 1
+            return DROP, b"", {}
+        if options["delay_s"] > 0:
+            time.sleep(options["delay_s"])
+            return applied
+        status = options["status"]
+        return status, orjson.dumps({"error": f"injected {status} after applying"}), {}
 
     def _hook(self, action: Failure | None, headers: Any, body: bytes) -> Answer:
         self.last_request = (dict(headers.items()), body)
@@ -301,6 +476,8 @@ class FakeWebhook(FakeServer):
             self.rows_rejected += len(rejected)
             self.accepted_requests += 1
             self.applied_batches[batch_id] += 1
+            if self.batch_keys is not None:
+                self.batch_keys.setdefault(batch_id, sorted({op["key"] for op in operations}))
         answer: dict[str, Any] = {"accepted": len(operations) - len(rejected)}
         if rejected:
             answer["rejected"] = rejected
@@ -439,8 +616,9 @@ class FakeWebhookProcess:
         self.stop()
 
     def stop(self) -> None:
-        """Stop the child (it writes the state file first)."""
+        """Stop the child (it writes the state file first), stopped (SIGSTOP) or not."""
         if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
             self._process.send_signal(signal.SIGTERM)
             try:
                 self._process.wait(timeout=30)
@@ -454,6 +632,28 @@ class FakeWebhookProcess:
         """``http://127.0.0.1:<port>``."""
         return self.url.rsplit("/", 1)[0]
 
+    @property
+    def pid(self) -> int:
+        """The child's process id (to SIGSTOP the whole destination, say)."""
+        assert self._process is not None, "the fake webhook process is not started"
+        return self._process.pid
+
+    def revive(self) -> None:
+        """End :meth:`FakeWebhook.go_dead` in the child (by SIGUSR1: a closed port takes no
+        control request); return once it answers control requests again."""
+        assert self._process is not None, "the fake webhook process is not started"
+        self._process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.state(members=False)["dead"] is None:
+                    return
+            except OSError:  # the port is not open again yet
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the fake webhook did not revive within 10 s")
+            time.sleep(0.05)
+
     def _call(self, path: str, payload: Any = None) -> Any:
         data = None if payload is None else orjson.dumps(payload)
         request = Request(self.base_url + path, data=data, method="GET" if data is None else "POST")
@@ -465,8 +665,15 @@ class FakeWebhookProcess:
         return self._call(CONTROL_PREFIX + "state" + ("" if members else "?members=0"))
 
     def inject(self, **spec: Any) -> None:
-        """Inject failures (:meth:`FakeWebhook.inject`), e.g. ``fail={"n": 2, "status": 503}``."""
-        self._call(CONTROL_PREFIX + "inject", spec)
+        """Inject failures (:meth:`FakeWebhook.inject`), e.g. ``fail={"n": 2, "status": 503}``.
+
+        With ``dead={"mode": "refuse"}`` the answer may never come (the port closes under
+        it); that is not an error here."""
+        try:
+            self._call(CONTROL_PREFIX + "inject", spec)
+        except OSError:
+            if spec.get("dead", {}).get("mode") != "refuse":
+                raise
 
     def reset(self) -> None:
         """Forget the child's state."""
@@ -485,13 +692,18 @@ def main(argv: list[str] | None = None) -> int:
 
     fake = FakeWebhook(args.secret, path=args.path, port=args.port, latency_s=args.latency)
     stop = threading.Event()
+    revive = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: revive.set())
     with fake:
         print(f"READY {fake.url}", flush=True)
-        # Wait in short steps: the signal handler runs between them.
-        while not stop.wait(0.2):
-            pass
+        # Wait in short steps: the signal handlers run between them.
+        while not stop.wait(0.05):
+            if revive.is_set():
+                revive.clear()
+                fake.revive()
+        fake.revive()  # hung requests let go, so the server stops promptly
     if args.state_file:
         target = Path(args.state_file)
         temporary = target.with_name(target.name + ".tmp")
