@@ -109,6 +109,10 @@ class RunRow:
     """Accepted minus unmatched over sent, where the destination reports unmatched rows."""
     evaluated_at: dt.datetime | None = None
     """When S was last built, as the run saw it (freshness)."""
+    forced: bool | None = None
+    """``--force`` overrode the guardrails for this run (governance)."""
+    audience_size: int | None = None
+    """Members of S when the run ended (for the size-change alert)."""
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> "RunRow":

@@ -116,7 +116,7 @@ def verify(runner: Any, sync: Any, *, repair: bool = False, sample: int = 5) -> 
     run_id = "verify-" + secrets.token_hex(6)
     with runner.warehouse.session() as session:
         row = runner.state.ensure_sync_row(session, sync.name)
-        state = json.loads(row["destination_state"]) if row["destination_state"] else {}
+        state = json.loads(row.destination_state) if row.destination_state else {}
     info = SyncInfo(
         name=sync.name, mode=sync.mode, run_id=run_id, identifier=sync.identifier,
         fields=tuple(m.destination_field for m in sync.mapping),
