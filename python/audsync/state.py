@@ -333,15 +333,21 @@ class StateStore:
         status_error: str | None = None,
         synced_at: dt.datetime | None = None,
         destination_state: str | None = None,
+        record_run: bool = True,
     ) -> bool:
         """Release ``lock`` and record the sync's state after its run; False when the lock
         was no longer held (nothing is written then).
 
-        A pause during the run stays: ``status`` never overwrites ``paused``.
+        A pause during the run stays: ``status`` never overwrites ``paused``. ``record_run``
+        False leaves ``last_run_id`` alone (a lock held by ``audsync verify --repair``, which
+        is no run).
         """
         sets = ["lock_run_id = null", "lock_owner = null", "lock_acquired_at = null",
-                "lock_heartbeat_at = null", f"updated_at = {self.now}", "last_run_id = ?"]
-        params: list[Any] = [lock.run_id]
+                "lock_heartbeat_at = null", f"updated_at = {self.now}"]
+        params: list[Any] = []
+        if record_run:
+            sets.append("last_run_id = ?")
+            params.append(lock.run_id)
         if status is not None:
             sets += ["status = case when status = 'paused' then status else ? end", "status_error = ?"]
             params += [status, clean_text(status_error)]

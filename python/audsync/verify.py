@@ -20,7 +20,8 @@ row with a NULL hash (and the destination's id), under the audience's own spelli
 when S has it; both keys go into ``S__candidates``. The next run then sends the truth: in
 mirror mode a key in S is added again, a key not in S is removed.
 
-Destinations whose API cannot list members (Meta, Google: hashed audiences) say so (exit 2).
+Destinations whose API cannot list members (Meta, Google: hashed audiences; a webhook without
+a ``list_url``) say so (exit 2).
 A sync in ``remove`` mode has no membership to compare (its snapshot records members removed).
 """
 
@@ -97,10 +98,12 @@ def verify(runner: Any, sync: Any, *, repair: bool = False, sample: int = 5) -> 
 
     destination = runner.destination_of(sync)
     connector_class = destination.connector
-    if not connector_class.can_list_members:
+    settings = {**destination.settings, **sync.settings}
+    refused = connector_class.listing_refused(settings)
+    if refused is not None:
         raise CannotVerify(
             f"sync {sync.name!r}: destination {sync.destination!r} ({connector_class.type})"
-            f" cannot be verified: {connector_class.cannot_list_reason}",
+            f" cannot be verified: {refused}",
             sync=sync.name,
         )
     if sync.mode == "remove":
@@ -111,7 +114,6 @@ def verify(runner: Any, sync: Any, *, repair: bool = False, sample: int = 5) -> 
         )
     register_secrets(destination.secret_values())
     tables = runner.check_ready(sync)
-    settings = {**destination.settings, **sync.settings}
     delivery = DeliverySettings.from_settings(connector_class, settings, destination=destination.name)
     run_id = "verify-" + secrets.token_hex(6)
     with runner.warehouse.session() as session:
@@ -132,16 +134,17 @@ def verify(runner: Any, sync: Any, *, repair: bool = False, sample: int = 5) -> 
         http.classify = getattr(connector, "classify", None) or http.classify
         connector.open()
         result = VerifyResult(sync.name, sync.destination)
+        lock = None
         if repair:
             with runner.warehouse.session() as session:
-                runner.state.acquire_lock(session, sync.name, run_id, lock_timeout_s())
+                lock, _ = runner.state.acquire_lock(session, sync.name, run_id, lock_timeout_s())
         try:
             with runner.warehouse.session() as session:
                 _compare(session, runner.warehouse, tables, connector, result, repair, sample)
         finally:
-            if repair:
+            if lock is not None:
                 with runner.warehouse.session() as session:
-                    runner.state.release_lock(session, sync.name, run_id)
+                    runner.state.release_lock(session, lock, record_run=False)
         connector.close(True)
         return result
     finally:

@@ -34,6 +34,14 @@ body's shape, ``Idempotency-Key`` equal to the body's ``batch_id``, and, with a 
 HMAC signature (401 and :attr:`FakeWebhook.bad_signatures` counted on a bad one). A breach of
 the contract answers 400 and is listed in :attr:`FakeWebhook.violations`.
 
+The listing of ``audsync verify`` (the ``list_url`` setting) is served on ``list_path``
+(``/hook/members`` by default): ``GET ?limit=<n>&cursor=<c>`` answers ``{"members": [{"key",
+"id"}, ...], "next": <cursor or null>}`` in key order, at most ``list_page_size`` members a page
+(and at most ``limit``); with a secret, the request must carry a good signature over
+``"<timestamp>."`` (an empty body), else 401 and ``bad_signatures``. ``listing_body`` replaces
+every listing answer's body (a malformed listing). :meth:`~FakeWebhook.drop_members` removes
+members by hand, :meth:`~FakeWebhook.seed_members` adds some (a drift for ``verify``).
+
 For an audsync run in another process, run the server as a program::
 
     python tests/fakes/webhook_server.py --port 0 --secret S --state-file state.json
@@ -63,6 +71,7 @@ from collections import Counter
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 from urllib.request import Request, urlopen
 
 import orjson
@@ -89,6 +98,8 @@ class FakeWebhook(FakeServer):
         latency_s: seconds every hook request waits before it is handled (to make
             concurrency observable).
         timestamp_tolerance_s: how old (or new) ``X-Audsync-Timestamp`` may be.
+        list_path: the path of the member listing (``None``: ``<path>/members``).
+        list_page_size: the most members a listing page holds.
     """
 
     def __init__(
@@ -99,10 +110,14 @@ class FakeWebhook(FakeServer):
         port: int = 0,
         latency_s: float = 0.0,
         timestamp_tolerance_s: float = 300.0,
+        list_path: str | None = None,
+        list_page_size: int = 100,
     ):
         super().__init__(port=port)
         self.secret = secret.encode() if secret else None
         self.path = path
+        self.list_path = list_path or path.rstrip("/") + "/members"
+        self.list_page_size = int(list_page_size)
         self.latency_s = latency_s
         self.timestamp_tolerance_s = timestamp_tolerance_s
         self.dead: str | None = None
@@ -116,6 +131,11 @@ class FakeWebhook(FakeServer):
     def url(self) -> str:
         """The hook's URL."""
         return self.base_url + self.path
+
+    @property
+    def list_url(self) -> str:
+        """The member listing's URL (the webhook's ``list_url`` setting)."""
+        return self.base_url + self.list_path
 
     # -- state ----------------------------------------------------------------------------
 
@@ -134,6 +154,10 @@ class FakeWebhook(FakeServer):
             """Operations applied (a batch applied twice counts twice)."""
             self.rows_rejected = 0
             self.bad_signatures = 0
+            self.list_requests = 0
+            """Listing requests received (``GET list_path``)."""
+            self.listing_body: bytes | None = None
+            """When set, the body of every listing answer (a malformed listing)."""
             self.request_times: list[float] = []
             """``time.monotonic()`` at each hook request's arrival."""
             self.idempotency_keys: list[str] = []
@@ -262,6 +286,7 @@ class FakeWebhook(FakeServer):
                 "rows": self.rows,
                 "rows_rejected": self.rows_rejected,
                 "bad_signatures": self.bad_signatures,
+                "list_requests": self.list_requests,
                 "violations": list(self.violations),
                 "max_concurrent": self.max_concurrent,
                 "idempotency_keys": list(self.idempotency_keys),
@@ -289,7 +314,8 @@ class FakeWebhook(FakeServer):
         ``"delay": {"n", "seconds", "after"}``,
         ``"apply_then_fail": {"n", "status", "drop", "delay_s", "after"}``,
         ``"reject_keys": [...]``, ``"record_batches": bool``, ``"latency_s": x``,
-        ``"seed_members": {key: fields}``,
+        ``"seed_members": {key: fields}``, ``"drop_members": [key, ...]``,
+        ``"list_page_size": n``, ``"listing_body": text or null``,
         ``"dead": {"mode": "hang" | "refuse", "for_s": x}``.
         """
         if spec.get("clear"):
@@ -323,6 +349,14 @@ class FakeWebhook(FakeServer):
             self.latency_s = float(spec["latency_s"])
         if "seed_members" in spec:
             self.seed_members(dict(spec["seed_members"]))
+        if "drop_members" in spec:
+            self.drop_members(list(spec["drop_members"]))
+        if "list_page_size" in spec:
+            self.list_page_size = int(spec["list_page_size"])
+        if "listing_body" in spec:
+            body = spec["listing_body"]
+            with self._lock:
+                self.listing_body = body.encode() if isinstance(body, str) else body
         if "dead" in spec:
             dead = spec["dead"]
             self.go_dead(dead.get("mode", "hang"), for_s=dead.get("for_s"))
@@ -339,7 +373,44 @@ class FakeWebhook(FakeServer):
             return self.handle_hook(headers, body)
         if method == "GET" and path == CONTROL_PREFIX + "state":
             return 200, orjson.dumps(self.snapshot(members="members=0" not in query)), {}
+        if method == "GET" and path == self.list_path:
+            return self.handle_listing(query, headers, body)
         return self._violation(f"{method} {target(path, query)}: only POST")
+
+    def handle_listing(self, query: str, headers: Any, body: bytes) -> Answer:
+        """One page of the members in key order; the cursor is the last key of the page before."""
+        with self._lock:
+            self.list_requests += 1
+        if body:
+            return self._violation("a listing request has a body")
+        if self.secret is not None:
+            problem = self._check_signature(headers, b"")
+            if problem is not None:
+                with self._lock:
+                    self.bad_signatures += 1
+                return 401, orjson.dumps({"error": problem}), {}
+        params = parse_qs(query, keep_blank_values=True)
+        try:
+            limit = int(params.get("limit", [str(self.list_page_size)])[0])
+        except ValueError:
+            return self._violation(f"listing limit {params.get('limit')!r} is not a number")
+        if limit < 1:
+            return self._violation(f"listing limit {limit} is not positive")
+        cursor = params.get("cursor", [None])[0]
+        with self._lock:
+            if self.listing_body is not None:
+                return 200, self.listing_body, {}
+            keys = sorted(self._replay())
+        if cursor is not None:
+            keys = [k for k in keys if k > cursor]
+        size = min(limit, self.list_page_size)
+        page = keys[:size]
+        more = len(keys) > size
+        answer = {
+            "members": [{"key": k, "id": "wh-" + hashlib.sha256(k.encode()).hexdigest()[:12]} for k in page],
+            "next": page[-1] if more else None,
+        }
+        return 200, orjson.dumps(answer), {}
 
     def _control(self, path: str, body: bytes) -> Answer:
         if path == CONTROL_PREFIX + "inject":
@@ -494,6 +565,13 @@ class FakeWebhook(FakeServer):
         with self._lock:
             self._replay().update(members)
 
+    def drop_members(self, keys: list[str]) -> None:
+        """Remove members by hand, as someone would in the receiving system (a drift)."""
+        with self._lock:
+            members = self._replay()
+            for key in keys:
+                members.pop(key, None)
+
     def _replay(self) -> dict[str, Any]:
         members = self._members
         for body, rejected in self._pending:
@@ -580,6 +658,7 @@ class FakeWebhookProcess:
         secret: the signing secret, or ``None``.
         state_file: where the child writes its state when it stops.
         latency_s: as for :class:`FakeWebhook`.
+        list_page_size: as for :class:`FakeWebhook` (the listing is on ``<url>/members``).
     """
 
     def __init__(
@@ -588,10 +667,12 @@ class FakeWebhookProcess:
         *,
         state_file: str | os.PathLike[str] | None = None,
         latency_s: float = 0.0,
+        list_page_size: int = 100,
     ):
         self.secret = secret
         self.state_file = Path(state_file) if state_file else None
         self.latency_s = latency_s
+        self.list_page_size = list_page_size
         self.url = ""
         self._process: subprocess.Popen[str] | None = None
 
@@ -603,6 +684,7 @@ class FakeWebhookProcess:
             command += ["--state-file", str(self.state_file)]
         if self.latency_s:
             command += ["--latency", str(self.latency_s)]
+        command += ["--list-page-size", str(self.list_page_size)]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert self._process.stdout is not None
         line = self._process.stdout.readline().strip()
@@ -631,6 +713,11 @@ class FakeWebhookProcess:
     def base_url(self) -> str:
         """``http://127.0.0.1:<port>``."""
         return self.url.rsplit("/", 1)[0]
+
+    @property
+    def list_url(self) -> str:
+        """The member listing's URL (the webhook's ``list_url`` setting)."""
+        return self.url.rstrip("/") + "/members"
 
     @property
     def pid(self) -> int:
@@ -688,9 +775,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="/hook")
     parser.add_argument("--state-file", default=None)
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--list-page-size", type=int, default=100)
     args = parser.parse_args(argv)
 
-    fake = FakeWebhook(args.secret, path=args.path, port=args.port, latency_s=args.latency)
+    fake = FakeWebhook(
+        args.secret, path=args.path, port=args.port, latency_s=args.latency,
+        list_page_size=args.list_page_size,
+    )
     stop = threading.Event()
     revive = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

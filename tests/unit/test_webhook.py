@@ -282,3 +282,84 @@ def test_the_engine_fails_an_unreadable_batch_as_retryable_never_accepted(fake):
             on_result=lambda n, batch, result: results.append(result))
     [result] = results
     assert [(r.error_code, r.retryable) for r in result.rejected] == [("unexpected_answer", True)] * 3
+
+
+# -- the member listing (audsync verify) ---------------------------------------------------
+
+
+def test_the_listing_pages_by_cursor_signed(fake, monkeypatch):
+    from audsync.destinations import webhook
+
+    fake.list_page_size = 2
+    monkeypatch.setattr(webhook, "LIST_PAGE", 3)  # the fake's page size (2) is the smaller
+    hook = connector(fake.url, list_url=fake.list_url)
+    assert hook.can_list_members and not hook.listed_key_casefold()
+    hook.send_batch(changes(5))
+    fake.seed_members({"  spaced@example.com ": {}})
+    pages = list(hook.list_members())
+    assert [len(p) for p in pages] == [2, 2, 2]
+    keys = [k for page in pages for k, _ in page]
+    assert keys == ["spaced@example.com"] + [f"user{i}@example.com" for i in range(1, 6)]
+    assert all(ident and ident.startswith("wh-") for page in pages for _, ident in page)
+    assert fake.list_requests == 3 and fake.bad_signatures == 0 and fake.violations == []
+
+
+def test_the_listing_is_signed_over_an_empty_body(fake):
+    hook = connector(fake.url, secret="wrong", list_url=fake.list_url)
+    with pytest.raises(FatalDestinationError):
+        list(hook.list_members())
+    assert fake.bad_signatures == 1
+
+
+def test_a_webhook_lists_only_with_a_list_url(fake):
+    hook = connector(fake.url)
+    assert not hook.can_list_members
+    assert WebhookConnector.listing_refused({"url": fake.url}) is not None
+    assert WebhookConnector.listing_refused({"url": fake.url, "list_url": fake.list_url}) is None
+    assert "list_url" in {k.name for k in WebhookConnector.all_config_keys()}
+    with pytest.raises(FatalDestinationError, match="list_url"):
+        list(hook.list_members())
+    with pytest.raises(FatalDestinationError, match="'list_url' must be an http"):
+        connector(fake.url, list_url="ftp://x/members")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"<html>502 Bad Gateway</html>",
+        b"[]",
+        b'{"next": null}',
+        b'{"members": {}, "next": null}',
+        b'{"members": [{"id": "1"}], "next": null}',
+        b'{"members": ["a@example.com"], "next": null}',
+        b'{"members": [{"key": "a@example.com", "id": {}}], "next": null}',
+        b'{"members": [{"key": "a@example.com"}]}',
+        b'{"members": [], "next": 2}',
+    ],
+)
+def test_a_malformed_listing_is_an_error_naming_the_url(fake, body):
+    fake.listing_body = body
+    hook = connector(fake.url, list_url=fake.list_url + "?token=hidden")
+    with pytest.raises(FatalDestinationError) as raised:
+        list(hook.list_members())
+    message = str(raised.value)
+    assert f"GET {fake.list_url}" in message and "not a member listing" in message
+    assert "hidden" not in message
+
+
+def test_a_cursor_given_twice_stops_the_listing(fake):
+    fake.listing_body = b'{"members": [{"key": "a@example.com"}], "next": "same"}'
+    hook = connector(fake.url, list_url=fake.list_url)
+    with pytest.raises(FatalDestinationError, match="twice"):
+        list(hook.list_members())
+
+
+def test_the_listing_of_the_fake_in_another_process(tmp_path):
+    with FakeWebhookProcess(secret=SECRET, list_page_size=1) as process:
+        hook = connector(process.url, list_url=process.list_url)
+        hook.send_batch(changes(2))
+        process.inject(drop_members=["user1@example.com"])
+        keys = [k for page in hook.list_members() for k, _ in page]
+        assert keys == ["user2@example.com"]
+        assert process.state(members=False)["list_requests"] == 1

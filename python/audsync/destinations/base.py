@@ -178,6 +178,13 @@ class Connector:
     (``audsync verify``); ad platforms (Meta, Google) cannot."""
     cannot_list_reason: ClassVar[str] = "its API cannot list a list's members"
 
+    @classmethod
+    def listing_refused(cls, settings: Mapping[str, Any]) -> str | None:
+        """Why a destination of this type with ``settings`` (the sync's ``config`` over the
+        destination's) cannot list its members, or ``None`` when it can. By default the type
+        decides (:attr:`can_list_members`); a webhook lists only with a ``list_url``."""
+        return None if cls.can_list_members else cls.cannot_list_reason
+
     def __init__(self, name: str, settings: Mapping[str, Any], sync: SyncInfo, http: Any):
         self.name = name
         self.settings = dict(settings)

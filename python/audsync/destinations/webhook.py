@@ -9,6 +9,12 @@ with ``Idempotency-Key: <batch_id>`` and, when a ``secret`` is set, ``X-Audsync-
 ``X-Audsync-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>.<raw body>">``. A 2xx accepts
 every operation but those its JSON body lists under ``rejected``; a 2xx that is not such an
 answer (:func:`rejected_in`) is retried like a 5xx and never counts as a success.
+
+With ``list_url`` set, the webhook can list its members (``audsync verify``): ``GET list_url``
+with ``limit=<n>`` (and ``cursor=<next>`` after the first page) in the query, the extra
+headers, and with a secret the same two signature headers over ``"<timestamp>."`` (the body is
+empty). The answer is ``{"members": [{"key": "...", "id": "..." or absent}, ...], "next":
+"<cursor>" or null}`` (:func:`listing_in`); any other is an error naming the URL.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import datetime as _dt
 import hashlib
 import hmac
 import time
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -35,6 +41,8 @@ from audsync.destinations.base import (
 SIGNATURE_HEADER = "X-Audsync-Signature"
 TIMESTAMP_HEADER = "X-Audsync-Timestamp"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+LIST_PAGE = 500
+"""Members asked for a listing page (the ``limit`` query parameter)."""
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -115,6 +123,11 @@ class WebhookConnector(Connector):
             "extra request headers, a mapping (an Authorization header, say); masked as secrets",
             secret=True,
         ),
+        ConfigKey(
+            "list_url",
+            "a URL that lists the members (GET, paged by cursor, signed like the POSTs):"
+            " lets audsync verify read the webhook back",
+        ),
     )
     # 10,000 operations of a typical 100 to 200 bytes make a 1 to 2 MB body: under the body
     # limits of the gateways that commonly front a webhook (API Gateway 10 MB, Lambda 6 MB,
@@ -125,6 +138,19 @@ class WebhookConnector(Connector):
     # without overrunning it; up to 32 for one that scales out.
     max_concurrency: ClassVar[int] = 32
     default_concurrency: ClassVar[int] = 4
+    cannot_list_reason: ClassVar[str] = (
+        "no 'list_url' is set (the webhook's listing URL, which audsync verify reads back)"
+    )
+
+    @classmethod
+    def listing_refused(cls, settings: Mapping[str, Any]) -> str | None:
+        """A webhook lists its members only when it offers a listing URL (``list_url``)."""
+        return None if settings.get("list_url") else cls.cannot_list_reason
+
+    @property
+    def can_list_members(self) -> bool:  # type: ignore[override]
+        """Whether this webhook has a ``list_url``."""
+        return self._list_url is not None
 
     def __init__(self, name: str, settings: Mapping[str, Any], sync: Any, http: Any):
         super().__init__(name, settings, sync, http)
@@ -137,18 +163,20 @@ class WebhookConnector(Connector):
                 f" values, got a {type(headers).__name__}"
             )
         self._headers = {str(k): str(v) for k, v in headers.items()}
-        self._url = self._target_url()
+        self._url = self._target_url("url")
+        self._list_url = self._target_url("list_url") if self.setting("list_url") else None
 
     # -- configuration --------------------------------------------------------------------
 
-    def _target_url(self) -> str:
-        """``url``, on ``base_url``'s scheme and host when that is set (a proxy, a fake)."""
-        url = str(self.setting("url") or "")
+    def _target_url(self, key: str) -> str:
+        """Setting ``key`` (``url``, ``list_url``), on ``base_url``'s scheme and host when that
+        is set (a proxy, a fake)."""
+        url = str(self.setting(key) or "")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             # Shown without its query string, which may carry a token.
             raise FatalDestinationError(
-                f"destination {self.name!r}: key 'url' must be an http(s) URL,"
+                f"destination {self.name!r}: key {key!r} must be an http(s) URL,"
                 f" got {strip_query(url)!r}"
             )
         base = self.settings.get("base_url")
@@ -219,6 +247,50 @@ class WebhookConnector(Connector):
         )
         return BatchResult(rejected=invalid + (answered[0] if answered else []))
 
+    # -- reading the membership back (audsync verify) ---------------------------------------
+
+    def list_members(self) -> Iterator[list[tuple[str, str | None]]]:
+        """Pages of ``GET list_url`` as (key, id), following ``next`` as ``cursor``."""
+        if self._list_url is None:
+            raise FatalDestinationError(
+                f"destination {self.name!r}: {self.cannot_list_reason}"
+            )
+        url = self._list_url
+        cursor: str | None = None
+        seen: set[str] = set()
+        while True:
+            params = {"limit": str(LIST_PAGE)}
+            if cursor is not None:
+                params["cursor"] = cursor
+            response = self.http.request(
+                "GET",
+                url,
+                params=params,
+                headers=self._headers,
+                sign=(lambda _body: self._sign(b"")) if self._secret else None,
+            )
+            parsed = listing_in(response.content)
+            if isinstance(parsed, str):
+                raise FatalDestinationError(
+                    f"destination {self.name!r}: the answer of GET {strip_query(url)} is not a"
+                    f" member listing ({LISTING_RULES}): {parsed}"
+                )
+            page, cursor = parsed
+            if page:
+                yield page
+            if cursor is None:
+                return
+            if cursor in seen:
+                raise FatalDestinationError(
+                    f"destination {self.name!r}: GET {strip_query(url)} gave the cursor"
+                    f" {cursor[:100]!r} twice (the listing would never end)"
+                )
+            seen.add(cursor)
+
+    def listed_key_casefold(self) -> bool:
+        """Keys are compared as the audience gives them (trimmed), not lowercased."""
+        return False
+
     def _sign(self, body: bytes) -> dict[str, str]:
         """Signature headers with a fresh timestamp, computed again for each attempt."""
         assert self._secret is not None
@@ -275,3 +347,49 @@ def rejected_in(content: bytes | None, batch: Sequence[Change]) -> list[RowError
         # A key listed twice fails once.
         rejected.setdefault(key, RowError(key, ops[key], "rejected", message[:500]))
     return list(rejected.values())
+
+
+LISTING_RULES = (
+    "a JSON object {\"members\": [{\"key\": <text>, \"id\": <text, optional>}, ...],"
+    " \"next\": <a cursor or null>}"
+)
+"""What an answer of ``list_url`` must be, in words for errors."""
+
+
+def listing_in(content: bytes | None) -> tuple[list[tuple[str, str | None]], str | None] | str:
+    """The members (key trimmed, id or ``None``) and the next cursor of a listing answer, or
+    why it is not one (a string).
+
+    Nothing is guessed: an empty body, a body that is not a JSON object, ``members`` missing or
+    not a list, an entry without a string ``key``, an ``id`` that is not text (or a number), or
+    a ``next`` that is neither text nor null is refused whole, never read as an empty page.
+    """
+    if not content or not content.strip():
+        return "the body is empty"
+    try:
+        document = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return "the body is not JSON"
+    if not isinstance(document, dict):
+        return f"the body is a JSON {type(document).__name__}, not an object"
+    members = document.get("members")
+    if not isinstance(members, list):
+        return "'members' is missing or not a list"
+    page: list[tuple[str, str | None]] = []
+    for position, item in enumerate(members):
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+            return f"member {position} has no string 'key'"
+        ident = item.get("id")
+        if ident is not None and (
+            isinstance(ident, bool) or not isinstance(ident, (str, int))
+        ):
+            return f"member {position} has an 'id' that is not text"
+        key = item["key"].strip()
+        if key:
+            page.append((key, None if ident in (None, "") else str(ident)))
+    if "next" not in document:
+        return "'next' is missing (null on the last page)"
+    cursor = document["next"]
+    if cursor is not None and not isinstance(cursor, str):
+        return f"'next' is a {type(cursor).__name__}, not a string or null"
+    return page, (cursor or None)
