@@ -32,6 +32,7 @@ import yaml
 from tests.fakes.webhook_server import FakeWebhook
 from tests.support.dbt_project import REPO_ROOT, DbtProject
 from tests.support.service import ServiceProcess
+from tests.support.syncs import valid_members
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +86,6 @@ def service(shop, hook, tmp_path_factory):
     with ServiceProcess(shop, "--workspaces", str(workspaces), "--no-scheduler", "--workers", "1",
                         env=env) as running:
         yield running
-    assert running.process.returncode == 0, running.log[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def _assert_not_blank(path: Path) -> None:
 
     with Image.open(path) as image:
         grey = image.convert("L").resize((160, 120))
-        pixels = list(grey.getdata())
+        pixels = list(grey.tobytes())
     spread = statistics.pstdev(pixels)
     distinct = len(set(pixels))
     assert spread > 8 and distinct > 20, f"{path} looks blank (stdev {spread:.1f}, {distinct} grey levels)"
@@ -234,6 +234,12 @@ def test_a_wrong_token_is_refused(service, browser, shots):
     assert "not known" in alert[0].text
     assert "/signin" in browser.current_url
     assert "audsync_session" not in _session_cookie(browser)
+    with requests.Session() as client:
+        form = client.get(service.base_url + "/signin", timeout=30).text
+        csrf = form.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        answer = client.post(service.base_url + "/signin", data={"csrf": csrf, "token": TOKEN_A[:-1]}, timeout=30,
+                             allow_redirects=False)
+        assert answer.status_code == 401 and "audsync_session" not in answer.cookies
     # The API's rule for pages too: without a session, a page is a redirect to sign-in.
     answer = requests.get(_sync_page(service), allow_redirects=False, timeout=30)
     assert answer.status_code == 303 and answer.headers["location"].startswith("/signin?next=")
@@ -336,8 +342,8 @@ def test_pause_and_resume(service, browser, shots):
 def test_row_errors_of_a_run_with_rejections_download_as_csv(service, browser, hook, shop, downloads, shots):
     # Day 2 of the shop: new high-value customers enter; the destination rejects two of them.
     shop.dbt("run", "--vars", '{as_of_date: "2026-10-12"}', "--select", "customer_stats", "high_value_customers")
-    audience = {r[0] for r in shop.query(f"select email from {shop.relation('high_value_customers')}") if r[0]}
-    entering = sorted(audience - set(hook.snapshot()["members"]))
+    audience = valid_members(shop.query(f"select email from {shop.relation('high_value_customers')}"))
+    entering = sorted(set(audience) - set(hook.snapshot()["members"]))
     assert len(entering) >= 3, entering
     rejected = entering[:2]
     hook.reject_keys = set(rejected)
@@ -362,20 +368,21 @@ def test_row_errors_of_a_run_with_rejections_download_as_csv(service, browser, h
     assert {(r["op"], r["error_code"], r["retryable"]) for r in rows} == {("add", "rejected", "False")}
     assert csv_file.name == f"{WEBHOOK_SYNC}__{run['run_id']}__row_errors.csv"
 
+    if os.environ.get("AUDSYNC_README_SCREENSHOT") == "1":
+        # The README's picture: the sync page with a run that had rejections.
+        browser.get(_sync_page(service))
+        _wait(browser, lambda d: _css(d, "time.local"), "local times")
+        README_SHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_shot(browser, shots, "readme-sync-detail", full_page=True), README_SHOT)
+        browser.set_window_size(1280, 900)
+        browser.get(_sync_page(service))
+
     # Accepted at last: the next run sends the two again, and the last run has no errors.
     hook.reject_keys = set()
     browser.find_element(_by("id"), "btn-trigger").click()
     third = _wait_run_ended(browser, 3)
     assert third["status"] == "success" and third["added"] == 2 and set(rejected) <= set(hook.snapshot()["members"])
     assert len(_css(browser, "svg.chart circle.dot")) == 3
-    if os.environ.get("AUDSYNC_README_SCREENSHOT") == "1":
-        # The README's picture: the page of the second run's errors is more telling.
-        hook.reject_keys = set()
-        browser.get(_sync_page(service))
-        _wait(browser, lambda d: _css(d, "time.local"), "local times")
-        README_SHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(_shot(browser, shots, "readme-sync-detail", full_page=True), README_SHOT)
-        browser.set_window_size(1280, 900)
     browser.get(f"{service.base_url}/w/{WS_A}/syncs/{_sync_id(WS_A, WEBHOOK_SYNC)}/runs/{run['run_id']}")
     text = _text(browser)
     assert "2 rows rejected" in text and all(k in text for k in rejected)

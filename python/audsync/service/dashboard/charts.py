@@ -39,7 +39,8 @@ def _nice_max(value: float) -> int:
     return 40 * step
 
 
-def _frame(top: int, title: str, summary: str, body: list[str], n: int, labels: list[str]) -> Markup:
+def _frame(top: int, title: str, summary: str, body: list[str], n: int, labels: list[str],
+           whens: list[str]) -> Markup:
     inner_h = HEIGHT - PAD_TOP - PAD_BOTTOM
     parts = [
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" preserveAspectRatio="xMidYMid meet" '
@@ -52,11 +53,12 @@ def _frame(top: int, title: str, summary: str, body: list[str], n: int, labels: 
         parts.append(f'<line class="grid" x1="{PAD_LEFT}" x2="{WIDTH - PAD_RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
         parts.append(f'<text class="axis" x="{PAD_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_short(value)}</text>')
     parts.extend(body)
-    if n:  # first and last run's dates under the axis
-        parts.append(f'<text class="axis" x="{PAD_LEFT}" y="{HEIGHT - 8}">{escape(labels[0])}</text>')
+    if n:  # first and last run's dates under the axis (the page's script shows them local)
+        parts.append(f'<text class="axis" x="{PAD_LEFT}" y="{HEIGHT - 8}" data-datetime="{escape(whens[0])}">'
+                     f"{escape(labels[0])}</text>")
         if n > 1:
-            parts.append(f'<text class="axis" x="{WIDTH - PAD_RIGHT}" y="{HEIGHT - 8}" text-anchor="end">'
-                         f"{escape(labels[-1])}</text>")
+            parts.append(f'<text class="axis" x="{WIDTH - PAD_RIGHT}" y="{HEIGHT - 8}" text-anchor="end" '
+                         f'data-datetime="{escape(whens[-1])}">{escape(labels[-1])}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
 
@@ -90,7 +92,7 @@ def line_chart(points: list[Point], key: str, title: str) -> Markup:
                     f"{p.values[key]:,} members</title></circle>")
     latest = f"{known[-1].values[key]:,} members after the latest run" if known else "no runs yet"
     summary = f"{title}: {n} run(s); {latest}"
-    return _frame(top, title, summary, body, n, [p.label for p in known])
+    return _frame(top, title, summary, body, n, [p.label for p in known], [p.when for p in known])
 
 
 SERIES = (("rows_added", "added"), ("rows_removed", "removed"), ("rows_updated", "updated"))
@@ -115,4 +117,4 @@ def bar_chart(points: list[Point], title: str) -> Markup:
                         f'width="{bar:.1f}" height="{max(h, 0):.1f}"><title>{escape(p.label)}: {numbers}</title></rect>')
     totals = {word: sum(p.values.get(k) or 0 for p in points) for k, word in SERIES}
     summary = f"{title}: {n} run(s); in all " + ", ".join(f"{v:,} {w}" for w, v in totals.items())
-    return _frame(top, title, summary, body, n, [p.label for p in points])
+    return _frame(top, title, summary, body, n, [p.label for p in points], [p.when for p in points])

@@ -27,6 +27,11 @@
       el.textContent = format(d);
       el.classList.add("local");
     }
+    var labels = root.querySelectorAll("svg [data-datetime]");  // chart axes
+    for (var j = 0; j < labels.length; j++) {
+      var t = new Date(labels[j].getAttribute("data-datetime"));
+      if (!isNaN(t.getTime())) labels[j].textContent = format(t);
+    }
   }
 
   function guardForms(root) {
