@@ -107,19 +107,41 @@ def list_syncs(app: App, fmt: str):
     from .output import print_json, print_table
 
     statuses = _sync_rows(app, quiet=True)
+    starts = _slot_starts(app)
     rows = []
     for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
         state = statuses.get(sync.name, {})
         rows.append({
             "sync": sync.name, "mode": sync.mode, "destination": sync.destination,
             "schedule": sync.schedule, "status": state.get("status") or "never run",
-            "last_synced_at": state.get("last_synced_at"), "description": sync.description,
+            "last_synced_at": state.get("last_synced_at"), "evaluated_at": state.get("evaluated_at"),
+            "next_run_at": _next_run(sync, state, starts), "description": sync.description,
         })
     if fmt == "json":
         print_json(rows)
     else:
-        print_table(["sync", "mode", "destination", "schedule", "status", "last synced"],
-                    [[r["sync"], r["mode"], r["destination"], r["schedule"], r["status"], r["last_synced_at"]] for r in rows])
+        print_table(["sync", "mode", "destination", "schedule", "status", "last synced", "evaluated", "next run"],
+                    [[r["sync"], r["mode"], r["destination"], r["schedule"], r["status"], r["last_synced_at"],
+                      r["evaluated_at"], r["next_run_at"]] for r in rows])
+
+
+def _slot_starts(app: App) -> dict:
+    """When each sync last took a schedule slot (empty before the state tables exist)."""
+    from .schedule import last_slot_starts
+
+    runner = app.state_runner()
+    with app.warehouse.session() as session:
+        if runner.state.missing_tables(session):
+            return {}
+        return last_slot_starts(session, runner.state)
+
+
+def _next_run(sync, state: dict, starts: dict):
+    """When the schedule next runs ``sync`` (naive UTC, as the state tables' times), or None."""
+    from .schedule import next_run_at
+
+    moment = next_run_at(sync.schedule, state.get("status"), starts.get(sync.name), dt.datetime.now(dt.timezone.utc))
+    return moment.replace(tzinfo=None, microsecond=0) if moment else None
 
 
 @cli.command()
@@ -132,20 +154,23 @@ def status(app: App, sync_name: str | None, fmt: str):
 
     syncs = [app.project.get(sync_name)] if sync_name else sorted(app.project.syncs.values(), key=lambda s: s.name)
     states = _sync_rows(app)
+    starts = _slot_starts(app) if states else {}
     rows = []
     for sync in syncs:
         state = states.get(sync.name, {})
         rows.append({
             "sync": sync.name, "status": state.get("status") or "never run",
             "status_error": state.get("status_error"), "last_synced_at": state.get("last_synced_at"),
+            "evaluated_at": state.get("evaluated_at"), "next_run_at": _next_run(sync, state, starts),
             "last_run_id": state.get("last_run_id"), "locked_by": state.get("lock_run_id"),
             "heartbeat_at": state.get("lock_heartbeat_at"),
         })
     if fmt == "json":
         print_json(rows)
     else:
-        print_table(["sync", "status", "last synced", "last run", "locked by", "error"],
-                    [[r["sync"], r["status"], r["last_synced_at"], r["last_run_id"], r["locked_by"], r["status_error"]] for r in rows])
+        print_table(["sync", "status", "last synced", "evaluated", "next run", "last run", "locked by", "error"],
+                    [[r["sync"], r["status"], r["last_synced_at"], r["evaluated_at"], r["next_run_at"],
+                      r["last_run_id"], r["locked_by"], r["status_error"]] for r in rows])
 
 
 def _sync_rows(app: App, quiet: bool = False) -> dict[str, dict[str, Any]]:
@@ -255,11 +280,34 @@ def check(app: App):
         problems.append(error.message)
     except Exception as error:  # noqa: BLE001 - the warehouse is unreachable: a problem to name
         problems.append(f"warehouse: {type(error).__name__}: {error}")
+    for warning in _rebuild_warnings(app):
+        click.echo(f"  warning: {warning}", err=True)
     if problems:
         for problem in dict.fromkeys(problems):
             click.echo(f"  - {problem}", err=True)
         raise _config_error(f"{len(set(problems))} problem(s) found")
     click.echo(f"OK: {len(project.syncs)} sync(s), {len(destinations)} destination(s), {app.warehouse.describe()}")
+
+
+def _rebuild_warnings(app: App) -> list[str]:
+    """Syncs whose schedule fires more often than their audience has been rebuilt (api.md)."""
+    from .errors import AudsyncError
+    from .schedule import rebuild_warning
+
+    warnings = []
+    try:
+        runner = app.state_runner()
+        with app.warehouse.session() as session:
+            if runner.state.missing_tables(session):
+                return []
+            for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
+                runs = [r for r in runner.state.runs_of(session, sync.name, 10) if r["status"] != "queued"]
+                warning = rebuild_warning(sync.schedule, runs)
+                if warning:
+                    warnings.append(f"sync {sync.name!r} ({sync.path}): {warning}")
+    except AudsyncError:
+        return warnings
+    return warnings
 
 
 @cli.command()
@@ -374,7 +422,8 @@ def run(app: App, sync_names: tuple[str, ...], selector: str | None, due: bool, 
     trigger = "schedule" if due else "manual"
     for sync in syncs:
         try:
-            results.append(runner.run(sync, trigger=trigger, full_resync=full_resync))
+            skipped = _skip_unevaluated(app, runner, sync) if due and not full_resync else None
+            results.append(skipped or runner.run(sync, trigger=trigger, full_resync=full_resync))
         except AudsyncError as error:
             if len(syncs) == 1:
                 raise
@@ -399,29 +448,36 @@ def _worst(codes: list[int]) -> int:
 
 
 def _due_syncs(app: App):
-    from .schedule import parse_schedule
+    """The syncs whose schedule is due: the one rule the service's scheduler uses too."""
+    from .schedule import CLI_TOLERANCE, due_syncs, last_slot_starts
 
     runner = app.state_runner()
     with app.warehouse.session() as session:
         if runner.state.missing_tables(session):
             raise _config_error("audsync's state tables are not built yet: run `dbt run` first")
-        last = runner.state.last_started(session)
+        starts = last_slot_starts(session, runner.state)
         states = runner.state.all_sync_rows(session)
     now = dt.datetime.now(dt.timezone.utc)
-    due = []
-    for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
-        try:
-            schedule = parse_schedule(sync.schedule)
-        except ValueError as error:
-            raise _config_error(f"sync {sync.name!r}: schedule: {error}") from None
-        if (states.get(sync.name) or {}).get("status") == "paused":
-            continue
-        started = last.get(sync.name)
-        started = started.replace(tzinfo=dt.timezone.utc) if started else None
-        # An orchestrator that calls every 15 minutes reaches a 15m sync a little early.
-        if schedule.is_due(started, now, tolerance=dt.timedelta(minutes=1)):
-            due.append(sync)
-    return due
+    try:
+        return due_syncs(app.project.syncs.values(), states, starts, now, tolerance=CLI_TOLERANCE)
+    except ValueError as error:
+        raise _config_error(str(error)) from None
+
+
+def _skip_unevaluated(app: App, runner, sync):
+    """For ``--due``: a skipped run's result when the audience was not rebuilt since the last
+    successful run and nothing is left to retry (freshness, api.md), else ``None``."""
+    from .runner import RunResult
+    from .schedule import freshness_skip_reason, record_skip
+
+    tables = runner.check_ready(sync)
+    with app.warehouse.session() as session:
+        reason = freshness_skip_reason(session, runner.state, tables, sync.name)
+        if not reason:
+            return None
+        run_id = record_skip(session, runner.state, sync, reason)
+    return RunResult(run_id, sync.name, "skipped", error_message=f"sync {sync.name!r}: {reason}; skipped",
+                     destination=sync.destination, mode=sync.mode)
 
 
 # -- the service (api.md) -------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -78,5 +79,9 @@ def serve(registry: Registry, *, host: str, port: int, workers: int, scheduler: 
     config = uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on",
                             timeout_graceful_shutdown=max(1, int(drain_s) + 5), server_header=False)
     server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM itself (a graceful stop, our shutdown drains the runs), then
+    # raises the signal again against the handler that was there before it: let that one be
+    # a no-op, so that a drained service exits 0 as api.md says.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     return 0 if server.started else 1

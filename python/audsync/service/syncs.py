@@ -114,7 +114,6 @@ class _View:
     def obj(self, sync) -> dict[str, Any]:
         ws, project = self.ws, self.project
         node = project.manifest["nodes"].get(sync.unique_id, {})
-        meta = ((node.get("config") or {}).get("meta") or {}).get("audsync") or {}
         state = self.states.get(sync.name) or {}
         audience = _audience_of(project, node)
         status = state.get("status") or "active"
@@ -125,8 +124,8 @@ class _View:
             "workspace_id": ws.id,
             "audience_id": stable_id("audience", ws.id, audience) if audience else None,
             "destination_id": stable_id("destination", ws.id, sync.destination) if sync.destination else None,
-            "name": state.get("display_name") or meta.get("name") or sync.name,
-            "description": meta.get("description") or sync.description or "",
+            "name": state.get("display_name") or sync.name,
+            "description": sync.description or "",
             "field_mapping": [{"source_column": m.source_column, "destination_field": m.destination_field}
                               for m in sync.mapping],
             "sync_mode": sync.mode,
@@ -278,50 +277,70 @@ def _validated(ws: Workspace, project, spec: dict[str, Any]) -> dict[str, Any]:
     description = spec.get("description") or ""
     if not isinstance(description, str):
         raise Invalid(f"description {description!r}: expected a text", field="description")
+    if re.search(r"\{[{%#]|[}%#]\}", description):
+        # dbt renders descriptions as Jinja: markup in one would run at every parse.
+        raise Invalid(f"description {description[:80]!r}: Jinja markup ({{{{ }}}}, {{% %}}, {{# #}}) is not "
+                      "allowed in a description", field="description")
     return {"name": name.strip(), "description": description, "audience": audience["name"],
             "destination": destination, "mode": mode, "schedule": schedule, "mapping": cleaned,
             "identifier": by_lower[identifier.lower()], "config": config}
 
 
-def _literal(value: Any) -> str:
-    """``value`` as a Jinja literal that cannot close the template: every character of a text
-    outside ``[A-Za-z0-9 _.-]`` is written as a ``\\uXXXX`` escape."""
+# Characters a text may not hold in a model file: quotes and backslashes would end or escape
+# the literal (and dbt's static parser does not read Jinja's escapes), braces, `%` and `#`
+# would open Jinja markup. Everything else is written as is.
+UNSAFE = re.compile(r"['\\{}%#\x00-\x1f\x7f]")
+
+
+def _literal(value: Any, field: str) -> str:
+    """``value`` as a Jinja literal for the model file; Invalid naming ``field`` for a text
+    that could not be written safely."""
     if value is None:
         return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise Invalid(f"{field} {value!r}: expected a finite number", field=field)
         return repr(value)
     if isinstance(value, str):
-        return "'" + "".join(c if re.match(r"[A-Za-z0-9 _.\-]", c) else f"\\u{ord(c):04x}" if ord(c) < 0x10000
-                             else f"\\U{ord(c):08x}" for c in value) + "'"
+        if UNSAFE.search(value):
+            raise Invalid(f"{field} {value!r}: quotes, backslashes, braces, '%', '#' and control characters "
+                          "cannot be written into a model file", field=field)
+        return f"'{value}'"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_literal(v) for v in value) + "]"
+        return "[" + ", ".join(_literal(v, f"{field}[{i}]") for i, v in enumerate(value)) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_literal(str(k))}: {_literal(v)}" for k, v in value.items()) + "}"
-    raise Invalid(f"config value {value!r}: expected text, numbers, booleans, lists or objects", field="config")
+        return "{" + ", ".join(f"{_literal(str(k), field)}: {_literal(v, f'{field}.{k}')}" for k, v in value.items()) + "}"
+    raise Invalid(f"{field} {value!r}: expected text, numbers, booleans, lists or objects", field=field)
 
 
 def render_model(spec: dict[str, Any]) -> str:
-    """The model file of a managed sync."""
-    mapping = ",\n".join(f"        {{'source_column': {_literal(m['source_column'])}, "
-                         f"'destination_field': {_literal(m['destination_field'])}}}" for m in spec["mapping"])
+    """The model file of a managed sync (its description goes in :func:`render_properties`)."""
+    mapping = ",\n".join(
+        f"        {{'source_column': {_literal(m['source_column'], f'field_mapping[{i}].source_column')}, "
+        f"'destination_field': {_literal(m['destination_field'], f'field_mapping[{i}].destination_field')}}}"
+        for i, m in enumerate(spec["mapping"]))
     columns = ", ".join(dict.fromkeys(m["source_column"] for m in spec["mapping"]))
     return (
         f"{MARKER}\n"
         "{{ config(\n"
         "    materialized  = 'audience_sync',\n"
-        f"    destination   = {_literal(spec['destination'])},\n"
-        f"    sync_mode     = {_literal(spec['mode'])},\n"
-        f"    identifier    = {_literal(spec['identifier'])},\n"
+        f"    destination   = {_literal(spec['destination'], 'destination_id')},\n"
+        f"    sync_mode     = {_literal(spec['mode'], 'sync_mode')},\n"
+        f"    identifier    = {_literal(spec['identifier'], 'identifier')},\n"
         f"    field_mapping = [\n{mapping},\n    ],\n"
-        f"    schedule      = {_literal(spec['schedule'])},\n"
-        f"    config        = {_literal(spec['config'])},\n"
-        f"    meta          = {{'audsync': {{'name': {_literal(spec['name'])}, "
-        f"'description': {_literal(spec['description'])}}}}},\n"
+        f"    schedule      = {_literal(spec['schedule'], 'schedule')},\n"
+        f"    config        = {_literal(spec['config'], 'config')},\n"
         ") }}\n"
-        f"select {columns} from {{{{ ref({_literal(spec['audience'])}) }}}}\n"
+        f"select {columns} from {{{{ ref({_literal(spec['audience'], 'audience_id')}) }}}}\n"
     )
+
+
+def render_properties(slug: str, spec: dict[str, Any]) -> str:
+    """The model's properties file: its description (any text, YAML-encoded)."""
+    document = {"version": 2, "models": [{"name": slug, "description": spec["description"]}]}
+    return f"# {MARKER[3:]}\n" + yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
 
 
 def _models_dir(project) -> Path:
@@ -362,19 +381,21 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def _parse_or_restore(ws: Workspace, path: Path, previous: str | None, slug: str):
-    """Parse the project with the new file; on failure put back ``previous`` (or remove the
-    file), parse again, and answer 422 with dbt's reason."""
+def _parse_or_restore(ws: Workspace, path: Path, previous: str | None, slug: str,
+                      properties: Path, previous_properties: str | None = None):
+    """Parse the project with the new files; on failure put back the previous ones (or remove
+    them), parse again, and answer 422 with dbt's reason."""
     try:
         project = ws.reload()
         if slug not in project.syncs:
             raise ConfigError(f"dbt did not find the sync model {slug!r} after parsing")
         return project
     except AudsyncError as error:
-        if previous is None:
-            path.unlink(missing_ok=True)
-        else:
-            atomic_write(path, previous)
+        for file, text in ((path, previous), (properties, previous_properties)):
+            if text is None:
+                file.unlink(missing_ok=True)
+            else:
+                atomic_write(file, text)
         try:
             ws.reload()
         except AudsyncError:
@@ -394,8 +415,11 @@ def create_sync(ws: Workspace, body: dict[str, Any], created_by: str) -> dict[st
         folder = _models_dir(project)
         slug = _unique_slug(project, folder, spec["name"])
         path = folder / f"{slug}.sql"
-        atomic_write(path, render_model(spec))
-        _parse_or_restore(ws, path, None, slug)
+        model_text = render_model(spec)
+        properties = path.with_suffix(".yml")
+        atomic_write(properties, render_properties(slug, spec))
+        atomic_write(path, model_text)
+        _parse_or_restore(ws, path, None, slug, properties)
         now = utcnow()
         _write_state(ws, slug, sync_id=sync_id_of(ws, slug), display_name=spec["name"], created_by=created_by,
                      created_at=now, status=status, status_error=None, updated_at=now)
@@ -438,9 +462,13 @@ def update_sync(ws: Workspace, sync_id: str, body: dict[str, Any]) -> dict[str, 
                     m.get("source_column") for m in changes["field_mapping"]} else current["identifier"]
             spec = _validated(ws, project, spec)
             path = project.project_dir / current["model_path"]
+            properties = path.with_suffix(".yml")
             previous = path.read_text()
-            atomic_write(path, render_model(spec))
-            _parse_or_restore(ws, path, previous, current["slug"])
+            previous_properties = properties.read_text() if properties.exists() else None
+            model_text = render_model(spec)
+            atomic_write(properties, render_properties(current["slug"], spec))
+            atomic_write(path, model_text)
+            _parse_or_restore(ws, path, previous, current["slug"], properties, previous_properties)
             _write_state(ws, current["slug"], display_name=spec["name"], updated_at=utcnow())
         if new_status is not None:
             values: dict[str, Any] = {"status": new_status, "updated_at": utcnow()}
@@ -487,6 +515,7 @@ def delete_sync(ws: Workspace, sync_id: str, busy_run: str | None = None) -> Non
                     raise Conflict(error.message, code="run_in_progress") from None
             path = ws.project().project_dir / current["model_path"]
             path.unlink(missing_ok=True)
+            path.with_suffix(".yml").unlink(missing_ok=True)
             with runner.warehouse.session() as session:
                 q = runner.warehouse.relation_sql
                 for part in ("adds", "removes", "updates", "changes", "invalid"):

@@ -77,7 +77,6 @@ class Workspace:
         with self._read_lock:
             current = self._project
             if current is not None:
-                manifest = current.project_dir / "target" / "manifest.json"
                 yml = yaml.safe_load((current.project_dir / "dbt_project.yml").read_text()) or {}
                 manifest = current.project_dir / yml.get("target-path", "target") / "manifest.json"
                 stale = manifest_is_stale(manifest, current.project_dir, yml, self.target)
@@ -86,22 +85,39 @@ class Workspace:
                     return current
             with DBT_LOCK:
                 project = Project.load(self.project_dir, self.profiles_dir, self.target)
-            manifest = project.project_dir / "target" / "manifest.json"
+            manifest = project.project_dir / (yaml.safe_load((project.project_dir / "dbt_project.yml").read_text())
+                                              or {}).get("target-path", "target") / "manifest.json"
             self._project = project
             self._project_key = manifest.stat().st_mtime if manifest.exists() else None
             return project
 
     def reload(self):
-        """Parse the project now (after a write), raising ConfigError when dbt refuses it."""
+        """Parse the project now (after a write), raising ConfigError when dbt refuses it.
+
+        Always parses: a deleted model file leaves every other file's time as it was, so
+        the manifest's freshness check cannot see it."""
+        from ..project import Project, default_profiles_dir, run_dbt_parse
+
         with self._read_lock:
             self._project = None
-        return self.project()
+            yml = yaml.safe_load((self.project_dir / "dbt_project.yml").read_text()) or {}
+            manifest = self.project_dir / yml.get("target-path", "target") / "manifest.json"
+            profiles = Path(self.profiles_dir).resolve() if self.profiles_dir else default_profiles_dir(self.project_dir)
+            with DBT_LOCK:
+                run_dbt_parse(self.project_dir, profiles, self.target, manifest)
+                project = Project.load(self.project_dir, self.profiles_dir, self.target)
+            self._project = project
+            self._project_key = manifest.stat().st_mtime if manifest.exists() else None
+            return project
 
     def destinations(self):
         """The destinations file, read afresh (it may change while the service runs)."""
         from ..config import find_destinations_file, load_destinations
 
-        return load_destinations(find_destinations_file(self.project().project_dir, self.destinations_file))
+        path = find_destinations_file(self.project().project_dir, self.destinations_file)
+        if not path.exists() and self.destinations_file is None:
+            return {}  # a project with no destinations yet: nothing to name, not an error
+        return load_destinations(path)
 
     def runner(self, reporter=None):
         """A new runner on its own warehouse connection (close with :meth:`close_runner`)."""
