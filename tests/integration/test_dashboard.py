@@ -285,6 +285,11 @@ def test_a_triggered_run_appears_with_what_the_destination_received(service, bro
     assert "lifetime_value" in configuration and "Customer Value" in configuration and "hourly" in configuration
 
     browser.find_element(_by("id"), "btn-trigger").click()
+    # While the run is queued or running the buttons are disabled and the page follows it.
+    busy = _wait(browser, lambda d: _css(d, "#busy"), "the run to show as queued or running", 30)
+    assert "queued or running" in busy[0].text
+    assert browser.find_element(_by("id"), "btn-trigger").get_attribute("disabled") is not None
+    assert browser.find_element(_by("id"), "btn-pause").get_attribute("disabled") is not None
     run = _wait_run_ended(browser, 1)
     held = hook.snapshot()["members"]
     assert run["status"] == "success", _text(browser)
@@ -377,12 +382,30 @@ def test_row_errors_of_a_run_with_rejections_download_as_csv(service, browser, h
         browser.set_window_size(1280, 900)
         browser.get(_sync_page(service))
 
-    # Accepted at last: the next run sends the two again, and the last run has no errors.
+    # The destination refuses the credentials: the run fails, and the sync is in error with
+    # the reason, on its page and in the list.
     hook.reject_keys = set()
+    hook.fail_next(1, 401, body="invalid signature")
     browser.find_element(_by("id"), "btn-trigger").click()
-    third = _wait_run_ended(browser, 3)
-    assert third["status"] == "success" and third["added"] == 2 and set(rejected) <= set(hook.snapshot()["members"])
-    assert len(_css(browser, "svg.chart circle.dot")) == 3
+    failed = _wait_run_ended(browser, 3)
+    assert failed["status"] == "error"
+    assert browser.find_element(_by("css"), "h1 .badge").text.lower() == "error"
+    reason = browser.find_element(_by("css"), ".notice-error").text
+    assert "The last run failed" in reason and "401" in reason, reason
+    browser.get(f"{service.base_url}/w/{WS_A}/")
+    row = next(r for r in _css(browser, "#syncs-table tbody tr") if WEBHOOK_SYNC in r.text)
+    assert row.get_attribute("data-status") == "error" and "401" in row.find_element(_by("css"), ".error-text").text
+    _shot(browser, shots, "syncs-with-error")
+
+    # Accepted at last: the next run sends the two again, the sync is active again, and the
+    # last run has no errors.
+    browser.get(_sync_page(service))
+    browser.find_element(_by("id"), "btn-trigger").click()
+    fourth = _wait_run_ended(browser, 4)
+    assert fourth["status"] == "success" and fourth["added"] == 2 and set(rejected) <= set(hook.snapshot()["members"])
+    assert browser.find_element(_by("css"), "h1 .badge").text.lower() == "active"
+    assert len(_css(browser, "svg.chart circle.dot")) == 4
+    assert "had no row errors" in browser.find_element(_by("id"), "row-errors").text
     browser.get(f"{service.base_url}/w/{WS_A}/syncs/{_sync_id(WS_A, WEBHOOK_SYNC)}/runs/{run['run_id']}")
     text = _text(browser)
     assert "2 rows rejected" in text and all(k in text for k in rejected)

@@ -21,7 +21,7 @@ import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from markupsafe import Markup, escape
+from markupsafe import Markup
 from starlette.staticfiles import StaticFiles
 
 from ... import __version__
@@ -398,9 +398,6 @@ class Dashboard:
         ops = [("add", run["planned_adds"], run["rows_added"]),
                ("remove", run["planned_removes"], run["rows_removed"]),
                ("update", run["planned_updates"], run["rows_updated"])]
-        failed_by_op: dict[str, int] = {}
-        for error in run["row_errors"]:
-            failed_by_op[error["op"]] = failed_by_op.get(error["op"], 0) + 1
         return self.render(request, "run.html", ws=ws, sync=obj, run=run, ops=ops,
                            active=run["status"] in data.ACTIVE_STATUSES)
 
@@ -434,4 +431,4 @@ def _cell(value: Any) -> str:
     return text
 
 
-__all__ = ["mount", "Dashboard", "environment", "escape"]
+__all__ = ["Dashboard", "environment", "mount"]
