@@ -459,6 +459,10 @@ def test_phone_width_and_sign_out(service, browser, shots):
             _wait(browser, lambda d: _css(d, "time.local"), "local times")
             overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 1, f"{name}: the page is {overflow}px wider than a phone"
+            cut = browser.execute_script(
+                "return Array.from(document.querySelectorAll('.table-wrap, .card, .stat'))"
+                ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.className)")
+            assert cut == [], f"{name}: content wider than its box at a phone's width: {cut}"
             _shot(browser, shots, name)
     finally:
         browser.set_window_size(1280, 900)
