@@ -55,6 +55,39 @@ step "what audsync recorded"
 step "what the destinations hold"
 echo "webhook members: $(python3 -c 'import json; print(len(json.load(open("output/webhook/members.json"))))') (output/webhook/members.json)"
 echo "files written:"; ls -1 output/files output/recent_buyers | sed 's/^/  /'
+step "the REST API: audsync serve (README, section audsync serve)"
+# The service needs a token; the demo's is demo-token unless AUDSYNC_API_TOKEN says otherwise.
+export AUDSYNC_API_TOKEN="${AUDSYNC_API_TOKEN:-demo-token}"
+"$audsync" --profiles-dir . serve --port 8787 --no-scheduler > output/serve.log 2>&1 &
+service=$!
+trap 'kill $receiver 2>/dev/null || true; kill $service 2>/dev/null || true' EXIT
+for _ in $(seq 300); do
+    curl -fs http://127.0.0.1:8787/healthz >/dev/null 2>&1 && break
+    sleep 0.2
+done
+auth=(-H "Authorization: Bearer $AUDSYNC_API_TOKEN" -H "Content-Type: application/json")
+echo "create:"
+curl -fsS "${auth[@]}" http://127.0.0.1:8787/api/v1/audience-syncs -d '{
+  "name": "VIP customers to file", "audience_id": "high_value_customers", "destination_id": "demo_file",
+  "field_mapping": [{"source_column": "email", "destination_field": "email"},
+                    {"source_column": "lifetime_value", "destination_field": "ltv"}],
+  "sync_mode": "mirror", "schedule": "daily", "config": {"path": "output/api"}}' | python3 -m json.tool | head -12
+sync=$(curl -fsS "${auth[@]}" http://127.0.0.1:8787/api/v1/audience-syncs \
+       | python3 -c 'import json,sys; print(next(s["id"] for s in json.load(sys.stdin) if s["slug"] == "vip_customers_to_file"))')
+echo "trigger:"
+run=$(curl -fsS -X POST "${auth[@]}" "http://127.0.0.1:8787/api/v1/audience-syncs/$sync/trigger" \
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+for _ in $(seq 300); do
+    status=$(curl -fsS "${auth[@]}" "http://127.0.0.1:8787/api/v1/audience-syncs/$sync/runs/$run" \
+             | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')
+    case "$status" in queued|running) sleep 0.5 ;; *) break ;; esac
+done
+echo "run $run: $status"
+curl -fsS "${auth[@]}" "http://127.0.0.1:8787/api/v1/audience-syncs/$sync/runs?limit=1" | python3 -m json.tool | head -20
+echo "delete (the file's members stay where they were sent):"
+curl -fsS -X DELETE "${auth[@]}" "http://127.0.0.1:8787/api/v1/audience-syncs/$sync"; echo
+kill -TERM $service; wait $service || true
+
 echo
 echo "Query the diff and the history in SQL too, e.g. with duckdb:"
 echo "  select * from main.churn_risk_to_file__changes;  select * from main_audsync.audsync_runs;"

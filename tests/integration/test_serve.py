@@ -230,6 +230,7 @@ def test_the_api_creates_triggers_updates_schedules_pauses_and_deletes_syncs(sho
         assert "demo-secret" not in service.log and TOKEN_A not in service.log and TOKEN_B not in service.log
         openapi = service.call("GET", "/openapi.json").text
         assert TOKEN_A not in openapi and "demo-secret" not in openapi
+        assert service.call("DELETE", f"{a}/audience-syncs/{sid}", TOKEN_A).status_code == 200
     assert service.process.returncode == 0, service.log[-3000:]
 
 
@@ -250,8 +251,8 @@ def _wait_scheduled(service, prefix, sid, n, status=None, timeout_s=90.0):
     raise AssertionError(f"the scheduler made no run {n} of {sid} in {timeout_s:.0f} s: {runs}\n{service.log[-3000:]}")
 
 
-def test_sigterm_aborts_the_run_and_the_next_trigger_completes_it(shop):
-    env = {"AUDSYNC_API_TOKEN": TOKEN_A}
+def test_sigterm_aborts_the_run_kill_9_loses_nothing_and_the_limits_hold(shop):
+    env = {"AUDSYNC_API_TOKEN": TOKEN_A, "AUDSYNC_LOCK_TIMEOUT_S": "3"}
     a = "/api/v1"
     with FakeWebhook(secret="demo-secret", latency_s=0.4) as hook:
         env["AUDSYNC_DEMO_WEBHOOK_URL"] = hook.url
@@ -279,7 +280,33 @@ def test_sigterm_aborts_the_run_and_the_next_trigger_completes_it(shop):
             run = again.wait_run(a, sid, next_id, TOKEN_A)
             assert run["rows_added"] == len(expected) - row[1]
             assert set(hook.members) == set(expected)
-            assert again.call("DELETE", f"{a}/audience-syncs/{sid}", TOKEN_A).status_code == 200
+
+            # Bodies over 1 MB are refused; a token over 200 requests in 10 s gets 429.
+            big = again.call("POST", f"{a}/audience-syncs", TOKEN_A, data=b"x" * 1_100_000,
+                             headers={"Content-Type": "application/json"})
+            assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+            codes = [again.call("GET", "/healthz", "burst-token").status_code for _ in range(201)]
+            assert codes[:200] == [200] * 200 and codes[200] == 429
+            limited = again.call("GET", "/healthz", "burst-token")
+            assert limited.status_code == 429 and 1 <= int(limited.headers["Retry-After"]) <= 10
+
+            # kill -9 in the middle of a run loses nothing: the next run takes the lock over.
+            hook.reset()
+            audsync(shop, "reset", "slow_hook", "--yes")
+            killed_id = again.call("POST", f"{a}/audience-syncs/{sid}/trigger", TOKEN_A).json()["id"]
+            deadline = time.monotonic() + 90
+            while len(hook.members) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            again.process.kill()
+            again.process.wait()
+        with ServiceProcess(shop, "--no-scheduler", env=env) as third:
+            time.sleep(3.5)  # the killed run's heartbeat is older than AUDSYNC_LOCK_TIMEOUT_S
+            next_id = third.call("POST", f"{a}/audience-syncs/{sid}/trigger", TOKEN_A).json()["id"]
+            third.wait_run(a, sid, next_id, TOKEN_A)
+            killed = third.call("GET", f"{a}/audience-syncs/{sid}/runs/{killed_id}", TOKEN_A).json()
+            assert killed["status"] == "aborted" and "abandoned" in killed["error_message"], killed
+            assert set(hook.members) == set(expected) and hook.violations == []
+            assert third.call("DELETE", f"{a}/audience-syncs/{sid}", TOKEN_A).status_code == 200
 
 
 def test_the_service_refuses_to_start_without_a_token(shop):
@@ -287,3 +314,75 @@ def test_the_service_refuses_to_start_without_a_token(shop):
     with pytest.raises(AssertionError, match="exited 2"):
         service.start()
     assert "AUDSYNC_API_TOKEN" in service.log and len(service.log.strip().splitlines()) <= 2
+
+
+def test_due_skips_an_audience_not_rebuilt_since_the_last_run_and_check_warns(shop):
+    """Freshness (api.md): ``--due`` sends nothing, and records ``skipped`` with the reason,
+    when S was not rebuilt since the last successful run; ``audsync check`` then warns."""
+    names = [row["sync"] for row in _json(audsync(shop, "list", "--format", "json").stdout)]
+    for name in names:
+        audsync(shop, "pause", name)
+    audsync(shop, "resume", "churn_risk_to_file")  # daily at 06:00 UTC, never run: due
+    runs = "main_audsync.audsync_runs"
+
+    def back_a_day():
+        _query(shop, f"update {runs} set started_at = started_at - interval 1 day where sync_name = 'churn_risk_to_file'")
+
+    first = audsync(shop, "run", "--due")
+    assert "churn_risk_to_file" in first.stdout
+    back_a_day()
+    audsync(shop, "run", "--due")
+    last = _query(shop, f"select status, error_message, evaluated_at from {runs} where sync_name = 'churn_risk_to_file'"
+                        " order by started_at desc limit 1")[0]
+    assert last[0] == "skipped" and "audience not re-evaluated since" in last[1] and last[2] is not None, last
+    # The skip used the slot: not due again until the next one.
+    assert "no sync is due" in audsync(shop, "run", "--due").stdout
+    back_a_day()
+    shop.dbt("run", "--select", "churn_risk_to_file")  # the audience is rebuilt: the next slot runs
+    audsync(shop, "run", "--due")
+    statuses = [r[0] for r in _query(shop, f"select status from {runs} where sync_name = 'churn_risk_to_file'"
+                                           " order by started_at")]
+    assert statuses == ["success", "skipped", "success"], statuses
+    check = audsync(shop, "check", expect=None)
+    assert "churn_risk_to_file" in check.stderr and "rebuilt" in check.stderr, check.output
+
+
+def test_the_api_creates_runs_updates_and_deletes_a_sync_on_postgres(tmp_path, postgres_server):
+    project = DbtProject.from_example("jaffle_audiences", tmp_path / "shop", "postgres", pg=postgres_server)
+    try:
+        project.dbt("build", "--vars", '{as_of_date: "2026-09-28"}')
+        for name in HAND_WRITTEN:
+            audsync(project, "pause", name)
+        a = "/api/v1"
+        with FakeWebhook(secret="demo-secret") as hook, ServiceProcess(
+            project, "--no-scheduler", env={"AUDSYNC_API_TOKEN": TOKEN_A, "AUDSYNC_DEMO_WEBHOOK_URL": hook.url},
+        ) as service:
+            body = {"name": "PG hook", "audience_id": "high_value_customers", "destination_id": "demo_webhook",
+                    "sync_mode": "upsert", "schedule": "hourly",
+                    "field_mapping": [{"source_column": "email", "destination_field": "email"},
+                                      {"source_column": "first_name", "destination_field": "firstName"}]}
+            created = service.call("POST", f"{a}/audience-syncs", TOKEN_A, json=body)
+            assert created.status_code == 201, created.text
+            sid = created.json()["id"]
+            assert created.json()["sync_mode"] == "upsert" and created.json()["next_run_at"] is not None
+            run = service.wait_run(a, sid, service.call("POST", f"{a}/audience-syncs/{sid}/trigger", TOKEN_A).json()["id"],
+                                   TOKEN_A)
+            expected = valid_members(project.query(f"select email from {project.relation('high_value_customers')}"))
+            assert run["rows_added"] == len(expected) > 0 and set(hook.members) == set(expected)
+            assert all(set(f) == {"email", "firstName"} for f in hook.members.values())
+            updated = service.call("PUT", f"{a}/audience-syncs/{sid}", TOKEN_A, json={
+                "field_mapping": [{"source_column": "email", "destination_field": "email"},
+                                  {"source_column": "lifetime_value", "destination_field": "ltv"}]})
+            assert updated.status_code == 200, updated.text
+            run = service.wait_run(a, sid, service.call("POST", f"{a}/audience-syncs/{sid}/trigger", TOKEN_A).json()["id"],
+                                   TOKEN_A)
+            assert run["rows_updated"] == len(expected)
+            assert all(set(f) == {"email", "ltv"} for f in hook.members.values())
+            runs = service.call("GET", f"{a}/audience-syncs/{sid}/runs?limit=1&offset=1", TOKEN_A)
+            assert runs.headers["X-Total-Count"] == "2" and len(runs.json()) == 1
+            assert service.call("DELETE", f"{a}/audience-syncs/{sid}", TOKEN_A).status_code == 200
+            assert not project.relation_exists("pg_hook") and not project.relation_exists("pg_hook__snapshot")
+            assert set(hook.members) == set(expected)
+        assert service.process.returncode == 0
+    finally:
+        postgres_server.drop_database(project.database)
