@@ -121,3 +121,18 @@ def test_the_package_build_ships_the_templates_and_static_files(tmp_path):
     for part in ("templates/base.html", "templates/sync.html", "templates/syncs.html", "templates/run.html",
                  "templates/signin.html", "static/app.css", "static/app.js", "static/favicon.svg"):
         assert (built / part).is_file(), part
+
+
+def test_the_pages_are_mounted_in_the_service_but_left_out_of_the_openapi_document():
+    from audsync.service.app import create_app
+    from audsync.service.workspaces import Registry
+
+    app = create_app(Registry([]), scheduler=False, workers=1)
+    ids = {"workspace_id": "w", "sync_id": "s", "run_id": "r"}
+    assert app.url_path_for("home") == "/" and app.url_path_for("signin") == "/signin"
+    assert app.url_path_for("syncs_page", workspace_id="w") == "/w/w/"
+    assert app.url_path_for("sync_page", workspace_id="w", sync_id="s") == "/w/w/syncs/s"
+    assert app.url_path_for("row_errors_csv", **ids) == "/w/w/syncs/s/runs/r/row-errors.csv"
+    assert app.url_path_for("dashboard-static", path="app.js") == "/static/app.js"
+    documented = set(app.openapi()["paths"])
+    assert documented and all(p.startswith(("/api/", "/healthz")) for p in documented), documented
