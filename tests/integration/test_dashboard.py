@@ -461,7 +461,10 @@ def test_phone_width_and_sign_out(service, browser, shots):
             assert overflow <= 1, f"{name}: the page is {overflow}px wider than a phone"
             cut = browser.execute_script(
                 "return Array.from(document.querySelectorAll('.table-wrap, .card, .stat'))"
-                ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.className)")
+                ".filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.className + ' in #' +"
+                " ((e.closest('section') || {}).id || '?') + ': ' + Array.from(e.querySelectorAll('*'))"
+                ".filter(c => c.getBoundingClientRect().right > e.getBoundingClientRect().right + 1)"
+                ".slice(0, 2).map(c => c.tagName + ' ' + c.textContent.slice(0, 80)).join(' | '))")
             assert cut == [], f"{name}: content wider than its box at a phone's width: {cut}"
             _shot(browser, shots, name)
     finally:
