@@ -114,7 +114,7 @@ def list_syncs(app: App, fmt: str):
         rows.append({
             "sync": sync.name, "mode": sync.mode, "destination": sync.destination,
             "schedule": sync.schedule, "status": state.get("status") or "never run",
-            "last_synced_at": state.get("last_synced_at"), "evaluated_at": state.get("evaluated_at"),
+            "last_synced_at": state.get("last_synced_at"), "evaluated_at": _row_value(state, "evaluated_at"),
             "next_run_at": _next_run(sync, state, starts), "description": sync.description,
         })
     if fmt == "json":
@@ -136,11 +136,18 @@ def _slot_starts(app: App) -> dict:
         return last_slot_starts(session, runner.state)
 
 
-def _next_run(sync, state: dict, starts: dict):
+def _row_value(row, column: str):
+    from .schedule import row_value
+
+    return row_value(row, column)
+
+
+def _next_run(sync, state, starts: dict):
     """When the schedule next runs ``sync`` (naive UTC, as the state tables' times), or None."""
     from .schedule import next_run_at
 
-    moment = next_run_at(sync.schedule, state.get("status"), starts.get(sync.name), dt.datetime.now(dt.timezone.utc))
+    moment = next_run_at(sync.schedule, _row_value(state, "status"), starts.get(sync.name),
+                         dt.datetime.now(dt.timezone.utc))
     return moment.replace(tzinfo=None, microsecond=0) if moment else None
 
 
@@ -161,7 +168,7 @@ def status(app: App, sync_name: str | None, fmt: str):
         rows.append({
             "sync": sync.name, "status": state.get("status") or "never run",
             "status_error": state.get("status_error"), "last_synced_at": state.get("last_synced_at"),
-            "evaluated_at": state.get("evaluated_at"), "next_run_at": _next_run(sync, state, starts),
+            "evaluated_at": _row_value(state, "evaluated_at"), "next_run_at": _next_run(sync, state, starts),
             "last_run_id": state.get("last_run_id"), "locked_by": state.get("lock_run_id"),
             "heartbeat_at": state.get("lock_heartbeat_at"),
         })
@@ -292,7 +299,7 @@ def check(app: App):
 def _rebuild_warnings(app: App) -> list[str]:
     """Syncs whose schedule fires more often than their audience has been rebuilt (api.md)."""
     from .errors import AudsyncError
-    from .schedule import rebuild_warning
+    from .schedule import rebuild_warning, row_value
 
     warnings = []
     try:
@@ -301,7 +308,7 @@ def _rebuild_warnings(app: App) -> list[str]:
             if runner.state.missing_tables(session):
                 return []
             for sync in sorted(app.project.syncs.values(), key=lambda s: s.name):
-                runs = [r for r in runner.state.runs_of(session, sync.name, 10) if r["status"] != "queued"]
+                runs = [r for r in runner.state.runs_of(session, sync.name, 10) if row_value(r, "status") != "queued"]
                 warning = rebuild_warning(sync.schedule, runs)
                 if warning:
                     warnings.append(f"sync {sync.name!r} ({sync.path}): {warning}")

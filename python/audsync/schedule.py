@@ -152,6 +152,16 @@ def aware(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
+def row_value(row, column: str):
+    """A column of a state row, whether a dict of columns or a typed row (``SyncRow``,
+    ``RunRow`` of the core branch); ``None`` for a missing row or column."""
+    if row is None:
+        return None
+    if isinstance(row, dict):
+        return row.get(column)
+    return getattr(row, column, None)
+
+
 def last_slot_starts(session, state) -> dict[str, datetime]:
     """When each sync last took a schedule slot: the start of its latest run, counting a
     skipped run only when it was a scheduled one (a freshness skip uses its slot; a manual
@@ -203,7 +213,7 @@ def due_syncs(syncs, states: dict, last_starts: dict, now: datetime,
             schedule = parse_schedule(sync.schedule)
         except ValueError as error:
             raise ValueError(f"sync {sync.name!r}: schedule: {error}") from None
-        if (states.get(sync.name) or {}).get("status") in NOT_SCHEDULED:
+        if row_value(states.get(sync.name), "status") in NOT_SCHEDULED:
             continue
         if schedule.is_due(last_starts.get(sync.name), now, tolerance=tolerance):
             due.append(sync)
@@ -270,13 +280,13 @@ def rebuild_warning(schedule_text: str | None, runs: list[dict]) -> str | None:
         return None
     if schedule.is_manual:
         return None
-    seen = [r for r in runs if r.get("evaluated_at") is not None and r.get("started_at") is not None]
+    seen = [r for r in runs if row_value(r, "evaluated_at") is not None and row_value(r, "started_at") is not None]
     if len(seen) < 3:
         return None
-    builds = sorted({r["evaluated_at"] for r in seen})
+    builds = sorted({row_value(r, "evaluated_at") for r in seen})
     if len(builds) >= len(seen):
         return None
-    start = aware(min(r["started_at"] for r in seen))
+    start = aware(min(row_value(r, "started_at") for r in seen))
     first = schedule.next_run(start)
     period = schedule.next_run(first) - first if first else None
     rebuild = (builds[-1] - builds[0]) / (len(builds) - 1) if len(builds) > 1 else None

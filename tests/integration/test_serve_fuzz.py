@@ -32,10 +32,16 @@ EXAMPLES_PER_OPERATION = 12
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-def test_the_api_answers_every_generated_request_as_documented(tmp_path):
-    project = DbtProject.from_example("jaffle_audiences", tmp_path / "shop", "duckdb")
-    # The state tables only: one small dbt run (the service reads the rest from the manifest).
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """The example project with its state tables only: one small dbt run (the service reads
+    the rest from the manifest)."""
+    project = DbtProject.from_example("jaffle_audiences", tmp_path_factory.mktemp("fuzz") / "shop", "duckdb")
     project.dbt("run", "--select", "package:audsync")
+    return project
+
+
+def test_the_api_answers_every_generated_request_as_documented(project):
     workspace = str(uuid.uuid5(uuid.NAMESPACE_URL, "audsync:workspace:jaffle_audiences:duckdb"))
     with ServiceProcess(project, "--no-scheduler", "--rate-limit", "100000", env={"AUDSYNC_API_TOKEN": TOKEN}) as service:
         schema = schemathesis.openapi.from_url(service.base_url + "/openapi.json")

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import AudsyncError, LockHeld
 from ..redact import redact
-from ..schedule import aware, freshness_skip_reason, record_skip
+from ..schedule import aware, freshness_skip_reason, record_skip, row_value
 from ..state import RUN_COLUMNS, lock_timeout_s, utcnow
 from .errors import Conflict, NotFound
 from .workspaces import DBT_LOCK, Workspace
@@ -155,10 +155,9 @@ class RunManager:
                 row = runner.state.sync_row(session, sync_name)
         finally:
             runner.warehouse.close()
-        if row and row.get("lock_run_id") and row.get("lock_heartbeat_at"):
-            age = (utcnow() - row["lock_heartbeat_at"]).total_seconds()
-            if age <= lock_timeout_s():
-                return row["lock_run_id"]
+        holder, beat = row_value(row, "lock_run_id"), row_value(row, "lock_heartbeat_at")
+        if holder and beat and (utcnow() - beat).total_seconds() <= lock_timeout_s():
+            return holder
         return None
 
     def trigger(self, ws: Workspace, sync, sync_id: str, *, trigger: str = "api",

@@ -24,8 +24,8 @@ import yaml
 
 from .. import names
 from ..errors import AudsyncError, ConfigError, LockHeld
-from ..schedule import aware, last_slot_starts, next_run_at, parse_schedule
-from ..state import lock_timeout_s, utcnow
+from ..schedule import aware, last_slot_starts, next_run_at, parse_schedule, row_value
+from ..state import SYNC_COLUMNS, lock_timeout_s, utcnow
 from .errors import Conflict, Invalid, NotFound
 from .workspaces import Workspace, stable_id
 
@@ -100,7 +100,8 @@ class _View:
             try:
                 with runner.warehouse.session() as session:
                     if not runner.state.missing_tables(session):
-                        self.states = runner.state.all_sync_rows(session)
+                        self.states = {name: {c: row_value(row, c) for c in SYNC_COLUMNS}
+                                       for name, row in runner.state.all_sync_rows(session).items()}
                         self.starts = last_slot_starts(session, runner.state)
             finally:
                 runner.warehouse.close()
