@@ -344,6 +344,41 @@ def test_pause_and_resume(service, browser, shots):
     assert api.json()["status"] == "active"
 
 
+def test_a_paused_sync_refuses_a_trigger_and_a_draft_has_its_buttons_disabled(service, browser, shots):
+    headers = {"Authorization": f"Bearer {TOKEN_A}", "X-Workspace-ID": WS_A}
+    api = f"{service.base_url}/api/v1/audience-syncs"
+    assert requests.put(f"{api}/{_sync_id(WS_A, WEBHOOK_SYNC)}", json={"status": "paused"}, headers=headers,
+                        timeout=60).status_code == 200
+    try:
+        browser.get(_sync_page(service))
+        csrf = browser.find_element(_by("css"), "#actions input[name=csrf]").get_attribute("value")
+        # A trigger sent anyway (the button is disabled) is refused as the API refuses it: 409.
+        answer = requests.post(_sync_page(service) + "/trigger", data={"csrf": csrf}, timeout=60,
+                               cookies=_session_cookie(browser), allow_redirects=False)
+        assert answer.status_code == 409 and "is paused: resume it first" in answer.text
+    finally:
+        assert requests.put(f"{api}/{_sync_id(WS_A, WEBHOOK_SYNC)}", json={"status": "active"}, headers=headers,
+                            timeout=60).status_code == 200
+
+    created = requests.post(api, headers=headers, timeout=120, json={
+        "name": "VIP draft", "audience_id": "high_value_customers", "destination_id": "demo_file",
+        "status": "draft", "field_mapping": [{"source_column": "email", "destination_field": "email"}]})
+    assert created.status_code == 201, created.text
+    draft = created.json()
+    browser.get(f"{service.base_url}/w/{WS_A}/syncs/{draft['id']}")
+    assert browser.find_element(_by("css"), "h1 .badge").text.lower() == "draft"
+    for button in ("btn-trigger", "btn-pause"):
+        assert browser.find_element(_by("id"), button).get_attribute("disabled") is not None, button
+    assert "This sync is a draft" in _text(browser) and "No runs yet: trigger the first one" in _text(browser)
+    configuration = browser.find_element(_by("id"), "configuration").text
+    assert f"models/audsync_api/{draft['slug']}.sql" in configuration and "managed by the API" in configuration
+    _shot(browser, shots, "sync-draft")
+    browser.get(f"{service.base_url}/w/{WS_A}/?status=draft")
+    assert [r.find_element(_by("css"), ".sync-link").text for r in _css(browser, "#syncs-table tbody tr")] == [
+        "VIP draft"]
+    assert requests.delete(f"{api}/{draft['id']}", headers=headers, timeout=120).status_code == 200
+
+
 def test_row_errors_of_a_run_with_rejections_download_as_csv(service, browser, hook, shop, downloads, shots):
     # Day 2 of the shop: new high-value customers enter; the destination rejects two of them.
     shop.dbt("run", "--vars", '{as_of_date: "2026-10-12"}', "--select", "customer_stats", "high_value_customers")
