@@ -136,3 +136,15 @@ def test_the_pages_are_mounted_in_the_service_but_left_out_of_the_openapi_docume
     assert app.url_path_for("dashboard-static", path="app.js") == "/static/app.js"
     documented = set(app.openapi()["paths"])
     assert documented and all(p.startswith(("/api/", "/healthz")) for p in documented), documented
+
+
+def test_failed_sign_ins_from_one_address_are_limited():
+    from audsync.service.dashboard import pages
+    from audsync.service.workspaces import Registry
+
+    dashboard = Dashboard(Registry([]), manager=None)
+    for _ in range(pages.SIGNIN_FAILURES - 1):
+        assert not dashboard._too_many_failures("10.0.0.1", failed=True)
+    assert dashboard._too_many_failures("10.0.0.1", failed=True)
+    assert dashboard._too_many_failures("10.0.0.1")
+    assert not dashboard._too_many_failures("10.0.0.2")  # another address is not held up

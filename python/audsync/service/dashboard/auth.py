@@ -12,8 +12,8 @@ separate label, compared in constant time; the sign-in form, which has no sessio
 bound the same way to a short-lived pre-session cookie. ``SameSite=Lax`` keeps the cookies
 off cross-site POSTs as well, and a POST whose ``Origin`` names another host is refused.
 
-The signing key is ``AUDSYNC_DASHBOARD_SECRET`` when set (sessions then survive nothing more
-than a restart would need: they are in memory), else random per process.
+The signing key is random per process unless ``AUDSYNC_DASHBOARD_SECRET`` is set. Sessions
+live in the process's memory: a restart of the service signs everyone out.
 """
 
 from __future__ import annotations

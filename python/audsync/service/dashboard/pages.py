@@ -10,9 +10,12 @@ API's endpoints; the routes are left out of the OpenAPI document.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import math
+import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +38,10 @@ from . import charts, data
 from .auth import PRE_COOKIE, PRE_TTL_S, SESSION_COOKIE, Sessions, new_nonce
 
 HERE = Path(__file__).parent
+# Failed sign-ins allowed per client address in a minute before the form answers 429: the
+# API's rate limit keys on the bearer header, which a form post does not have.
+SIGNIN_FAILURES = 20
+SIGNIN_WINDOW_S = 60.0
 STATUSES = ("draft", "active", "paused", "error")
 ACTIONS = ("trigger", "pause", "resume")
 DONE = {
@@ -107,6 +114,21 @@ class Dashboard:
         self.manager = manager
         self.sessions = sessions or Sessions()
         self.env = environment()
+        self._failures: dict[str, collections.deque] = {}
+        self._failures_lock = threading.Lock()
+
+    def _too_many_failures(self, client: str, failed: bool = False) -> bool:
+        """Whether ``client`` failed to sign in too often lately (recording a failure first)."""
+        now = time.monotonic()
+        with self._failures_lock:
+            if len(self._failures) > 10_000:  # bounded memory: forget idle clients
+                self._failures = {k: v for k, v in self._failures.items() if v and v[-1] > now - SIGNIN_WINDOW_S}
+            times = self._failures.setdefault(client, collections.deque())
+            while times and times[0] <= now - SIGNIN_WINDOW_S:
+                times.popleft()
+            if failed:
+                times.append(now)
+            return len(times) >= SIGNIN_FAILURES
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -262,7 +284,14 @@ class Dashboard:
         form = await self._form(request, "pre:" + nonce if nonce else None)
         token = (form.get("token") or "").strip()
         next_path = self._safe_next(form.get("next"))
+        client = request.client.host if request.client else "?"
+        if self._too_many_failures(client):
+            response = self.signin_page(request, next_path, status=429, error=(
+                "Too many failed sign-ins from this address; try again in a minute."))
+            response.headers["Retry-After"] = str(int(SIGNIN_WINDOW_S))
+            return response
         if not token or not self.registry.authenticate(token):
+            self._too_many_failures(client, failed=True)
             return self.signin_page(request, next_path, status=401, error=(
                 "This token is not known to this service. Use an API token of your workspace."
                 if token else "Enter an API token."))
