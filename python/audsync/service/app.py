@@ -375,6 +375,11 @@ def create_app(
                                     ("/api/v1", by_header, "_short")):
         app.include_router(_router(resolve, suffix, manager), prefix=prefix)
 
+    # dashboard (issue 15, dashboard branch): the pages at / on the same registry and run pool.
+    from .dashboard import mount as mount_dashboard
+
+    mount_dashboard(app, registry, manager)
+
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz():
         """Liveness, without auth (for probes)."""
