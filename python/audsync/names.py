@@ -37,6 +37,14 @@ SUFFIXES = {
     "invalid": "__invalid",
 }
 
+# Relations the governance features build beside them (macros/governance/relations.sql
+# `governance_suffixes`): views, but for the append-only history table.
+GOVERNANCE_SUFFIXES = {
+    "excluded": "__excluded",
+    "split": "__split",
+    "history": "__history",
+}
+
 # Ops carried by ``S__changes`` and the plan.
 OPS = ("add", "remove", "update")
 

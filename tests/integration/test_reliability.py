@@ -167,9 +167,10 @@ def test_unknown_rows_are_counted_and_never_as_applied(dbt_project):
 def test_a_killed_run_whose_audience_reverts_leaves_the_destination_exact(dbt_project, monkeypatch):
     """kill -9 after the fake applied batches whose answers were never flushed; the audience
     reverts before the next run. Recovery marks every unanswered row unknown, and the next run
-    removes the members that were added meanwhile (mirror)."""
+    removes the members that were added meanwhile (mirror). The audience comes back empty on
+    purpose, so the empty-audience guardrail is off for this sync."""
     with FakeWebhook(secret="kill-secret", latency_s=0.1) as fake:
-        write_sync(dbt_project, "s", mode="mirror", destination="hook")
+        write_sync(dbt_project, "s", mode="mirror", destination="hook", extra={"allow_empty": True})
         write_destinations(dbt_project, {"hook": hook(fake, batch_size=5, max_concurrency=1)})
         write_audience(dbt_project, [])
         dbt_project.dbt("run")

@@ -20,8 +20,8 @@ from typing import Any
 
 from .. import names
 
-HISTORY_SUFFIX = "__history"
-SPLIT_SUFFIX = "__split"
+HISTORY_SUFFIX = names.GOVERNANCE_SUFFIXES["history"]
+SPLIT_SUFFIX = names.GOVERNANCE_SUFFIXES["split"]
 COMMITTED_AT = "_audsync_committed_at"
 SPLIT_GROUP = "_audsync_split_group"
 HISTORY_COLUMNS = (names.KEY, names.OP, names.HASH, names.RUN_ID, COMMITTED_AT, SPLIT_GROUP)

@@ -523,6 +523,10 @@ def delete_sync(ws: Workspace, sync_id: str, busy_run: str | None = None) -> Non
                     session.execute(f"drop view if exists {q(sync.relation_of(part))}")
                 for part in ("", "snapshot", "plan", "candidates"):
                     session.execute(f"drop table if exists {q(sync.relation_of(part))}")
+                # The governance relations, where the sync has them.
+                for part, suffix in names.GOVERNANCE_SUFFIXES.items():
+                    kind = "table" if part == "history" else "view"
+                    session.execute(f"drop {kind} if exists {q(sync.relation.with_suffix(suffix))}")
                 state = runner.state
                 for table in (state.runs, state.errors, state.batches, state.ids, state.syncs):
                     session.execute(f"delete from {table} where sync_name = ?", (sync.name,))
