@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from . import names
 from .destinations.base import Change
@@ -395,6 +395,39 @@ class SyncTables:
             f" (select {n.KEY} from ({unknown}) as u where u.{n.OP} = 'remove')",
             (run_id, run_id),
         )
+
+    def mark_unknown(self, session: Session, changes: Sequence[Change], run_id: str, synced_at: dt.datetime) -> int:
+        """Mark the keys of ``changes`` unknown (convention 1), in the caller's fenced
+        transaction: a snapshot row's hash set to null, or, for a key the snapshot has no row
+        for, a row with the change's values (mapped back to the source columns) and a null
+        hash; each key added to ``S__candidates``. Returns the number of keys."""
+        n = names
+        by_lower = {c.lower(): c for c in self.columns}
+        source_of: dict[str, str] = {}
+        for item in self.sync.mapping:
+            source_of.setdefault(by_lower[item.source_column.lower()], item.destination_field)
+        cols = self._cols()
+        marks = ", ".join("?" for _ in range(len(self.columns) + 5))
+        latest: dict[str, Change] = {}
+        for change in changes:
+            latest[change.key] = change
+        for key, change in latest.items():
+            held = int(session.scalar(f"select count(*) from {self.snapshot} where {n.KEY} = ?", (key,)) or 0)
+            if held:
+                session.execute(f"update {self.snapshot} set {n.HASH} = null where {n.KEY} = ?", (key,))
+            else:
+                values = [change.fields.get(source_of[c]) if c in source_of else None for c in self.columns]
+                session.execute(
+                    f"insert into {self.snapshot} ({n.KEY}{cols}, {n.HASH}, {n.DESTINATION_ID}, {n.SYNCED_AT}, {n.RUN_ID})"
+                    f" values ({marks})",
+                    (key, *values, None, change.destination_id, synced_at, run_id),
+                )
+            session.execute(
+                f"insert into {self.candidates} ({n.KEY}) select ?"
+                f" where not exists (select 1 from {self.candidates} where {n.KEY} = ?)",
+                (key, key),
+            )
+        return len(latest)
 
     def _keep_candidates(
         self, session: Session, run_id: str, accepted: str, every_batch_answered: bool, full_resync: bool,

@@ -41,7 +41,7 @@ from .delivery.engine import DeliverySettings, DeliveryStats, deliver
 from .destinations.base import (
     BatchResult, Change, DestinationUnreachable, FatalDestinationError, RowError, SyncInfo,
 )
-from .errors import ConfigError, LockLost, RunStopped, exit_code_of
+from .errors import ConfigError, LockHeld, LockLost, RunStopped, exit_code_of
 from .governance import hooks as governance
 from .plan import CommitCounts, PlanCounts, SyncTables
 from .project import Project, SyncModel
@@ -629,6 +629,7 @@ class _Run:
             if taken_by:
                 message += f"; run {taken_by} took the sync over"
             error = LockLost(message, sync=self.sync.name, taken_by=taken_by)
+        message += self._mark_unrecorded_unknown()
         self.result.status = "aborted"
         self.result.error_message = message
         self.result.duration_ms = int((time.monotonic() - self.clock) * 1000)
@@ -636,6 +637,63 @@ class _Run:
         self.reporter.event("lock_lost", sync=self.sync.name, run_id=self.run_id,
                             taken_by=taken_by, message=message)
         return self.result
+
+
+    def _mark_unrecorded_unknown(self) -> str:
+        """After a lost lock, once the delivery threads have stopped: the batches this run
+        started and no fenced flush recorded may have reached the destination after the run
+        that took over (a request past its lease check, or partly written, when the process
+        stalled), and no other run knows of them. Take the sync's lock as a run does (waiting
+        up to twice the lock timeout for a live holder), mark their keys unknown in one
+        fenced transaction (convention 1: a null hash, the key in ``S__candidates``), and
+        release it. This run's own row is left as the taker recorded it. Returns a note for
+        the run's message."""
+        changes = self.in_flight.unrecorded() if self.in_flight is not None else []
+        if not changes:
+            return ""
+        timeout = lock_timeout_s()
+        deadline = time.monotonic() + 2 * timeout
+        lock: Lock | None = None
+        last_error: Exception | None = None
+        while lock is None:
+            try:
+                with self.warehouse.session() as session:
+                    lock, _takeover = self.state.acquire_lock(session, self.sync.name, self.run_id, timeout)
+            except LockHeld as error:
+                last_error = error
+            except Exception as error:  # noqa: BLE001 - reported below; the next attempt may pass
+                last_error = error
+                logger.debug("could not take the lock to mark rows unknown", exc_info=True)
+            if lock is None:
+                if time.monotonic() >= deadline:
+                    logger.warning("sync %r: run %s could not take the lock to mark %d row(s) of unknown"
+                                   " outcome: %s", self.sync.name, self.run_id, len(changes), last_error)
+                    return (f"; {len(changes)} row(s) it had sent or started after its last record may"
+                            f" have reached the destination and could not be marked unknown:"
+                            f" {redact(str(last_error))}")
+                time.sleep(min(0.5, max(0.05, timeout / 10)))
+        try:
+            # A holder taken over here (stale) is recovered as a run would before writing.
+            recover_unfinished(self.runner, self.sync, self.tables, lock)
+
+            def mark(session: Session) -> int:
+                self.state.fence(session, lock)
+                return self.tables.mark_unknown(session, changes, self.run_id, utcnow())
+
+            marked = self.warehouse.in_session(mark)
+        except Exception as error:  # noqa: BLE001 - reported in the run's message
+            logger.debug("could not mark rows unknown", exc_info=True)
+            return (f"; {len(changes)} row(s) it had sent or started after its last record may have"
+                    f" reached the destination and could not be marked unknown: {redact(str(error))}")
+        finally:
+            try:
+                with self.warehouse.session() as session:
+                    self.state.release_lock(session, lock, record_run=False)
+            except Exception:  # noqa: BLE001 - a stale lock is taken over by the next run
+                logger.debug("could not release the lock after marking rows unknown", exc_info=True)
+        self.reporter.event("marked_unknown", sync=self.sync.name, run_id=self.run_id, rows_unknown=marked)
+        return (f"; it marked the {marked} key(s) of the batches it had sent or started after its last"
+                f" record of unknown outcome (the next run sends them again)")
 
 
 class _Heartbeat:
@@ -752,25 +810,43 @@ class _SendGuard:
 class _InFlight:
     """The seq ranges of batches that were started but not answered yet (thread-safe): at an
     abnormal end of a run in this process they are the rows of unknown outcome; batches never
-    started were not sent, and are planned again by the next run."""
+    started were not sent, and are planned again by the next run.
+
+    It also keeps the changes of every batch started since the last successful flush
+    (unanswered, or answered but not yet recorded): a run that lost its lock marks them
+    unknown itself (:meth:`_Run.lost`), as no other run knows of them. At most a few batches.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ranges: set[tuple[int, int]] = set()
+        self._unrecorded: dict[tuple[int, int], list[Change]] = {}
 
     def started(self, batch: Sequence[Change]) -> None:
         if batch:
             with self._lock:
                 self._ranges.add((batch[0].seq, batch[-1].seq))
+                self._unrecorded[(batch[0].seq, batch[-1].seq)] = list(batch)
 
     def answered(self, batch: Sequence[Change]) -> None:
         if batch:
             with self._lock:
                 self._ranges.discard((batch[0].seq, batch[-1].seq))
 
+    def recorded(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """A fenced flush wrote these answered batches: a run that takes over recovers them."""
+        with self._lock:
+            for seq_range in ranges:
+                self._unrecorded.pop(seq_range, None)
+
     def ranges(self) -> list[tuple[int, int]]:
         with self._lock:
             return sorted(self._ranges)
+
+    def unrecorded(self) -> list[Change]:
+        """The changes of batches started and not recorded by a successful flush, by seq."""
+        with self._lock:
+            return [c for _range, batch in sorted(self._unrecorded.items()) for c in batch]
 
 
 class _GuardedConnector:
@@ -833,6 +909,7 @@ class _DeliveryRecorder:
                 self.state.fence(session, self.lock)
                 self.state.record_delivery(session, self.lock.run_id, self.lock.sync_name,
                                            self.batches, errors, self.ids)
+            self.in_flight.recorded([(first, last) for _no, first, last, _r, _u in self.batches])
             self.batches, self.errors, self.ids = [], [], []
         self.last_flush = time.monotonic()
 
