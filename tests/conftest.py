@@ -72,16 +72,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _restore_audsync_logger():
-    """Undo the CLI's logging setup after each test.
+    """Put the ``audsync`` logger back as a fresh process has it, before and after each test.
 
-    ``audsync`` configures its logger once per process (handler, level, ``propagate=False``);
-    tests invoke the CLI in this one process, and without this a later test's ``caplog``
-    would see nothing.
+    ``audsync`` configures its logger once per process (handler, level, ``propagate=False``).
+    Tests invoke the CLI in this one process, some from module- or session-scoped fixtures
+    that run before any function-scoped fixture could save the state; without a reset to
+    the pristine state a later test's ``caplog`` would see nothing.
     """
     logger = logging.getLogger("audsync")
-    saved = (logger.handlers[:], logger.filters[:], logger.level, logger.propagate, logger.disabled)
+
+    def pristine() -> None:
+        logger.handlers[:], logger.filters[:] = [], []
+        logger.setLevel(logging.NOTSET)
+        logger.propagate, logger.disabled = True, False
+
+    pristine()
     yield
-    logger.handlers[:], logger.filters[:], logger.level, logger.propagate, logger.disabled = saved
+    pristine()
 
 
 @pytest.fixture(autouse=True)

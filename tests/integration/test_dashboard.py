@@ -381,8 +381,10 @@ def test_a_paused_sync_refuses_a_trigger_and_a_draft_has_its_buttons_disabled(se
 
 def test_row_errors_of_a_run_with_rejections_download_as_csv(service, browser, hook, shop, downloads, shots):
     # Day 2 of the shop: new high-value customers enter; the destination rejects two of them.
-    shop.dbt("run", "--vars", '{as_of_date: "2026-10-12"}', "--select", "customer_stats", "high_value_customers")
-    audience = valid_members(shop.query(f"select email from {shop.relation('high_value_customers')}"))
+    # The sync's own relation S is what is sent: its audience less the do_not_contact list.
+    shop.dbt("run", "--vars", '{as_of_date: "2026-10-12"}', "--select", "customer_stats", "high_value_customers",
+             WEBHOOK_SYNC)
+    audience = valid_members(shop.query(f"select _audsync_key from {shop.relation(WEBHOOK_SYNC)}"))
     entering = sorted(set(audience) - set(hook.snapshot()["members"]))
     assert len(entering) >= 3, entering
     rejected = entering[:2]

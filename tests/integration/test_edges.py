@@ -78,10 +78,12 @@ def published_keys(folder, run_id: str) -> set[str]:
 def test_a_file_run_killed_mid_write_never_commits_rows_a_reader_cannot_see(dbt_project, monkeypatch):
     folder = dbt_project.root / "out"
     write_sync(dbt_project, "s", mode="mirror", destination="files")
-    # Small batches, one thread: thousands of fsynced files, so the kill lands mid-run.
+    # Small batches, one thread: thousands of fsynced files, so the kill lands mid-run. On an
+    # idle machine PostgreSQL's runner publishes 1,000 such files in about a second, so the
+    # run must be several times longer than the wait before the kill.
     write_destinations(dbt_project, {"files": {"type": "file", "path": "out", "batch_size": 4,
                                                "max_concurrency": 1}})
-    rows = [(f"k{i:05d}@example.com", "n", float(i)) for i in range(4_000)]
+    rows = [(f"k{i:05d}@example.com", "n", float(i)) for i in range(20_000)]
     write_audience(dbt_project, rows)
     dbt_project.dbt("run")
 
