@@ -24,6 +24,12 @@ DESTINATION_ID = "_audsync_destination_id"
 SEQ = "_audsync_seq"
 SEND = "_audsync_send"
 REASON = "_audsync_reason"
+# The plan rows a run that lost its lock writes, after its last requests ended, for the keys of
+# the batches it had sent or started and no flush recorded (they may have reached the
+# destination after the run that took over): run id ``<run id>`` + this suffix. The next
+# holder of the lock marks those keys unknown (runner: ``recover_unfinished``). Runner-only:
+# no dbt macro reads it.
+UNKNOWN_MARKS_SUFFIX = "~unknown"
 
 # Relations built for a sync model ``S``: ``S`` itself plus ``S + suffix``.
 SUFFIXES = {

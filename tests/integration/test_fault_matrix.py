@@ -52,6 +52,7 @@ the original run.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
 import signal
@@ -1138,21 +1139,29 @@ def test_the_fake_webhook_injects_each_fault_from_another_process():
 
 
 @pytest.mark.slow
-def test_a_request_started_before_a_stall_and_landing_after_the_takeover_is_not_forgotten(dbt_project, monkeypatch):
+@pytest.mark.parametrize("relock", ["taken back", "held by another run"])
+def test_a_request_started_before_a_stall_and_landing_after_the_takeover_is_not_forgotten(
+    dbt_project, monkeypatch, relock,
+):
     """The stall the fault matrix found, made deterministic: run A has passed its lease check
     and is about to send the batch that adds x when it stalls (its heartbeat stops); the
-    audience drops x; run B takes the sync over and succeeds; then A's request goes out. After
-    one more successful run a mirror destination must not hold x."""
+    audience drops x; run B takes the sync over and succeeds; then A's request goes out. A
+    records x as unknown: it applies that itself when it can take the lock back ("taken
+    back"), else the next run does ("held by another run": a live holder keeps the lock).
+    After one more successful run a mirror destination must not hold x."""
+    from audsync import runner as runner_module
     from audsync.destinations.webhook import WebhookConnector
-    from audsync.state import StateStore
+    from audsync.plan import unknown_marks_id
     from tests.fakes.webhook_server import FakeWebhook
     from tests.support.syncs import run_rows
 
     monkeypatch.setenv("AUDSYNC_LOCK_TIMEOUT_S", "2")
     fake = FakeWebhook(secret="stall-secret").start()
-    stalled, release = threading.Event(), threading.Event()
-    send, beat = WebhookConnector.send_batch, StateStore.heartbeat
+    stalled, parked, release = threading.Event(), threading.Event(), threading.Event()
+    send, loop = WebhookConnector.send_batch, runner_module._Heartbeat._loop
     thread = threading.Thread()
+    syncs = dbt_project.relation(names.SYNCS_TABLE, schema=dbt_project.schema + "_audsync")
+    plan = dbt_project.relation("s", "__plan")
     try:
         write_sync(dbt_project, "s", mode="mirror", destination="hook")
         write_destinations(dbt_project, {"hook": {"type": "webhook", "url": fake.url, "secret": "stall-secret",
@@ -1164,35 +1173,70 @@ def test_a_request_started_before_a_stall_and_landing_after_the_takeover_is_not_
         write_audience(dbt_project, base + [("x@example.com", "x", 1.0)])
         dbt_project.dbt("run")
 
-
         def send_batch(self, batch):
             if any(change.key == "x@example.com" for change in batch) and not release.is_set():
                 stalled.set()  # past the lease check: the stall lands here
                 release.wait(60)
             return send(self, batch)
 
-        def heartbeat(self, session, lock):
-            return True if stalled.is_set() and not release.is_set() else beat(self, session, lock)
+        def heartbeat_loop(self):
+            # The whole process stalls: its heartbeat thread parks before its next beat, and
+            # holds no warehouse session meanwhile (as a stopped process would not).
+            wait = self._stop.wait
+
+            def parking_wait(timeout=None):
+                if stalled.is_set() and not release.is_set():
+                    parked.set()
+                    release.wait(60)
+                return wait(timeout)
+
+            self._stop.wait = parking_wait
+            return loop(self)
 
         monkeypatch.setattr(WebhookConnector, "send_batch", send_batch)
-        monkeypatch.setattr(StateStore, "heartbeat", heartbeat)
+        monkeypatch.setattr(runner_module._Heartbeat, "_loop", heartbeat_loop)
         first: dict = {}
         thread = threading.Thread(target=lambda: first.update(result=audsync(dbt_project, "run", "s", expect=None)),
                                   daemon=True)
         thread.start()
         assert stalled.wait(60), "run A never sent the batch with x"
+        assert parked.wait(30), "run A's heartbeat never parked"
+        a_id = run_rows(dbt_project, "s")[-1]["run_id"]
         write_audience(dbt_project, base)  # x leaves the audience while A is stalled
         dbt_project.dbt("run")
-        time.sleep(2.5)  # A's heartbeat is now older than the lock timeout
+        time.sleep(2.5)  # A's last beat is now older than the lock timeout
         takeover = audsync_process(dbt_project, "run", "s", env={"AUDSYNC_LOCK_TIMEOUT_S": "2"})
         out, err = takeover.communicate(timeout=120)
         assert takeover.returncode == 0, out + err
+        if relock == "held by another run":
+            # A live holder (its heartbeat in the future): A cannot take the lock back, and
+            # tries only once.
+            monkeypatch.setattr(runner_module, "RELOCK_WAIT_MAX_S", 0.0)
+            later = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) + dt.timedelta(hours=1)
+            dbt_project.query(f"update {syncs} set lock_run_id = %s, lock_heartbeat_at = %s,"
+                              f" lock_generation = lock_generation + 1 where sync_name = %s",
+                              ["holder-run", later, "s"])
         release.set()  # A goes on: its request leaves now
         thread.join(120)
-        assert first["result"].code == 1  # fenced
+        result = first["result"]
+        assert result.code == 1, result.output  # fenced
+        assert "x@example.com" in fake.members  # the stale add landed after B's remove
+        assert "recorded the 1 key(s)" in result.output, result.output
+        marks = dbt_project.query(f"select count(*) from {plan} where _audsync_run_id = %s", [unknown_marks_id(a_id)])
+        if relock == "held by another run":
+            assert marks == [(1,)]  # left for the next holder of the lock
+            dbt_project.query(f"update {syncs} set lock_run_id = null, lock_heartbeat_at = null"
+                              f" where sync_name = %s", ["s"])
+        else:
+            assert marks == [(0,)]  # A applied them itself
+            hashes = dbt_project.query(
+                f"select _audsync_hash from {dbt_project.relation('s', '__snapshot')} where _audsync_key = %s",
+                ["x@example.com"])
+            assert hashes == [(None,)]  # x unknown
         audsync(dbt_project, "run", "s")
         assert run_rows(dbt_project, "s")[-1]["status"] == "success"
         assert "x@example.com" not in fake.members
+        assert dbt_project.query(f"select count(*) from {plan}") == [(0,)]
     finally:
         release.set()  # never leave run A's sending thread blocked: it would hold the process
         if thread.is_alive():
