@@ -716,7 +716,7 @@ class _Run:
         def take(session: Session) -> Lock:
             return self.state.acquire_lock(session, self.sync.name, self.run_id, timeout)[0]
 
-        lock, error = self._retrying(deadline, pause, lambda: self._in_new_session(take), stop=True)
+        lock, error = self._retrying(deadline, pause, lambda: self.warehouse.in_session(take), stop=True)
         if lock is None:
             logger.info("sync %r: run %s left its unknown marks to the next run: %s",
                         self.sync.name, self.run_id, error)
@@ -734,10 +734,6 @@ class _Run:
             except Exception:  # noqa: BLE001 - a stale lock is taken over by the next run
                 logger.debug("could not release the lock after applying the unknown marks", exc_info=True)
         return note
-
-    def _in_new_session(self, step):
-        with self.warehouse.session() as session:
-            return step(session)
 
     def _retrying(self, deadline: float, pause: float, attempt, stop: bool = False) -> tuple[Any, Exception | None]:
         """``(attempt(), None)``, trying again every ``pause`` s until ``deadline`` (or, with
