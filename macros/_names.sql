@@ -1,6 +1,6 @@
 {#-
   Names shared by the dbt package and the runner, spelled once here for dbt and once in
-  python/audsync/names.py for Python; tests/test_names.py holds the two together.
+  python/audsync/names.py for Python; tests/integration/test_names.py holds the two together.
 -#}
 
 {% macro audsync_names() %}
@@ -23,6 +23,11 @@
           'updates': '__updates',
           'changes': '__changes',
           'invalid': '__invalid',
+      },
+      'governance_suffixes': {
+          'excluded': '__excluded',
+          'split': '__split',
+          'history': '__history',
       },
       'ops': ['add', 'remove', 'update'],
       'modes': ['mirror', 'add', 'upsert', 'remove'],

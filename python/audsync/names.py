@@ -1,7 +1,7 @@
 """Names shared by the dbt package and the runner.
 
 Every relation suffix, system column and mode is spelled here once for Python and once in
-``macros/_names.sql`` for dbt; ``tests/test_names.py`` holds the two together.
+``macros/_names.sql`` for dbt; ``tests/integration/test_names.py`` holds the two together.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ SUFFIXES = {
     "invalid": "__invalid",
 }
 
-# Relations the governance features build beside them (macros/governance/relations.sql
-# `governance_suffixes`): views, but for the append-only history table.
+# Relations the governance features build beside them (``audsync_names().governance_suffixes``,
+# built by macros/governance/relations.sql): views, but for the append-only history table.
 GOVERNANCE_SUFFIXES = {
     "excluded": "__excluded",
     "split": "__split",

@@ -1068,6 +1068,7 @@ def repair(world: World) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_fault_matrix(dbt_project, warehouse, tmp_path):
     seed = int(os.environ.get("AUDSYNC_FAULT_SEED") or random.SystemRandom().randrange(1, 10**9))
     replay = (f"replay: AUDSYNC_FAULT_SEED={seed} AUDSYNC_FAULT_ITERATIONS={ITERATIONS} .venv/bin/python -m pytest"
@@ -1180,6 +1181,7 @@ def test_the_fake_webhook_injects_each_fault_from_another_process():
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("relock", ["taken back", "held by another run"])
 def test_a_request_started_before_a_stall_and_landing_after_the_takeover_is_not_forgotten(
     dbt_project, monkeypatch, relock,
