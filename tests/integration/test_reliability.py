@@ -203,8 +203,9 @@ def test_a_killed_run_whose_audience_reverts_leaves_the_destination_exact(dbt_pr
 @pytest.mark.ci
 def test_a_stalled_run_that_was_taken_over_sends_nothing_and_commits_nothing(dbt_project, monkeypatch):
     """SIGSTOP past the lock timeout, a second run takes over and finishes, SIGCONT: the first
-    run sends no further request, exits 1 naming the run that took over, and its row stays
-    `aborted` as the taker marked it. Before fencing it delivered its stale plan and exited 0."""
+    run starts no further request (the one its thread may have started before the stop still
+    goes out), exits 1 naming the run that took over, and its row stays `aborted` as the
+    taker marked it. Before fencing it delivered its stale plan and exited 0."""
     with FakeWebhook(secret="fence-secret", latency_s=0.15) as fake:
         write_sync(dbt_project, "s", mode="mirror", destination="hook")
         write_destinations(dbt_project, {"hook": hook(fake, batch_size=5, max_concurrency=1)})
@@ -228,7 +229,11 @@ def test_a_stalled_run_that_was_taken_over_sends_nothing_and_commits_nothing(dbt
         out, err = first.communicate(timeout=60)
         assert first.returncode == 1, out + err
         assert taker["run_id"] in out + err and "lost its lock" in out + err
-        assert sum(k.startswith(stalled_id) for k in fake.idempotency_keys) == sent_by_stalled
+        # At most the one request its thread had started (past its lease check) when it was
+        # stopped goes out after it went on (max_concurrency 1): nothing it started after.
+        # That request's keys are recorded as unknown and sent again (test_fault_matrix's
+        # test_a_request_started_before_a_stall_...).
+        assert sum(k.startswith(stalled_id) for k in fake.idempotency_keys) - sent_by_stalled <= 1
         history = {r["run_id"]: r for r in run_rows(dbt_project, "s")}
         assert history[stalled_id]["status"] == "aborted"
         assert set(fake.members) == {r[0] for r in rows}
