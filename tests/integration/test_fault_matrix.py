@@ -1037,6 +1037,7 @@ def repair(world: World) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_fault_matrix(dbt_project, warehouse, tmp_path):
     seed = int(os.environ.get("AUDSYNC_FAULT_SEED") or random.SystemRandom().randrange(1, 10**9))
     replay = (f"replay: AUDSYNC_FAULT_SEED={seed} AUDSYNC_FAULT_ITERATIONS={ITERATIONS} .venv/bin/python -m pytest"
@@ -1140,6 +1141,7 @@ def test_the_fake_webhook_injects_each_fault_from_another_process():
 @pytest.mark.xfail(strict=True, reason=(
     "a request a stalled run had started before the stall reaches the destination after the run"
     " that took over; no run records it (found by the fault matrix, sigstop; see the README)"))
+@pytest.mark.ci
 def test_a_request_started_before_a_stall_and_landing_after_the_takeover_is_not_forgotten(dbt_project, monkeypatch):
     """The stall the fault matrix found, made deterministic: run A has passed its lease check
     and is about to send the batch that adds x when it stalls (its heartbeat stops); the

@@ -164,6 +164,7 @@ def test_unknown_rows_are_counted_and_never_as_applied(dbt_project):
 
 
 @pytest.mark.slow
+@pytest.mark.ci(warehouses=["duckdb"])
 def test_a_killed_run_whose_audience_reverts_leaves_the_destination_exact(dbt_project, monkeypatch):
     """kill -9 after the fake applied batches whose answers were never flushed; the audience
     reverts before the next run. Recovery marks every unanswered row unknown, and the next run
@@ -199,6 +200,7 @@ def test_a_killed_run_whose_audience_reverts_leaves_the_destination_exact(dbt_pr
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_a_stalled_run_that_was_taken_over_sends_nothing_and_commits_nothing(dbt_project, monkeypatch):
     """SIGSTOP past the lock timeout, a second run takes over and finishes, SIGCONT: the first
     run sends no further request, exits 1 naming the run that took over, and its row stays
@@ -266,6 +268,7 @@ def test_the_lock_compares_heartbeats_by_the_warehouse_clock(dbt_project, monkey
 
 
 @pytest.mark.slow
+@pytest.mark.ci(warehouses=["duckdb"])
 def test_sigterm_stops_the_command_quickly_and_the_next_sync_does_not_start(dbt_project, monkeypatch):
     """SIGTERM while a batch waits 30 s to retry a 503: the wait ends at once, the answered
     batches are committed, the run ends `aborted`, the second sync never starts, the lock is
@@ -467,6 +470,7 @@ def test_waiting_for_the_duckdb_file_shows_in_the_json_events(dbt_project, wareh
 
 
 @pytest.mark.slow
+@pytest.mark.ci(warehouses=["duckdb"])
 def test_a_pause_during_a_run_stays_and_reset_takes_over_like_a_run(dbt_project, monkeypatch):
     """`audsync pause` while a run delivers: the sync is still paused after the run. `audsync
     reset` refuses a live holder, and recovers a dead one (its run `aborted`, its plan and

@@ -425,8 +425,10 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
+        # The traceback goes to the log (its handler's filter masks secrets in it), never to
+        # the answer.
         logger.error("unexpected error on %s %s: %s", request.method, request.url.path,
-                     redact(f"{type(error).__name__}: {error}"))
+                     redact(f"{type(error).__name__}: {error}"), exc_info=error)
         return JSONResponse(error_body("internal", "an unexpected error; see the service's log"), status_code=500)
 
     app.add_middleware(RateLimit, limit=rate_limit)

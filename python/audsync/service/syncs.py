@@ -569,12 +569,7 @@ def delete_sync(ws: Workspace, sync_id: str, busy_run: str | None = None) -> Non
 
 
 def _require_state(ws: Workspace) -> None:
-    runner = ws.state_runner()
-    try:
-        with runner.warehouse.session() as session:
-            missing = runner.state.missing_tables(session)
-    finally:
-        runner.warehouse.close()
+    missing = ws.missing_state_tables()
     if missing:
         raise Conflict(f"audsync's state tables {', '.join(missing)} are not built yet; run `dbt run` "
                        "(or restart `audsync serve`, which builds them)", code="not_ready")

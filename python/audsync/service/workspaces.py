@@ -139,6 +139,15 @@ class Workspace:
         project = self.project()
         return SyncRunner(project, project.open_warehouse(), {})
 
+    def missing_state_tables(self) -> list[str]:
+        """audsync's state tables the workspace's warehouse does not have yet."""
+        runner = self.state_runner()
+        try:
+            with runner.warehouse.session() as session:
+                return list(runner.state.missing_tables(session))
+        finally:
+            runner.warehouse.close()
+
     # -- auth -------------------------------------------------------------------------------
 
     def token_name(self, presented_digest: str) -> str | None:
