@@ -454,7 +454,8 @@ class _Run:
             try:
                 self.result.stats = deliver(
                     _GuardedConnector(connector, guard, self.in_flight),
-                    self._batches(self.delivery.batch_size, guard),
+                    self._batches(self.delivery.batch_size, guard,
+                                  encoded=getattr(connector, "accepts_encoded_batches", False)),
                     max_concurrency=self.delivery.max_concurrency,
                     on_result=recorder.on_result,
                     on_progress=self.reporter.progress_update,
@@ -512,26 +513,40 @@ class _Run:
             self.state.set_destination_state(
                 session, self.sync.name, json.dumps(self.destination_state, sort_keys=True, default=str))
 
-    def _batches(self, batch_size: int, guard: "_SendGuard") -> Iterator[tuple[int, list[Change]]]:
+    def _batches(self, batch_size: int, guard: "_SendGuard", encoded: bool = False) -> Iterator[tuple[int, Sequence[Change]]]:
         """The plan's sent rows in batches, read one chunk per warehouse session; ends early
-        on a stop request, raises ``LockLost`` once the lock is lost."""
+        on a stop request, raises ``LockLost`` once the lock is lost.
+
+        ``encoded``: the connector takes :class:`EncodedBatch` es; the warehouse encodes the
+        rows when it can encode every mapped column (no Python object per row)."""
         chunk = max(batch_size, (READ_CHUNK_ROWS // batch_size) * batch_size)
         batch_no = 0
         after = 0
+        reader = None
+        if encoded:
+            with self.warehouse.session() as session:
+                reader = self.tables.encoded_reader(session)
         while after < self.size:
             guard.raise_if_lost()
             if self.runner.stopping:
                 return
+            rows = None
             with self.warehouse.session() as session:
-                rows = self.tables.read(session, self.run_id, after, after + chunk)
+                if reader is not None:
+                    batches = reader.read(session, self.run_id, after, after + chunk, batch_size)
+                else:
+                    rows = self.tables.read(session, self.run_id, after, after + chunk)
             after += chunk
-            changes, _unsent = self.tables.to_changes(rows)
-            del rows
-            for start in range(0, len(changes), batch_size):
+            if rows is not None:
+                changes, _unsent = self.tables.to_changes(rows)
+                del rows
+                batches = [changes[i:i + batch_size] for i in range(0, len(changes), batch_size)]
+                del changes
+            while batches:
                 guard.raise_if_lost()
                 if self.runner.stopping:
                     return
-                yield batch_no, changes[start:start + batch_size]
+                yield batch_no, batches.pop(0)  # popped: a sent batch is not held here
                 batch_no += 1
         guard.exhausted = True
 
