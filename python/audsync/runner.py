@@ -531,11 +531,13 @@ class _Run:
             if self.runner.stopping:
                 return
             rows = None
-            with self.warehouse.session() as session:
-                if reader is not None:
-                    batches = reader.read(session, self.run_id, after, after + chunk, batch_size)
-                else:
-                    rows = self.tables.read(session, self.run_id, after, after + chunk)
+            # A read is retried with more memory when DuckDB runs out (a read changes nothing).
+            if reader is not None:
+                batches = self.warehouse.in_session(
+                    lambda session: reader.read(session, self.run_id, after, after + chunk, batch_size))
+            else:
+                rows = self.warehouse.in_session(
+                    lambda session: self.tables.read(session, self.run_id, after, after + chunk))
             after += chunk
             if rows is not None:
                 changes, _unsent = self.tables.to_changes(rows)
