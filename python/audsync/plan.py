@@ -269,6 +269,8 @@ class SyncTables:
     def encoded_reader(self, session: Session) -> "EncodedReader | None":
         """A reader of the plan as :class:`EncodedBatch` es, when the warehouse can encode
         every mapped column's type (else None: the rows are read as :class:`Change` s)."""
+        if not self.warehouse.encodes_batches:
+            return None
         types = {c.lower(): t for c, t in self.warehouse.column_types(session, self.sync.relation_of("plan")).items()}
         positions = self._field_positions()
         values = []

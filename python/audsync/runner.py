@@ -51,12 +51,10 @@ from .warehouse import Session, Warehouse
 
 logger = logging.getLogger("audsync.run")
 
-# Plan rows read per warehouse session during delivery; bounded memory, few sessions.
+# Plan rows read per warehouse session during delivery; bounded memory, few sessions. Also
+# when the warehouse encodes the rows: 100k rows a session ran out of DuckDB's 100 MB (the
+# retry then left the run at four times that) where 50k stay under it, at 1M members.
 READ_CHUNK_ROWS = 50_000
-# The same when the warehouse encodes the rows: a chunk is about 120 bytes a row held as one
-# blob a batch (no Python object per row), and each session costs a DuckDB open (about 45 ms
-# of CPU at 1M members), so chunks are larger.
-ENCODED_READ_CHUNK_ROWS = 100_000
 # How often answered batches are written to the warehouse during delivery.
 FLUSH_EVERY_S = 1.0
 # The heartbeat's period: at most this, and a quarter of the lock timeout.
@@ -529,8 +527,7 @@ class _Run:
         if encoded:
             with self.warehouse.session() as session:
                 reader = self.tables.encoded_reader(session)
-        rows_a_chunk = READ_CHUNK_ROWS if reader is None else ENCODED_READ_CHUNK_ROWS
-        chunk = max(batch_size, (rows_a_chunk // batch_size) * batch_size)
+        chunk = max(batch_size, (READ_CHUNK_ROWS // batch_size) * batch_size)
         while after < self.size:
             guard.raise_if_lost()
             if self.runner.stopping:

@@ -193,6 +193,10 @@ class Warehouse:
         )
         return {r[0]: str(r[1]).upper() for r in rows}
 
+    encodes_batches: bool = False
+    """Whether :meth:`encoded_batches_sql` may answer a query (else the runner does not ask
+    for the plan's column types either)."""
+
     def encoded_batches_sql(self, plan: str, values: Sequence[tuple[str, str]]) -> str | None:
         """The query that reads plan rows as :class:`~audsync.destinations.base.EncodedBatch`
         parts, or None when this engine does not encode them (the runner then does).

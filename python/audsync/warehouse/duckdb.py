@@ -171,6 +171,8 @@ class DuckDBWarehouse(Warehouse):
             return f"case when isfinite({column_sql}) then cast({column_sql} as double) end"
         return None
 
+    encodes_batches = True
+
     def encoded_batches_sql(self, plan: str, values: Any) -> str | None:
         parts = [self._json_value_sql(column, data_type) for column, data_type in values]
         if any(p is None for p in parts):
