@@ -19,8 +19,10 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import orjson
+
 from . import names
-from .destinations.base import Change
+from .destinations.base import Change, EncodedBatch
 from .errors import ConfigError
 from .project import SyncModel
 from .state import StateStore
@@ -265,6 +267,32 @@ class SyncTables:
                 row[0], row[1], row[3], {f: row[p] for f, p in field_positions}, row[id_position]
             )))
         return changes, unsent
+
+    def _field_positions(self) -> dict[str, int]:
+        """Destination field -> index in :attr:`columns`, in mapping order (a field mapped
+        twice takes its last column, as a dict of the fields does)."""
+        index = {c.lower(): i for i, c in enumerate(self.columns)}
+        positions: dict[str, int] = {}
+        for m in self.sync.mapping:
+            positions[m.destination_field] = index[m.source_column.lower()]
+        return positions
+
+    def encoded_reader(self, session: Session) -> "EncodedReader | None":
+        """A reader of the plan as :class:`EncodedBatch` es, when the warehouse can encode
+        every mapped column's type (else None: the rows are read as :class:`Change` s)."""
+        if not self.warehouse.encodes_batches:
+            return None
+        types = {c.lower(): t for c, t in self.warehouse.column_types(session, self.sync.relation_of("plan")).items()}
+        positions = self._field_positions()
+        values = []
+        for position in positions.values():
+            column = self.columns[position]
+            data_type = types.get(column.lower())
+            if data_type is None:
+                return None
+            values.append((self.warehouse.quote(column), data_type))
+        sql = self.warehouse.encoded_batches_sql(self.plan, values)
+        return EncodedReader(sql, list(positions)) if sql else None
 
     # -- commit -----------------------------------------------------------------------------
 
@@ -545,6 +573,29 @@ class SyncTables:
         session.execute(f"insert into {self.candidates} ({names.KEY}) select {names.KEY} from {self.membership}")
         self.warehouse.refresh_statistics(session, self.sync.relation_of("candidates"))
         return forgotten
+
+
+class EncodedReader:
+    """Reads a plan's sent rows as batches the warehouse encoded (see
+    :meth:`audsync.warehouse.Warehouse.encoded_batches_sql`)."""
+
+    def __init__(self, sql: str, fields: list[str]):
+        self.sql = sql
+        self.fields = fields
+
+    def read(self, session: Session, run_id: str, after_seq: int, upto_seq: int, batch_size: int) -> list[EncodedBatch]:
+        """The sent rows ``after_seq < seq <= upto_seq`` in batches of ``batch_size``, in order."""
+        rows = session.fetchall(self.sql, (*self.fields, int(batch_size), run_id, after_seq, upto_seq))
+        batches = []
+        for first_seq, last_seq, size, operations, first, last, seqs, ids in rows:
+            first_op, last_op = orjson.loads(first), orjson.loads(last)
+            batches.append(EncodedBatch(
+                bytes(operations), int(size),
+                Change(int(first_seq), first_op["op"], first_op["key"], first_op["fields"], ids[0] if ids else None),
+                Change(int(last_seq), last_op["op"], last_op["key"], last_op["fields"], ids[-1] if ids else None),
+                seqs, ids,
+            ))
+        return batches
 
 
 def _counts(rows: list[tuple]) -> PlanCounts:

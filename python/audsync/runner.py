@@ -55,7 +55,9 @@ from .warehouse import Session, Warehouse
 
 logger = logging.getLogger("audsync.run")
 
-# Plan rows read per warehouse session during delivery; bounded memory, few sessions.
+# Plan rows read per warehouse session during delivery; bounded memory, few sessions. Also
+# when the warehouse encodes the rows: 100k rows a session ran out of DuckDB's 100 MB (the
+# retry then left the run at four times that) where 50k stay under it, at 1M members.
 READ_CHUNK_ROWS = 50_000
 # How often answered batches are written to the warehouse during delivery.
 FLUSH_EVERY_S = 1.0
@@ -472,7 +474,8 @@ class _Run:
             try:
                 self.result.stats = deliver(
                     _GuardedConnector(connector, guard, self.in_flight),
-                    self._batches(self.delivery.batch_size, guard),
+                    self._batches(self.delivery.batch_size, guard,
+                                  encoded=getattr(connector, "accepts_encoded_batches", False)),
                     max_concurrency=self.delivery.max_concurrency,
                     on_result=recorder.on_result,
                     on_progress=self.reporter.progress_update,
@@ -530,26 +533,42 @@ class _Run:
             self.state.set_destination_state(
                 session, self.sync.name, json.dumps(self.destination_state, sort_keys=True, default=str))
 
-    def _batches(self, batch_size: int, guard: "_SendGuard") -> Iterator[tuple[int, list[Change]]]:
+    def _batches(self, batch_size: int, guard: "_SendGuard", encoded: bool = False) -> Iterator[tuple[int, Sequence[Change]]]:
         """The plan's sent rows in batches, read one chunk per warehouse session; ends early
-        on a stop request, raises ``LockLost`` once the lock is lost."""
-        chunk = max(batch_size, (READ_CHUNK_ROWS // batch_size) * batch_size)
+        on a stop request, raises ``LockLost`` once the lock is lost.
+
+        ``encoded``: the connector takes :class:`EncodedBatch` es; the warehouse encodes the
+        rows when it can encode every mapped column (no Python object per row)."""
         batch_no = 0
         after = 0
+        reader = None
+        if encoded:
+            with self.warehouse.session() as session:
+                reader = self.tables.encoded_reader(session)
+        chunk = max(batch_size, (READ_CHUNK_ROWS // batch_size) * batch_size)
         while after < self.size:
             guard.raise_if_lost()
             if self.runner.stopping:
                 return
-            with self.warehouse.session() as session:
-                rows = self.tables.read(session, self.run_id, after, after + chunk)
+            rows = None
+            # A read is retried with more memory when DuckDB runs out (a read changes nothing).
+            if reader is not None:
+                batches = self.warehouse.in_session(
+                    lambda session: reader.read(session, self.run_id, after, after + chunk, batch_size))
+            else:
+                rows = self.warehouse.in_session(
+                    lambda session: self.tables.read(session, self.run_id, after, after + chunk))
             after += chunk
-            changes, _unsent = self.tables.to_changes(rows)
-            del rows
-            for start in range(0, len(changes), batch_size):
+            if rows is not None:
+                changes, _unsent = self.tables.to_changes(rows)
+                del rows
+                batches = [changes[i:i + batch_size] for i in range(0, len(changes), batch_size)]
+                del changes
+            while batches:
                 guard.raise_if_lost()
                 if self.runner.stopping:
                     return
-                yield batch_no, changes[start:start + batch_size]
+                yield batch_no, batches.pop(0)  # popped: a sent batch is not held here
                 batch_no += 1
         guard.exhausted = True
 

@@ -50,6 +50,7 @@ def _runs_forced(project, sync: str) -> dict[str, object]:
     return dict(_query(project, f"select run_id, forced from {relation} where sync_name = %s", [sync]))
 
 
+@pytest.mark.ci  # the only end-to-end proof of the API's force and split_group_id
 def test_split_group_id_is_read_written_and_checked_and_a_forced_trigger_sends(project):
     workspace = str(uuid.uuid5(uuid.NAMESPACE_URL, "audsync:workspace:gov:duckdb"))
     prefix = f"/api/v1/workspaces/{workspace}"

@@ -37,6 +37,60 @@ class Change(NamedTuple):
     """The id the destination gave the member when it was added, if known."""
 
 
+class EncodedBatch(Sequence[Change]):
+    """A batch of plan rows that the warehouse encoded as the webhook format's operations
+    (``{"op": ..., "key": ..., "fields": {...}}``, comma-separated, without the brackets).
+
+    It is a sequence of :class:`Change` like any batch, but builds them only when asked for
+    more than its first and last rows (a rejection, a failed batch): on the usual path no
+    Python object is made per row. The changes are decoded from the JSON itself, so they are
+    what was sent.
+    """
+
+    __slots__ = ("operations_json", "_size", "_first", "_last", "_seqs", "_ids", "_changes")
+
+    def __init__(self, operations_json: bytes, size: int, first: Change, last: Change,
+                 seqs: Sequence[int] | None = None, ids: Sequence[str | None] | None = None):
+        self.operations_json = operations_json
+        self._size = size
+        self._first = first
+        self._last = last
+        self._seqs = seqs
+        """Every row's seq, or ``None`` when they run from ``first.seq`` without a gap."""
+        self._ids = ids
+        """Every row's destination id, or ``None`` when no row has one."""
+        self._changes: list[Change] | None = None
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, int) and self._size:
+            if index in (0, -self._size):
+                return self._first
+            if index in (-1, self._size - 1):
+                return self._last
+        return self.changes()[index]
+
+    def __iter__(self) -> Iterator[Change]:
+        return iter(self.changes())
+
+    def changes(self) -> list[Change]:
+        """The rows as :class:`Change` objects (decoded once, then kept)."""
+        if self._changes is None:
+            import orjson
+
+            operations = orjson.loads(b"[" + self.operations_json + b"]")
+            first = self._first.seq
+            seqs = self._seqs if self._seqs is not None else range(first, first + len(operations))
+            ids = self._ids if self._ids is not None else [None] * len(operations)
+            self._changes = [
+                Change(seq, o["op"], o["key"], o["fields"], i)
+                for seq, o, i in zip(seqs, operations, ids)
+            ]
+        return self._changes
+
+
 @dataclass(frozen=True)
 class RowError:
     """A row the destination did not take."""
@@ -177,6 +231,10 @@ class Connector:
     """True when :meth:`list_members` can read the destination's membership back
     (``audsync verify``); ad platforms (Meta, Google) cannot."""
     cannot_list_reason: ClassVar[str] = "its API cannot list a list's members"
+    accepts_encoded_batches: ClassVar[bool] = False
+    """True when :meth:`send_batch` sends an :class:`EncodedBatch`'s ``operations_json`` as
+    it is (the webhook format's operations), so that the runner may have the warehouse encode
+    the rows instead of building a :class:`Change` per row."""
 
     @classmethod
     def listing_refused(cls, settings: Mapping[str, Any]) -> str | None:

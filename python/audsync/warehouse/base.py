@@ -184,6 +184,34 @@ class Warehouse:
         )
         return [r[0] for r in rows] or None
 
+    def column_types(self, session: Session, relation: Relation) -> dict[str, str]:
+        """``{column: type}`` of ``relation`` as the engine names its types (upper case)."""
+        rows = session.fetchall(
+            "select column_name, data_type from information_schema.columns"
+            " where table_schema = ? and table_name = ?",
+            (relation.schema, relation.identifier),
+        )
+        return {r[0]: str(r[1]).upper() for r in rows}
+
+    encodes_batches: bool = False
+    """Whether :meth:`encoded_batches_sql` may answer a query (else the runner does not ask
+    for the plan's column types either)."""
+
+    def encoded_batches_sql(self, plan: str, values: Sequence[tuple[str, str]]) -> str | None:
+        """The query that reads plan rows as :class:`~audsync.destinations.base.EncodedBatch`
+        parts, or None when this engine does not encode them (the runner then does).
+
+        ``values`` are ``(column_sql, data_type)`` of the mapped fields in order; the query
+        takes the fields' names (one ``?`` each, in order), then the batch size, the run id,
+        and the seq range ``> ?`` and ``<= ?``. It returns one row a batch of sent rows, in
+        order: first seq, last seq, row count, the operations (bytes), the first and the last
+        operation (text), every seq when they have a gap (else null) and every destination id
+        when one is set (else null). A value must encode as :func:`audsync.delivery.http.dumps`
+        encodes what the driver returns for it (the same JSON value once parsed), or the
+        engine answers None for its type.
+        """
+        return None
+
     def close(self) -> None:
         """Release whatever the warehouse holds open."""
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import threading
 
+from .. import names
 from .base import Relation, Session, Warehouse
 
 logger = logging.getLogger("audsync.warehouse")
@@ -110,14 +111,19 @@ class DuckDBWarehouse(Warehouse):
         connection = self._connect()
         session = None
         try:
-            connection.execute("begin transaction")
             session = Session(self, connection)
+            # The transaction is the cursor's: a DuckDB cursor is a connection of its own
+            # (`DuckDBPyConnection.cursor()` duplicates it), so a transaction begun on
+            # `connection` would leave every statement of the session autocommitted, and a
+            # step that failed midway (out of memory in a commit) half applied.
+            transaction = session._cursor
+            transaction.execute("begin transaction")
             try:
                 yield session
             except BaseException:
-                connection.execute("rollback")
+                transaction.execute("rollback")
                 raise
-            connection.execute("commit")
+            transaction.execute("commit")
         finally:
             connection.close()
             for callback in (session.on_end if session is not None else ()):
@@ -155,6 +161,45 @@ class DuckDBWarehouse(Warehouse):
         yield "nextval('audsync_row_numbers')"
         session.execute("drop sequence audsync_row_numbers")
 
+    # Types whose JSON DuckDB writes as orjson writes the value the driver returns (the same
+    # JSON value once parsed: shortest round-trip doubles, escaped text). A REAL is widened
+    # first (the driver returns it as a double); NaN and infinities become null as orjson
+    # makes them. Dates, times, decimals, lists and the rest are encoded by the runner.
+    _JSON_EXACT = frozenset({"VARCHAR", "BOOLEAN", "TINYINT", "SMALLINT", "INTEGER", "BIGINT",
+                             "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"})
+    _JSON_FLOATS = frozenset({"DOUBLE", "FLOAT", "REAL"})
+
+    def _json_value_sql(self, column_sql: str, data_type: str) -> str | None:
+        if data_type in self._JSON_EXACT:
+            return column_sql
+        if data_type in self._JSON_FLOATS:
+            return f"case when isfinite({column_sql}) then cast({column_sql} as double) end"
+        return None
+
+    encodes_batches = True
+
+    def encoded_batches_sql(self, plan: str, values: Any) -> str | None:
+        parts = [self._json_value_sql(column, data_type) for column, data_type in values]
+        if any(p is None for p in parts):
+            return None
+        n = names
+        fields = ", ".join(f"?, {p}" for p in parts)
+        # One pass over the chunk: each sent row becomes its operation's JSON, the rows are
+        # numbered in seq order and cut into batches, and each batch's operations are joined
+        # into one blob; Python frames it and sends it.
+        return (
+            f"select min(seq), max(seq), count(*), encode(string_agg(operation, ',' order by seq)),"
+            f" arg_min(operation, seq), arg_max(operation, seq),"
+            f" case when max(seq) - min(seq) + 1 = count(*) then null else list(seq order by seq) end,"
+            f" case when count(destination_id) = 0 then null else list(destination_id order by seq) end"
+            f" from (select {n.SEQ} as seq, {n.DESTINATION_ID} as destination_id,"
+            f"   cast(json_object('op', {n.OP}, 'key', {n.KEY}, 'fields', json_object({fields})) as varchar)"
+            f"     as operation,"
+            f"   (row_number() over (order by {n.SEQ}) - 1) // ? as batch_index"
+            f"   from {plan} where {n.RUN_ID} = ? and {n.SEQ} > ? and {n.SEQ} <= ? and {n.SEND}) as rows"
+            f" group by batch_index order by batch_index"
+        )
+
     fence_writes = False
 
     def on_conflict_do_nothing(self) -> str:
@@ -175,6 +220,14 @@ class DuckDBWarehouse(Warehouse):
             (relation.database or self.credentials.database, relation.schema, relation.identifier),
         )
         return [r[0] for r in rows] or None
+
+    def column_types(self, session: Session, relation: Relation) -> dict[str, str]:
+        rows = session.fetchall(
+            "select column_name, data_type from information_schema.columns"
+            " where table_catalog = ? and table_schema = ? and table_name = ?",
+            (relation.database or self.credentials.database, relation.schema, relation.identifier),
+        )
+        return {r[0]: str(r[1]).upper() for r in rows}
 
     def describe(self) -> str:
         return f"duckdb file {self.path} (target {self.target_name!r})"
