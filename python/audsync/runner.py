@@ -897,13 +897,15 @@ class _InFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ranges: set[tuple[int, int]] = set()
-        self._unrecorded: dict[tuple[int, int], list[Change]] = {}
+        self._unrecorded: dict[tuple[int, int], Sequence[Change]] = {}
 
     def started(self, batch: Sequence[Change]) -> None:
         if batch:
             with self._lock:
                 self._ranges.add((batch[0].seq, batch[-1].seq))
-                self._unrecorded[(batch[0].seq, batch[-1].seq)] = list(batch)
+                # The batch itself: an EncodedBatch builds its Change objects only if the run
+                # loses its lock and asks for them (unrecorded), never on the sending path.
+                self._unrecorded[(batch[0].seq, batch[-1].seq)] = batch
 
     def answered(self, batch: Sequence[Change]) -> None:
         if batch:
