@@ -24,6 +24,10 @@
           'changes': '__changes',
           'invalid': '__invalid',
       },
+      'rewrite_suffixes': {
+          'next': '__audsync_next',
+          'old': '__audsync_old',
+      },
       'ops': ['add', 'remove', 'update'],
       'modes': ['mirror', 'add', 'upsert', 'remove'],
       'mode_aliases': {'additive': 'add', 'subtractive': 'remove'},
