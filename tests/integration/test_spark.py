@@ -98,3 +98,32 @@ def test_diff_views_equal_a_python_diff_and_dbt_never_replaces_the_snapshot(spar
         assert relation_rows(project, model, "__removes") == {(k, *v) for k, v in removes.items()}
         assert relation_rows(project, model, "__updates") == {(k, *v) for k, v in updates.items()}
         assert relation_rows(project, model, "__changes", with_op=True) == expected_changes(mode, adds, removes, updates), mode
+
+
+def test_runner_syncs_a_webhook_on_spark_and_keeps_the_mirror(spark_project):
+    """`dbt run` plus `audsync run` on Spark keep a fake webhook exactly as mirror mode
+    promises, over an initial sync and a change (adds, a remove, an update)."""
+    from tests.fakes.webhook_server import FakeWebhook
+    from tests.support.syncs import audsync, run_rows, webhook_values, write_destinations, write_sync
+
+    project = spark_project
+    fake = FakeWebhook(secret="spark-secret").start()
+    try:
+        write_destinations(project, {"hook": {"type": "webhook", "url": fake.url, "secret": "spark-secret"}})
+        write_sync(project, "s", mode="mirror")
+        first = [("a@x.com", "Ann", 1.0), ("b@x.com", "Bob", 2.0), ("c@x.com", None, None)]
+        second = [("a@x.com", "Ann", 5.0), ("c@x.com", None, None), ("d@x.com", "Dee", 4.0)]
+        for step, rows in enumerate((first, second)):
+            write_audience(project, rows)
+            project.dbt("run")
+            audsync(project, "run", "s")
+            held = {key: webhook_values(fields) for key, fields in fake.members.items()}
+            assert held == {r[0]: (r[1], r[2]) for r in rows}, f"step {step}"
+            snapshot = project.query(f"select {names.KEY}, first_name, ltv from {project.relation('s', '__snapshot')}")
+            assert {r[0]: (r[1], r[2]) for r in snapshot} == held, f"step {step}: the snapshot claims otherwise"
+        statuses = [(r["status"], r["planned_adds"], r["planned_removes"], r["planned_updates"]) for r in run_rows(project, "s")]
+        assert statuses == [("success", 3, 0, 0), ("success", 1, 1, 1)]
+        assert audsync(project, "run", "s").code == 0  # nothing to send
+        assert fake.violations == []
+    finally:
+        fake.stop()
