@@ -67,3 +67,16 @@
   {{ adapter.rename_relation(next, relation) }}
   {% do adapter.drop_relation(old) %}
 {% endmacro %}
+
+{#- Recover every state table of the package (an on-run-start hook: before dbt looks for
+    them). Renders no SQL. -#}
+{% macro recover_state_tables() %}
+  {%- if execute -%}
+    {%- for node in graph.nodes.values() -%}
+      {%- if node.resource_type == 'model' and node.package_name == 'audsync' and 'audsync_state' in node.tags -%}
+        {% do audsync.recover_rewrite(api.Relation.create(database=node.database, schema=node.schema, identifier=node.alias or node.name, type='table')) %}
+      {%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+  {{ return('') }}
+{% endmacro %}

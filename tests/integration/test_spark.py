@@ -80,12 +80,13 @@ def test_diff_views_equal_a_python_diff_and_dbt_never_replaces_the_snapshot(spar
     state = project.relation(names.SYNCS_TABLE, schema=project.schema + "_audsync")
     old = project.relation(names.SYNCS_TABLE + names.REWRITE_SUFFIXES["old"], schema=project.schema + "_audsync")
     nxt = project.relation(names.SYNCS_TABLE + names.REWRITE_SUFFIXES["next"], schema=project.schema + "_audsync")
+    project.execute(f"insert into {state} (sync_name, status) values ('kept_row', 'paused')")
     project.execute(f"create table {nxt} using parquet as select * from {state}")
     project.execute(f"alter table {state} rename to {old}")
 
     project.dbt("run", "--full-refresh")
 
-    assert {r[0] for r in project.query(f"select sync_name from {state}")} == {f"sync_{m}" for m in MODES}
+    assert {r[0] for r in project.query(f"select sync_name from {state}")} == {f"sync_{m}" for m in MODES} | {"kept_row"}
     assert not project.relation_exists(names.SYNCS_TABLE + names.REWRITE_SUFFIXES["old"], schema=project.schema + "_audsync")
     audience = valid_members(second)
     adds, removes, updates = python_diff(snapshot, audience)
@@ -125,5 +126,75 @@ def test_runner_syncs_a_webhook_on_spark_and_keeps_the_mirror(spark_project):
         assert statuses == [("success", 3, 0, 0), ("success", 1, 1, 1)]
         assert audsync(project, "run", "s").code == 0  # nothing to send
         assert fake.violations == []
+    finally:
+        fake.stop()
+
+
+def test_a_kill_9_mid_delivery_is_recovered_and_the_lock_holds_on_spark(spark_project, monkeypatch):
+    """A runner killed (SIGKILL) mid-delivery on Spark: while its heartbeat is fresh a second
+    run is refused naming it; once stale, the next run takes the lock over, records it aborted,
+    commits what it delivered and sends the rest, and the snapshot equals the destination.
+    The lock's generations are marker tables: a generation taken cannot be taken again, and
+    its holder is fenced once a later one exists."""
+    import signal
+    import time
+
+    from audsync.errors import LockHeld
+    from audsync.profiles import load_credentials
+    from audsync.warehouse import Relation
+    from audsync.warehouse.spark import SparkWarehouse
+    from tests.fakes.webhook_server import FakeWebhook
+    from tests.support.syncs import audsync, audsync_process, run_rows, write_destinations, write_sync
+
+    project = spark_project
+    fake = FakeWebhook(secret="kill-secret", latency_s=0.3).start()
+    try:
+        write_sync(project, "s", mode="mirror")
+        write_destinations(project, {"hook": {"type": "webhook", "url": fake.url, "secret": "kill-secret",
+                                              "batch_size": 2, "max_concurrency": 1}})
+        rows = [(f"k{i:03d}@example.com", "n", float(i)) for i in range(24)]
+        write_audience(project, rows)
+        project.dbt("run")
+
+        process = audsync_process(project, "run", "s")
+        deadline = time.monotonic() + 300
+        while fake.accepted_requests < 4:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "timed out waiting for six batches"
+            time.sleep(0.05)
+        time.sleep(3)  # at least one flush of answered batches
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        killed = run_rows(project, "s")[-1]
+        assert killed["status"] == "running"
+        assert 0 < len(fake.members) < 24
+
+        refused = audsync(project, "run", "s", expect=1)
+        assert killed["run_id"] in refused.output and "locked" in refused.output
+
+        fake.latency_s = 0
+        monkeypatch.setenv("AUDSYNC_LOCK_TIMEOUT_S", "2")
+        time.sleep(2.5)
+        audsync(project, "run", "s")
+        history = {r["run_id"]: r for r in run_rows(project, "s")}
+        assert history[killed["run_id"]]["status"] == "aborted"
+        new = run_rows(project, "s")[-1]
+        assert new["status"] == "success" and new["planned_adds"] < 24
+        assert set(fake.members) == {r[0] for r in rows}
+        snapshot = project.query(
+            f"select {names.KEY} from {project.relation('s', '__snapshot')} where {names.HASH} is not null")
+        assert {r[0] for r in snapshot} == {r[0] for r in rows}
+        assert fake.violations == []
+
+        credentials, target = load_credentials(project.root, project.name, None)
+        spark = SparkWarehouse(credentials, target)
+        syncs = Relation(None, project.schema + "_audsync", names.SYNCS_TABLE)
+        with spark.session() as session:
+            generation = int(session.scalar(f"select lock_generation from {spark.relation_sql(syncs)} where sync_name = ?", ("s",)))
+            assert generation == 2
+            with pytest.raises(LockHeld):
+                spark.claim_lock_generation(session, syncs, "s", generation)
+            assert spark.superseded(session, syncs, "s", generation - 1)
+            assert not spark.superseded(session, syncs, "s", generation)
     finally:
         fake.stop()

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .postgres import free_port
+
 TEMP_PREFIX = "audsync-spark-"
 
 START_TIMEOUT_ENV = "AUDSYNC_SPARK_START_TIMEOUT_S"
@@ -60,13 +62,6 @@ def missing_requirements() -> str | None:
     if importlib.util.find_spec("pyhive") is None:
         problems.append("PyHive is not installed (dbt-spark[PyHive], a test extra)")
     return "; ".join(problems) or None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

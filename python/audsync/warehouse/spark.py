@@ -61,6 +61,8 @@ LOCK_MARKER_PREFIX = "audsync_lock__"
 # left by a killed writer.
 REWRITE_WAIT_S = 30.0
 
+MISSING_TABLE_RETRIES = 12
+MISSING_TABLE_WAIT_S = 0.25
 _TEMPORARY_TABLE = re.compile(r"\s*create\s+temporary\s+table\s+(\S+)\s+as", re.IGNORECASE)
 _MARK = "__audsync_param_{}__"
 _MARK_RE = re.compile(r"'__audsync_param_(\d+)__'")
@@ -151,8 +153,24 @@ class SparkSession(Session):
         return int(self._last_count or 0)
 
     def raw(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        """Run ``sql`` with ``?`` placeholders as it is (no rewrite)."""
-        return Session.execute(self, _typed_placeholders(sql, params), params)
+        """Run ``sql`` with ``?`` placeholders as it is (no rewrite).
+
+        A table another session is swapping is missing for the moment between its two
+        renames: a statement that finds a table missing (which Spark reports before running
+        anything) is tried again, and after a few tries the tables it names are recovered
+        (a swap whose writer was killed), then it is tried once more."""
+        typed = _typed_placeholders(sql, params)
+        for attempt in range(MISSING_TABLE_RETRIES + 1):
+            try:
+                return Session.execute(self, typed, params)
+            except Exception as error:  # noqa: BLE001 - only a missing table is retried
+                if not _is_missing_table(error) or attempt == MISSING_TABLE_RETRIES:
+                    raise
+                if attempt == MISSING_TABLE_RETRIES - 1:
+                    for table in _tables_named(sql):
+                        self.warehouse.recover(self, table)
+                time.sleep(MISSING_TABLE_WAIT_S)
+        raise AssertionError("unreachable")
 
     def executemany(self, sql: str, rows) -> None:
         for row in rows:
@@ -350,6 +368,15 @@ class SparkWarehouse(Warehouse):
     def describe(self) -> str:
         c = self.credentials
         return f"spark thrift {c.host}:{c.port}/{c.schema} (target {self.target_name!r})"
+
+
+def _tables_named(sql: str) -> list[Relation]:
+    """The schema-qualified tables ``sql`` reads or writes."""
+    try:
+        tree = sqlglot.parse_one(_mark_params(sql), read="spark")
+    except sqlglot.errors.ParseError:
+        return []
+    return [Relation(None, t.db, t.name) for t in tree.find_all(exp.Table) if t.db and t.name]
 
 
 def _typed_placeholders(sql: str, params: Sequence[Any]) -> str:
