@@ -223,6 +223,7 @@ class SparkWarehouse(Warehouse):
             connection.close()
 
     def rows_changed(self, cursor: Any) -> int:
+        # The Thrift protocol has no row count; SparkSession.execute_count counts first.
         return -1
 
     @contextlib.contextmanager
@@ -296,7 +297,6 @@ class SparkWarehouse(Warehouse):
         relation = Relation(None, table.db, table.name)
         where = tree.args.get("where")
         condition = where.this if where is not None else exp.true()
-        alias = table.alias_or_name
         source = f"{self.relation_sql(relation)}" + (f" as {self.quote(table.alias)}" if table.alias else "")
         count_sql, count_params = _unmark(
             f"select count(*) from {source} where {condition.sql(dialect='spark')}", params)
@@ -321,7 +321,6 @@ class SparkWarehouse(Warehouse):
                 parts.append(f"case when {hit} then {value} else {quoted} end as {quoted}" if value is not None
                              else f"{quoted}")
             select = f"select {', '.join(parts)} from {source}"
-        del alias
         select_sql, select_params = _unmark(select, params)
         self.rewrite(session, relation, select_sql, select_params)
         return changed
