@@ -388,6 +388,14 @@ class DbtProject:
             return self.spark.connect(self.schema)
         return self.pg.connect(self.database)
 
+    def _close(self, conn) -> None:
+        if self.target == "spark":
+            from .spark import close_quietly
+
+            close_quietly(conn)
+        else:
+            conn.close()
+
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
     ) -> list[tuple]:
@@ -414,7 +422,7 @@ class DbtProject:
                 cur.execute(sql, params)
                 return cur.fetchall() if cur.description else []
         finally:
-            conn.close()
+            self._close(conn)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> None:
         """Run a statement (committed at once) and discard any result."""
@@ -439,7 +447,7 @@ class DbtProject:
                 cur.execute(sql)
                 return [d[0] for d in cur.description]
         finally:
-            conn.close()
+            self._close(conn)
 
     def rows(self, relation: str, order_by: str = "1") -> list[tuple]:
         """Every row of ``relation`` (a bare name is taken in the target schema), sorted."""

@@ -64,6 +64,15 @@ def missing_requirements() -> str | None:
     return "; ".join(problems) or None
 
 
+def close_quietly(connection) -> None:
+    """Close a PyHive connection; the Thrift server can fail to close a session (its Hive
+    function registry loads a class the pyspark wheel lacks) after the work is done."""
+    try:
+        connection.close()
+    except Exception:  # noqa: BLE001 - the server drops the session itself
+        pass
+
+
 @dataclass
 class SparkServer:
     """A running Thrift server: where it listens, and how to stop it."""
@@ -92,7 +101,7 @@ class SparkServer:
             cursor.execute(sql, params)
             return cursor.fetchall() if cursor.description else []
         finally:
-            connection.close()
+            close_quietly(connection)
 
     def new_schema_name(self, label: str = "test") -> str:
         """A schema name no other project of this session uses."""
@@ -195,4 +204,4 @@ def start_spark(timeout_s: float | None = None) -> SparkServer:
     )
 
 
-__all__ = ["SparkNotFound", "SparkServer", "missing_requirements", "spark_home", "start_spark"]
+__all__ = ["close_quietly", "SparkNotFound", "SparkServer", "missing_requirements", "spark_home", "start_spark"]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import re
 import time
 from typing import Any, Iterator, Sequence
@@ -51,6 +52,8 @@ from sqlglot import exp
 from .. import names
 from ..errors import ConfigError, LockHeld
 from .base import Relation, Session, Warehouse
+
+logger = logging.getLogger("audsync.warehouse")
 
 # dbt-spark's thrift defaults (SparkCredentials): port 443, a 10 s connect timeout.
 DEFAULT_PORT = 443
@@ -220,7 +223,13 @@ class SparkWarehouse(Warehouse):
         try:
             yield SparkSession(self, connection)
         finally:
-            connection.close()
+            try:
+                connection.close()
+            except Exception as error:  # noqa: BLE001 - every statement has applied by now
+                # Spark's Thrift server can fail to close a session (its Hive function
+                # registry loads classes the pyspark wheel lacks); the work is done, and the
+                # server drops the session itself.
+                logger.debug("closing a Spark session failed: %s", str(error)[:200])
 
     def rows_changed(self, cursor: Any) -> int:
         # The Thrift protocol has no row count; SparkSession.execute_count counts first.
