@@ -1,6 +1,6 @@
 {#-
   Names shared by the dbt package and the runner, spelled once here for dbt and once in
-  python/audsync/names.py for Python; tests/test_names.py holds the two together.
+  python/audsync/names.py for Python; tests/integration/test_names.py holds the two together.
 -#}
 
 {% macro audsync_names() %}
@@ -27,6 +27,11 @@
       'rewrite_suffixes': {
           'next': '__audsync_next',
           'old': '__audsync_old',
+      },
+      'governance_suffixes': {
+          'excluded': '__excluded',
+          'split': '__split',
+          'history': '__history',
       },
       'ops': ['add', 'remove', 'update'],
       'modes': ['mirror', 'add', 'upsert', 'remove'],

@@ -15,6 +15,14 @@
   warehouse; ``dbt_project_factory`` makes more than one.
 
 Nothing is skipped quietly: without PostgreSQL the postgres tests fail with the fix to apply.
+
+Two sizes of run, both reported by pytest as deselections:
+
+* the default (what CI and the README's test command run, within CI's time): every test except
+  those marked ``slow``, and the slow ones also marked ``ci`` (the fault matrix, the kill and
+  concurrency proofs, one end to end test of the service and of the dashboard);
+* ``--full`` (or ``AUDSYNC_FULL_SUITE=1``): every test. A ``-m`` expression or a test named
+  by its node id (``file.py::test``) runs as asked, slow or not.
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="comma-separated warehouses to test on, of duckdb, postgres, spark (default: "
         "duckdb,postgres; spark runs the tests marked spark; env AUDSYNC_TEST_WAREHOUSES)",
     )
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=os.environ.get("AUDSYNC_FULL_SUITE", "") not in ("", "0"),
+        help="run the slow tests too, not only those marked ci (env AUDSYNC_FULL_SUITE=1)",
+    )
 
 
 def _selected_warehouses(config: pytest.Config) -> list[str]:
@@ -62,22 +76,40 @@ def _selected_warehouses(config: pytest.Config) -> list[str]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a test that takes more than a few seconds")
     config.addinivalue_line("markers", "spark: runs on the Spark Thrift server (--warehouses ...,spark)")
+    config.addinivalue_line("markers", "ci(warehouses=None): a slow test the default (CI) run keeps, "
+                            "on the warehouses named (default: all)")
     _selected_warehouses(config)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect (visibly, in pytest's summary) the tests of warehouses not chosen."""
+    """Deselect (visibly, in pytest's summary) the tests of warehouses not chosen, and the slow
+    tests not marked ``ci`` unless ``--full``."""
     chosen = set(_selected_warehouses(config))
+    # A marker expression or a test named by its node id is an explicit choice: run it.
+    full = (config.getoption("--full") or bool(config.option.markexpr)
+            or any("::" in str(arg) for arg in config.args))
     keep, drop = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
         warehouse = callspec.params.get("warehouse") if callspec else None
         if item.get_closest_marker("spark") is not None:
             warehouse = "spark"
-        (drop if warehouse is not None and warehouse not in chosen else keep).append(item)
+        other_warehouse = warehouse is not None and warehouse not in chosen
+        slow_only_in_full = not full and item.get_closest_marker("slow") and not _kept_by_ci(item, warehouse)
+        (drop if other_warehouse or slow_only_in_full else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+def _kept_by_ci(item: pytest.Item, warehouse: str | None) -> bool:
+    """Whether a slow test is marked ``ci``: ``@pytest.mark.ci`` keeps it on every warehouse,
+    ``@pytest.mark.ci(warehouses=["duckdb"])`` on those named only."""
+    marker = item.get_closest_marker("ci")
+    if marker is None:
+        return False
+    only = marker.kwargs.get("warehouses")
+    return only is None or warehouse is None or warehouse in only
 
 
 @pytest.fixture(autouse=True)

@@ -5,17 +5,15 @@
     S__split     view   every member with its split, group and bucket (when `split_group`)
     S__history   table  every change the destination accepted; created when missing, never
                         replaced; rows older than vars.audsync_history_days are deleted
--#}
 
-{% macro governance_suffixes() %}
-  {{ return({'excluded': '__excluded', 'split': '__split', 'history': '__history'}) }}
-{% endmacro %}
+  The suffixes are spelled in macros/_names.sql (`governance_suffixes`), beside the others.
+-#}
 
 {#- The materialization's hook: build the governance relations of `target_relation`. -#}
 {% macro governance_relations(target_relation, select_sql, sync) %}
   {%- set made = [] -%}
   {%- set sibling = {} -%}
-  {%- for part, suffix in audsync.governance_suffixes().items() -%}
+  {%- for part, suffix in audsync.audsync_names().governance_suffixes.items() -%}
     {%- do sibling.update({part: api.Relation.create(
           database=target_relation.database, schema=target_relation.schema,
           identifier=target_relation.identifier ~ suffix,

@@ -259,7 +259,7 @@ def _show_plan(app: App, sync, sample: int, fmt: str) -> None:
 @cli.command()
 @pass_app
 def check(app: App):
-    """Validate the project and destinations.yml; send nothing. Exit 2 naming every problem."""
+    """Validate the project, destinations.yml and alerts.yml; send nothing. Exit 2 naming every problem."""
     from .config import check_destinations
     from .errors import AudsyncError
     from .schedule import parse_schedule
@@ -296,6 +296,7 @@ def check(app: App):
         problems.append(error.message)
     except Exception as error:  # noqa: BLE001 - the warehouse is unreachable: a problem to name
         problems.append(f"warehouse: {type(error).__name__}: {error}")
+    problems += _governance_commands().alerts_problems(app)  # governance: alerts.yml, every bad entry
     from .config import normalise_warning
 
     for sync in sorted(project.syncs.values(), key=lambda s: s.name):

@@ -1,7 +1,7 @@
 """Names shared by the dbt package and the runner.
 
 Every relation suffix, system column and mode is spelled here once for Python and once in
-``macros/_names.sql`` for dbt; ``tests/test_names.py`` holds the two together.
+``macros/_names.sql`` for dbt; ``tests/integration/test_names.py`` holds the two together.
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ DESTINATION_ID = "_audsync_destination_id"
 SEQ = "_audsync_seq"
 SEND = "_audsync_send"
 REASON = "_audsync_reason"
+# The plan rows a run that lost its lock writes, after its last requests ended, for the keys of
+# the batches it had sent or started and no flush recorded (they may have reached the
+# destination after the run that took over): run id ``<run id>`` + this suffix. The next
+# holder of the lock marks those keys unknown (runner: ``recover_unfinished``). Runner-only:
+# no dbt macro reads it.
+UNKNOWN_MARKS_SUFFIX = "~unknown"
 
 # Relations built for a sync model ``S``: ``S`` itself plus ``S + suffix``.
 SUFFIXES = {
@@ -37,8 +43,8 @@ SUFFIXES = {
     "invalid": "__invalid",
 }
 
-# Relations the governance features build beside them (macros/governance/relations.sql
-# `governance_suffixes`): views, but for the append-only history table.
+# Relations the governance features build beside them (``audsync_names().governance_suffixes``,
+# built by macros/governance/relations.sql): views, but for the append-only history table.
 GOVERNANCE_SUFFIXES = {
     "excluded": "__excluded",
     "split": "__split",

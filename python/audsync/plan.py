@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from . import names
 from .destinations.base import Change
@@ -25,6 +25,17 @@ from .errors import ConfigError
 from .project import SyncModel
 from .state import StateStore
 from .warehouse import Session, Warehouse
+
+
+def unknown_marks_id(run_id: str) -> str:
+    """The plan run id under which run ``run_id``, having lost its lock, records the keys it
+    may have delivered after the run that took over (:meth:`SyncTables.write_marks`)."""
+    return run_id + names.UNKNOWN_MARKS_SUFFIX
+
+
+def is_unknown_marks(plan_run_id: str) -> bool:
+    """True for a plan run id of marks (:func:`unknown_marks_id`), not of a run's plan."""
+    return plan_run_id.endswith(names.UNKNOWN_MARKS_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -395,6 +406,63 @@ class SyncTables:
             f" (select {n.KEY} from ({unknown}) as u where u.{n.OP} = 'remove')",
             (run_id, run_id),
         )
+
+    # -- marks of a fenced run ----------------------------------------------------------------
+
+    def write_marks(self, session: Session, marks_id: str, changes: Sequence[Change]) -> int:
+        """Record the keys of ``changes`` as *marks* under the run id ``marks_id``
+        (:func:`unknown_marks_id`): plan rows with the change's op and values (mapped back to
+        the source columns) and a null hash, which the next holder of the sync's lock applies
+        (:meth:`apply_marks`, from ``recover_unfinished``). No lock is needed: no run reads
+        another's plan rows, and only a lock holder applies them. Marks already under
+        ``marks_id`` are replaced (a retried write). Returns the number of keys."""
+        n = names
+        by_lower = {c.lower(): c for c in self.columns}
+        field_of: dict[str, str] = {}
+        for item in self.sync.mapping:
+            field_of.setdefault(by_lower[item.source_column.lower()], item.destination_field)
+        latest: dict[str, Change] = {}
+        for change in changes:
+            latest[change.key] = change
+        session.execute(f"delete from {self.plan} where {n.RUN_ID} = ?", (marks_id,))
+        session.executemany(
+            f"insert into {self.plan} ({n.RUN_ID}, {n.SEQ}, {n.OP}, {n.SEND}, {n.KEY}{self._cols()},"
+            f" {n.HASH}, {n.DESTINATION_ID}) values ({', '.join('?' for _ in range(len(self.columns) + 7))})",
+            [
+                (marks_id, seq, change.op, True, key,
+                 *(change.fields.get(field_of[c]) if c in field_of else None for c in self.columns),
+                 None, change.destination_id)
+                for seq, (key, change) in enumerate(latest.items(), start=1)
+            ],
+        )
+        return len(latest)
+
+    def apply_marks(self, session: Session, marks_id: str, synced_at: dt.datetime) -> int:
+        """Apply the marks under ``marks_id`` in the caller's fenced transaction, then drop
+        them: each key becomes *unknown* (convention 1). A snapshot row keeps its values (the
+        newest known truth: a run may have committed the key since the marked batch was
+        planned) and loses its hash; a key without one gets the mark's values and a null
+        hash, unless the mark is a remove (the destination then holds nothing the snapshot
+        could claim). Every key goes to ``S__candidates``. Returns the number of keys."""
+        n = names
+        marks = f"select {n.KEY} from {self.plan} where {n.RUN_ID} = ?"
+        count = int(session.scalar(f"select count(*) from {self.plan} where {n.RUN_ID} = ?", (marks_id,)))
+        session.execute(f"update {self.snapshot} set {n.HASH} = null where {n.KEY} in ({marks})", (marks_id,))
+        session.execute(
+            f"insert into {self.snapshot} ({n.KEY}{self._cols()}, {n.HASH}, {n.DESTINATION_ID}, {n.SYNCED_AT}, {n.RUN_ID})"
+            f" select p.{n.KEY}{self._cols('p')}, null, p.{n.DESTINATION_ID}, ?, p.{n.RUN_ID}"
+            f" from {self.plan} as p where p.{n.RUN_ID} = ? and p.{n.OP} <> 'remove'"
+            f" and not exists (select 1 from {self.snapshot} as s where s.{n.KEY} = p.{n.KEY})",
+            (synced_at, marks_id),
+        )
+        session.execute(
+            f"insert into {self.candidates} ({n.KEY})"
+            f" select p.{n.KEY} from {self.plan} as p where p.{n.RUN_ID} = ?"
+            f" and not exists (select 1 from {self.candidates} as c where c.{n.KEY} = p.{n.KEY})",
+            (marks_id,),
+        )
+        session.execute(f"delete from {self.plan} where {n.RUN_ID} = ?", (marks_id,))
+        return count
 
     def _keep_candidates(
         self, session: Session, run_id: str, accepted: str, every_batch_answered: bool, full_resync: bool,

@@ -18,6 +18,10 @@ is unknown is forgotten:
 * **commit**: in one fenced transaction, rows of answered batches that were accepted go to the
   snapshot and the rest whose outcome is unknown go there with a null hash.
 * **record**: the run's row, and the lock released (fenced: a pause during the run stays).
+* **lost** (a run that found its lock taken over): it commits nothing; once its threads have
+  stopped it records the keys of the batches it had started and no flush recorded as unknown
+  marks, which the next holder of the lock applies (:meth:`_Run._record_unknown`): a request
+  it had started before a stall may land after the run that took over.
 
 The heartbeat thread runs from the lock until the record is done, on its own connection.
 """
@@ -41,9 +45,9 @@ from .delivery.engine import DeliverySettings, DeliveryStats, deliver
 from .destinations.base import (
     BatchResult, Change, DestinationUnreachable, FatalDestinationError, RowError, SyncInfo,
 )
-from .errors import ConfigError, LockLost, RunStopped, exit_code_of
+from .errors import ConfigError, LockHeld, LockLost, RunStopped, exit_code_of
 from .governance import hooks as governance
-from .plan import CommitCounts, PlanCounts, SyncTables
+from .plan import CommitCounts, PlanCounts, SyncTables, is_unknown_marks, unknown_marks_id
 from .project import Project, SyncModel
 from .redact import redact, register_secrets
 from .state import Lock, RunRow, StateStore, Takeover, clean_text, lock_timeout_s, utcnow
@@ -61,6 +65,9 @@ HEARTBEAT_MAX_INTERVAL_S = 5.0
 HEARTBEAT_STATEMENT_S = 10.0
 
 STOPPED_BEFORE_START = "stopped before it started"
+# A run that lost its lock and recorded unknown marks waits this long at most (and twice the
+# lock timeout at most) for a live holder, to apply them itself (_Run._record_unknown).
+RELOCK_WAIT_MAX_S = 60.0
 # How a recovered run's row names the run that took its lock over (recover_unfinished).
 TAKER_PATTERN = r"run (\S+) took the lock over"
 
@@ -229,13 +236,24 @@ def recover_unfinished(runner: SyncRunner, sync: SyncModel, tables: SyncTables, 
     A run whose plan rows, answered batches or delivered ids remain (whatever its status:
     ``running`` after a kill, ``error`` after a failed commit, ``aborted``) has what it
     delivered committed and what it may have delivered written as unknown; a run still
-    marked ``running`` becomes ``aborted``. After this, those tables hold nothing of any
-    run but the current one.
+    marked ``running`` becomes ``aborted``. The unknown marks a run that lost its lock left
+    (:meth:`_Run._record_unknown`) are applied: their keys become unknown. After this, those
+    tables hold nothing of any run but the current one.
     """
     with runner.warehouse.session() as session:
         leftover = tables.plan_run_ids(session) | runner.state.runs_with_delivery_records(session, sync.name)
         running = {r.run_id for r in runner.state.running_runs(session, sync.name)}
     for other in sorted((leftover | running) - {lock.run_id}):
+        if is_unknown_marks(other):
+            def apply(session: Session, marks_id: str = other) -> int:
+                runner.state.fence(session, lock)
+                return tables.apply_marks(session, marks_id, utcnow())
+
+            marked = runner.warehouse.in_session(apply)
+            runner.reporter.event("recovered", sync=sync.name, run_id=lock.run_id, unknown_marks_of=other,
+                                  rows_committed=0, rows_unknown=marked)
+            continue
+
         def recover(session: Session, other: str = other) -> CommitCounts:
             runner.state.fence(session, lock)
             committed = CommitCounts()
@@ -629,6 +647,7 @@ class _Run:
             if taken_by:
                 message += f"; run {taken_by} took the sync over"
             error = LockLost(message, sync=self.sync.name, taken_by=taken_by)
+        message += self._record_unknown()
         self.result.status = "aborted"
         self.result.error_message = message
         self.result.duration_ms = int((time.monotonic() - self.clock) * 1000)
@@ -636,6 +655,102 @@ class _Run:
         self.reporter.event("lock_lost", sync=self.sync.name, run_id=self.run_id,
                             taken_by=taken_by, message=message)
         return self.result
+
+
+    def _record_unknown(self) -> str:
+        """After a lost lock, once this run's sending threads have stopped: record the keys of
+        the batches it had sent or started and no fenced flush recorded as *unknown*
+        (convention 1), and return a note for the run's message.
+
+        Why this run, and why now. A request that was past its lease check (or partly
+        written) when the process stalled goes out when it goes on, after the run that took
+        over. That run already treats this run's unrecorded batches as unknown (its recovery
+        writes them with a null hash) and sends their truth, but the stale request can land
+        after that truth, and after any number of later runs while the stall lasts: only this
+        run knows when its requests have ended, which is now (``deliver`` has joined its
+        threads). So it records them now, in two steps that are correct whatever other runs
+        do meanwhile:
+
+        1. *Marks*, with no lock: the changes go to ``S__plan`` under a run id of their own
+           (:func:`~audsync.plan.unknown_marks_id`), in one transaction. Nothing reads them
+           but the recovery of a lock holder, so they overwrite nothing.
+        2. *Apply*: the marks are applied by the next holder of the sync's lock, in its
+           recovery, before it freezes a plan (:func:`recover_unfinished`): each key's
+           snapshot row loses its hash, keeping its values, or a key without one gets the
+           mark's values; the key joins ``S__candidates``. This run tries to be that holder:
+           it takes the lock as a run does (a dead holder is taken over, a live one waited
+           for, up to twice the lock timeout, at most ``RELOCK_WAIT_MAX_S``), recovers, and
+           releases it without recording a run. Else the next run applies them.
+
+        Every holder applies the marks after every stale landing (they were written after),
+        so a truth it sends afterwards is sent after them too; a run that was live while they
+        were written and commits a key as known is followed by the holder that applies them,
+        which makes it unknown again: unknown is always safe (the next run sends the truth),
+        so no interleaving leaves a claim the destination may not hold. What stays open: a
+        process killed between its stale request and its marks, and a destination that
+        applies a request after the client gave up on it (as for every unknown outcome).
+        """
+        changes = self.in_flight.unrecorded() if self.in_flight is not None else []
+        if not changes:
+            return ""
+        marks_id = unknown_marks_id(self.run_id)
+        timeout = lock_timeout_s()
+        deadline = time.monotonic() + min(2 * timeout, RELOCK_WAIT_MAX_S)
+        pause = min(0.5, max(0.05, timeout / 10))
+        keys = len({c.key for c in changes})
+
+        def write(session: Session) -> int:
+            return self.tables.write_marks(session, marks_id, changes)
+
+        marked, error = self._retrying(deadline, pause, lambda: self.warehouse.in_session(write))
+        if marked is None:
+            logger.warning("sync %r: run %s could not record the %d key(s) it may have delivered after"
+                           " the takeover as unknown: %s", self.sync.name, self.run_id, keys, error)
+            return (f"; {keys} key(s) of the batches it had sent or started after its last record may"
+                    f" have reached the destination and could not be recorded as unknown:"
+                    f" {redact(str(error))}")
+        self.reporter.event("marked_unknown", sync=self.sync.name, run_id=self.run_id, rows_unknown=marked)
+        note = (f"; it recorded the {marked} key(s) of the batches it had sent or started after its last"
+                f" record as of unknown outcome (the next run sends their truth)")
+
+        def take(session: Session) -> Lock:
+            return self.state.acquire_lock(session, self.sync.name, self.run_id, timeout)[0]
+
+        lock, error = self._retrying(deadline, pause, lambda: self.warehouse.in_session(take), stop=True)
+        if lock is None:
+            logger.info("sync %r: run %s left its unknown marks to the next run: %s",
+                        self.sync.name, self.run_id, error)
+            return note
+        try:
+            recover_unfinished(self.runner, self.sync, self.tables, lock)
+        except Exception as failed:  # noqa: BLE001 - the marks stay for the next run
+            logger.debug("could not apply the unknown marks", exc_info=True)
+            logger.info("sync %r: run %s left its unknown marks to the next run: %s",
+                        self.sync.name, self.run_id, failed)
+        finally:
+            try:
+                with self.warehouse.session() as session:
+                    self.state.release_lock(session, lock, record_run=False)
+            except Exception:  # noqa: BLE001 - a stale lock is taken over by the next run
+                logger.debug("could not release the lock after applying the unknown marks", exc_info=True)
+        return note
+
+    def _retrying(self, deadline: float, pause: float, attempt, stop: bool = False) -> tuple[Any, Exception | None]:
+        """``(attempt(), None)``, trying again every ``pause`` s until ``deadline`` (or, with
+        ``stop``, a stop request); ``(None, last error)`` when no attempt passed."""
+        while True:
+            try:
+                return attempt(), None
+            except Exception as error:  # noqa: BLE001 - returned; the caller reports it
+                last = error
+                if not isinstance(error, LockHeld):
+                    logger.debug("attempt failed", exc_info=True)
+            if time.monotonic() + pause > deadline or (stop and self.runner.stopping):
+                return None, last
+            if stop:
+                self.runner._stop.wait(pause)
+            else:
+                time.sleep(pause)
 
 
 class _Heartbeat:
@@ -752,25 +867,44 @@ class _SendGuard:
 class _InFlight:
     """The seq ranges of batches that were started but not answered yet (thread-safe): at an
     abnormal end of a run in this process they are the rows of unknown outcome; batches never
-    started were not sent, and are planned again by the next run."""
+    started were not sent, and are planned again by the next run.
+
+    It also keeps the changes of every batch started since the last successful flush
+    (unanswered, or answered but not yet recorded): a run that lost its lock records them as
+    unknown marks (:meth:`_Run._record_unknown`), as only it knows when they stopped being on
+    the wire. At most about a second of batches (the flush interval).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ranges: set[tuple[int, int]] = set()
+        self._unrecorded: dict[tuple[int, int], list[Change]] = {}
 
     def started(self, batch: Sequence[Change]) -> None:
         if batch:
             with self._lock:
                 self._ranges.add((batch[0].seq, batch[-1].seq))
+                self._unrecorded[(batch[0].seq, batch[-1].seq)] = list(batch)
 
     def answered(self, batch: Sequence[Change]) -> None:
         if batch:
             with self._lock:
                 self._ranges.discard((batch[0].seq, batch[-1].seq))
 
+    def recorded(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """A fenced flush wrote these answered batches: a run that takes over recovers them."""
+        with self._lock:
+            for seq_range in ranges:
+                self._unrecorded.pop(seq_range, None)
+
     def ranges(self) -> list[tuple[int, int]]:
         with self._lock:
             return sorted(self._ranges)
+
+    def unrecorded(self) -> list[Change]:
+        """The changes of batches started and not recorded by a successful flush, by seq."""
+        with self._lock:
+            return [c for _range, batch in sorted(self._unrecorded.items()) for c in batch]
 
 
 class _GuardedConnector:
@@ -833,6 +967,7 @@ class _DeliveryRecorder:
                 self.state.fence(session, self.lock)
                 self.state.record_delivery(session, self.lock.run_id, self.lock.sync_name,
                                            self.batches, errors, self.ids)
+            self.in_flight.recorded([(first, last) for _no, first, last, _r, _u in self.batches])
             self.batches, self.errors, self.ids = [], [], []
         self.last_flush = time.monotonic()
 

@@ -19,6 +19,9 @@ passed untouched (so a fault lands mid-delivery):
 * :meth:`~FakeWebhook.apply_then_fail`: the batch applied, then the answer is an error, or
   the connection is dropped, or the answer is held past the client's timeout: the outcomes
   a client cannot tell from "not applied";
+* :meth:`~FakeWebhook.hold_next`: the request held, unapplied, until
+  :meth:`~FakeWebhook.release_held`, then applied and answered (a request of a stalled
+  sender that reaches the destination only after another run took over);
 * ``reject_keys``: rows rejected (not applied) in every 2xx answer;
 * :meth:`~FakeWebhook.go_dead`: a dead destination, either ``hang`` (requests are read and
   never answered, then dropped unapplied) or ``refuse`` (the port closes: connections are
@@ -125,6 +128,8 @@ class FakeWebhook(FakeServer):
         self._alive = threading.Event()
         self._alive.set()
         self._revive_timer: threading.Timer | None = None
+        self._release = threading.Event()
+        """Set by :meth:`release_held` for the requests held until then."""
         self.reset()
 
     @property
@@ -177,9 +182,12 @@ class FakeWebhook(FakeServer):
             """Hook requests that reached a dead destination (not counted in ``requests``)."""
             self.injected: Counter[str] = Counter()
             """Injected failures taken by a request, by kind (``answer``, ``timeout``, ...)."""
+            self.held: list[str] = []
+            """Idempotency keys of the requests :meth:`hold_next` holds now."""
             self.batch_keys: dict[str, list[str]] | None = None
             """The keys of each applied batch, by ``batch_id``, once ``record_batches`` is on
             (off by default: a benchmark's millions of rows would cost memory)."""
+        self.release_held()
 
     def _queue(self, failure: Failure, n: int, after: int) -> None:
         """Queue ``failure`` for ``n`` requests, after ``after`` requests that pass untouched."""
@@ -231,11 +239,23 @@ class FakeWebhook(FakeServer):
         options = {"status": int(status), "drop": bool(drop), "delay_s": float(delay_s)}
         self._queue(Failure("applied", options), n, after)
 
+    def hold_next(self, n: int = 1, *, after: int = 0) -> None:
+        """Hold the next ``n`` hook requests (after ``after`` others), unapplied, until
+        :meth:`release_held`; then handle them normally. Their keys are in ``held`` meanwhile."""
+        self._queue(Failure("held"), n, after)
+
+    def release_held(self) -> None:
+        """Let the held requests go on (applied and answered, in no set order)."""
+        with self._lock:
+            release, self._release = self._release, threading.Event()
+        release.set()
+
     def clear_failures(self) -> None:
-        """Forget the failures still queued, and the keys to reject."""
+        """Forget the failures still queued, and the keys to reject; release held requests."""
         with self._lock:
             self._failures = type(self._failures)(self.failure_kinds)
             self.reject_keys = set()
+        self.release_held()
 
     def go_dead(self, mode: str = "hang", *, for_s: float | None = None) -> None:
         """Stop answering, as a destination that went down, until :meth:`revive` (or for
@@ -301,6 +321,7 @@ class FakeWebhook(FakeServer):
                 "in_flight": self._concurrent,
                 "injected": dict(self.injected),
                 "pending_failures": self._failures.pending(ignore=("pass",)),
+                "held": list(self.held),
             }
             if members:
                 state["members"] = dict(self._members)
@@ -316,7 +337,8 @@ class FakeWebhook(FakeServer):
         ``"reject_keys": [...]``, ``"record_batches": bool``, ``"latency_s": x``,
         ``"seed_members": {key: fields}``, ``"drop_members": [key, ...]``,
         ``"list_page_size": n``, ``"listing_body": text or null``,
-        ``"dead": {"mode": "hang" | "refuse", "for_s": x}``.
+        ``"dead": {"mode": "hang" | "refuse", "for_s": x}``,
+        ``"hold": {"n", "after"}`` (:meth:`hold_next`), ``"release_held": true``.
         """
         if spec.get("clear"):
             self.clear_failures()
@@ -360,6 +382,11 @@ class FakeWebhook(FakeServer):
         if "dead" in spec:
             dead = spec["dead"]
             self.go_dead(dead.get("mode", "hang"), for_s=dead.get("for_s"))
+        if "hold" in spec:
+            held = spec["hold"]
+            self.hold_next(int(held.get("n", 1)), after=int(held.get("after", 0)))
+        if spec.get("release_held"):
+            self.release_held()
 
     # -- handling (called on the server's threads) ------------------------------------------
 
@@ -467,6 +494,16 @@ class FakeWebhook(FakeServer):
             if action is not None:
                 with self._lock:
                     self.injected[action.kind] += 1
+            if action is not None and action.kind == "held":
+                key = headers.get("Idempotency-Key") or ""
+                with self._lock:
+                    release = self._release
+                    self.held.append(key)
+                release.wait(300)  # bounded: a test that forgot to release leaks no thread for ever
+                with self._lock:
+                    if key in self.held:  # a reset meanwhile forgot it
+                        self.held.remove(key)
+                action = None
             answer = self._hook(action, headers, body)
             if action is not None and action.kind == "applied" and answer[0] == 200:
                 return self._fail_after_applying(action, answer)

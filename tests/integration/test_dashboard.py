@@ -245,6 +245,7 @@ def test_a_wrong_token_is_refused(service, browser, shots):
     assert answer.status_code == 303 and answer.headers["location"].startswith("/signin?next=")
 
 
+@pytest.mark.ci
 def test_sign_in_shows_the_syncs_of_the_example_project(service, browser, shots):
     _sign_in(browser, service.base_url, TOKEN_A)
     _wait(browser, lambda d: _css(d, "#syncs-table"), "the syncs page")
@@ -275,6 +276,7 @@ def test_sign_in_shows_the_syncs_of_the_example_project(service, browser, shots)
     assert "No sync matches" in answer.text
 
 
+@pytest.mark.ci
 def test_a_triggered_run_appears_with_what_the_destination_received(service, browser, hook, shots):
     browser.get(f"{service.base_url}/w/{WS_A}/")
     browser.find_element(_by("css"), f"a.sync-link[href$='{_sync_id(WS_A, WEBHOOK_SYNC)}']").click()
@@ -513,6 +515,7 @@ def test_phone_width_and_sign_out(service, browser, shots):
     assert "/signin" in browser.current_url
 
 
+@pytest.mark.ci
 def test_the_readme_screenshot_is_there_and_not_blank():
     assert README_SHOT.exists(), f"{README_SHOT} is missing: run this module with AUDSYNC_README_SCREENSHOT=1"
     _assert_not_blank(README_SHOT)

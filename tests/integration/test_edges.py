@@ -33,6 +33,7 @@ def closed_port_url() -> str:
 
 
 @pytest.mark.slow  # the dbt run; the audsync run itself takes about a second
+@pytest.mark.ci(warehouses=["duckdb"])
 def test_a_run_against_a_closed_port_ends_in_seconds_as_destination_unreachable(dbt_project):
     write_sync(dbt_project, "s", mode="mirror", destination="hook")
     # 79 batches, as in the report.
@@ -75,6 +76,7 @@ def published_keys(folder, run_id: str) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.ci(warehouses=["duckdb"])
 def test_a_file_run_killed_mid_write_never_commits_rows_a_reader_cannot_see(dbt_project, monkeypatch):
     folder = dbt_project.root / "out"
     write_sync(dbt_project, "s", mode="mirror", destination="files")

@@ -31,6 +31,7 @@ def hooks():
 
 
 @pytest.mark.slow
+@pytest.mark.ci(warehouses=["duckdb"])
 def test_excluded_member_is_removed_in_every_mode_and_stays_out(dbt_project, hooks):
     project = dbt_project
     write_exclusions(project, [])

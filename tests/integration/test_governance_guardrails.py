@@ -37,6 +37,7 @@ def forced_of(project, run_id: str):
 
 
 @pytest.mark.slow
+@pytest.mark.ci(warehouses=["duckdb"])
 def test_emptied_and_shrunk_audiences_are_blocked_and_force_sends(dbt_project, hook):
     project = dbt_project
     write_sync(project, "s1", destination="hook")

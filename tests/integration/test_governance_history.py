@@ -50,6 +50,7 @@ def hooks():
 
 
 @pytest.mark.slow
+@pytest.mark.ci(warehouses=["duckdb"])
 def test_replaying_history_gives_the_snapshot(dbt_project, hooks):
     project = dbt_project
     rng = random.Random(13)

@@ -194,6 +194,7 @@ def one_by_one_sync(dbt_project, fake: FakeWebhook) -> list[tuple]:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_a_runner_killed_mid_delivery_loses_nothing(dbt_project, monkeypatch):
     fake = FakeWebhook(secret="kill-secret", latency_s=0.15).start()
     try:
@@ -224,6 +225,7 @@ def test_a_runner_killed_mid_delivery_loses_nothing(dbt_project, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_a_second_concurrent_run_is_refused_naming_the_holder(dbt_project):
     fake = FakeWebhook(secret="lock-secret", latency_s=0.1).start()
     try:
@@ -430,6 +432,7 @@ def test_duckdb_steps_that_run_out_of_memory_are_retried_with_more(tmp_path, mon
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_a_dbt_run_between_freeze_and_commit_leaves_the_diff_exact(dbt_project, monkeypatch):
     """The diff views compare S and the snapshot only over S__candidates. A run killed after
     delivering new values, then a `dbt run` that puts the old values back, then the recovery

@@ -76,6 +76,7 @@ def _ws_id(name: str, target: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"audsync:workspace:{name}:{target}"))
 
 
+@pytest.mark.ci
 def test_the_api_creates_triggers_updates_schedules_pauses_and_deletes_syncs(shop, tmp_path):
     other = DbtProject(tmp_path / "other", "duckdb", name="other")
     workspaces = _workspaces_file(tmp_path, shop, other)
@@ -251,6 +252,7 @@ def _wait_scheduled(service, prefix, sid, n, status=None, timeout_s=90.0):
     raise AssertionError(f"the scheduler made no run {n} of {sid} in {timeout_s:.0f} s: {runs}\n{service.log[-3000:]}")
 
 
+@pytest.mark.ci
 def test_sigterm_aborts_the_run_kill_9_loses_nothing_and_the_limits_hold(shop):
     env = {"AUDSYNC_API_TOKEN": TOKEN_A, "AUDSYNC_LOCK_TIMEOUT_S": "3"}
     a = "/api/v1"
@@ -347,6 +349,7 @@ def test_due_skips_an_audience_not_rebuilt_since_the_last_run_and_check_warns(sh
     assert "churn_risk_to_file" in check.stderr and "rebuilt" in check.stderr, check.output
 
 
+@pytest.mark.ci
 def test_the_api_creates_runs_updates_and_deletes_a_sync_on_postgres(tmp_path, postgres_server):
     project = DbtProject.from_example("jaffle_audiences", tmp_path / "shop", "postgres", pg=postgres_server)
     try:

@@ -92,7 +92,15 @@ class ServiceProcess:
         all_headers = dict(headers or {})
         if token is not None:
             all_headers["Authorization"] = f"Bearer {token}"
-        return requests.request(method, self.base_url + path, json=json, headers=all_headers, timeout=120, **kwargs)
+        response = requests.request(method, self.base_url + path, json=json, headers=all_headers, timeout=120,
+                                    **kwargs)
+        if response.status_code >= 500:
+            # No test expects a 5xx: fail here with the service's own account of it, its last
+            # exception first, so that the one-line summary of a CI run says what went wrong.
+            log = self.log
+            raise AssertionError(f"{method} {path} answered {response.status_code}: {_last_exception(log)}\n"
+                                 f"{response.text}\n--- service log (tail) ---\n{log[-4000:]}")
+        return response
 
     def wait_run(self, prefix: str, sync_id: str, run_id: str, token: str, *, until=("success",),
                  timeout_s: float = 120.0) -> dict[str, Any]:
@@ -108,3 +116,17 @@ class ServiceProcess:
                 return run
             time.sleep(0.3)
         raise AssertionError(f"run {run_id} still {run.get('status')} after {timeout_s:.0f} s\n{self.log[-3000:]}")
+
+
+def _last_exception(log: str) -> str:
+    """The line that ends the last traceback in a service log (``KeyError: 'x'``), or a note."""
+    lines = log.splitlines()
+    for line in reversed(lines):
+        if "unexpected error on " in line:
+            return line.split("unexpected error on ", 1)[1]
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith("Traceback"):
+            for line in lines[index + 1:]:
+                if line and not line.startswith((" ", "\t", "Traceback")):
+                    return line.strip()
+    return "no traceback in the service's log"

@@ -290,15 +290,43 @@ def test_an_on_result_failure_stops_delivery():
     assert calls == 1
 
 
+class Gated(Connector):
+    """A connector whose requests wait for ``release``; ``started`` is set once ``expected``
+    batches are being sent (events, not sleeps: the test holds on a loaded machine)."""
+
+    type = "gated"
+
+    def __init__(self, expected: int) -> None:
+        super().__init__("g", {}, SYNC, None)
+        self.expected = expected
+        self.count = 0
+        self.lock = threading.Lock()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def send_batch(self, batch):
+        with self.lock:
+            self.count += 1
+            if self.count == self.expected:
+                self.started.set()
+        assert self.release.wait(30), "the test never released the requests"
+        return BatchResult()
+
+
 def test_a_failing_plan_reader_is_raised_after_in_flight_batches():
     recorder = Recorder()
+    connector = Gated(expected=3)
 
     def source():
         yield from plan(30, 10)
+        # The read fails while all three batches are on the wire (none merely queued, which
+        # the engine would drop as never sent); they are answered only as it fails.
+        assert connector.started.wait(30), "the three batches were never all sent"
+        connector.release.set()
         raise OSError("lost the warehouse connection")
 
     with pytest.raises(OSError, match="lost the warehouse"):
-        deliver(Quiet("q", {}, SYNC, None), source(), max_concurrency=4, on_result=recorder)
+        deliver(connector, source(), max_concurrency=4, on_result=recorder)
     assert sorted(recorder.results) == [1, 2, 3]
 
 

@@ -58,6 +58,7 @@ DEFAULT_TIMEOUT_S = 5.0
 BUDGET_S = 15.0
 """Most time all alerts of one run may take, whatever the number of channels."""
 STATUSES = ("success", "partial_failure", "error", "aborted", "skipped", "blocked")
+METRICS = ("row_failure_rate", "size_change")
 _EMAIL = re.compile(r"[^\s@'\"<>()]+@[^\s@'\"<>()]+")
 
 
@@ -79,7 +80,7 @@ class Rule:
 
     @property
     def name(self) -> str:
-        return self.when[0] if self.when[0] in ("row_failure_rate", "size_change") else "status:" + ",".join(self.when)
+        return self.when[0] if self.when[0] in METRICS else "status:" + ",".join(self.when)
 
 
 @dataclass
@@ -87,6 +88,9 @@ class AlertsConfig:
     channels: dict[str, Channel] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
     timeout_s: float = DEFAULT_TIMEOUT_S
+    rule_selects: dict[int, str] = field(default_factory=dict)
+    """``select`` of each rule by its index in the file (checked against the project by
+    :func:`check_alerts`)."""
 
 
 def find_alerts_file(project_dir: Path) -> Path | None:
@@ -98,25 +102,60 @@ def find_alerts_file(project_dir: Path) -> Path | None:
 
 
 def load_alerts(path: Path, env: Mapping[str, str] | None = None) -> AlertsConfig:
-    """Parse and validate ``alerts.yml``; errors name the channel or rule and the key."""
-    env = os.environ if env is None else env
+    """Parse and validate ``alerts.yml``; errors name the channel or rule and the key.
+
+    Raises :class:`ConfigError` with the first problem (and how many more there are;
+    ``audsync check`` lists them all, from :func:`check_alerts`)."""
+    config, problems = _parse(Path(path), os.environ if env is None else env)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); `audsync check` lists them)" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+    return config
+
+
+def check_alerts(path: Path, env: Mapping[str, str] | None = None, project=None) -> list[str]:
+    """Every problem of ``alerts.yml``, one message each (the file, the entry, the key, the
+    value and what was expected); ``[]`` when it is valid. With ``project``, each rule's
+    ``select`` is also tried against the project's syncs, as a run would."""
+    config, problems = _parse(Path(path), os.environ if env is None else env)
+    if project is not None:
+        for index, rule in config.rule_selects.items():
+            try:
+                project.select(rule)
+            except ConfigError as error:
+                problems.append(f"alerts file {path}: rules[{index}], key 'select' is {rule!r}: {error.message}")
+    return problems
+
+
+class _Problems(Exception):
+    """One entry's problem, collected by :func:`_parse`."""
+
+
+def _parse(path: Path, env: Mapping[str, str]) -> tuple[AlertsConfig, list[str]]:
+    """The valid part of ``alerts.yml`` and the list of its problems (the one home of the
+    validation: runs load it through :func:`load_alerts`, ``audsync check`` through
+    :func:`check_alerts`)."""
+    config = AlertsConfig()
+    problems: list[str] = []
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as error:
-        raise ConfigError(f"alerts file {path} cannot be read: {error}") from None
+        return config, [f"alerts file {path} cannot be read: {error}"]
     except yaml.YAMLError as error:
-        raise ConfigError(f"alerts file {path}: invalid YAML ({type(error).__name__})") from None
+        return config, [f"alerts file {path}: invalid YAML ({type(error).__name__})"]
     if not isinstance(raw, dict):
-        raise ConfigError(f"alerts file {path}: expected a mapping with channels and rules")
+        return config, [f"alerts file {path}: expected a mapping with channels and rules"]
     jinja = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
+    def problem(text: str) -> _Problems:
+        return _Problems(f"alerts file {path}: {text}")
 
     def env_var(variable: str, default: Any = None) -> Any:
         if variable in env:
             return env[variable]
         if default is not None:
             return default
-        raise ConfigError(f"alerts file {path}: environment variable {variable!r} is not set; set it, "
-                          f"or give env_var a default")
+        raise _EnvUnset(variable)
 
     jinja.globals["env_var"] = env_var
 
@@ -124,62 +163,104 @@ def load_alerts(path: Path, env: Mapping[str, str] | None = None) -> AlertsConfi
         if isinstance(value, str) and "{" in value:
             try:
                 return jinja.from_string(value).render()
-            except ConfigError:
-                raise
+            except _EnvUnset as unset:
+                raise problem(f"{where}: environment variable {unset.args[0]!r} is not set; set it, "
+                              "or give env_var a default") from None
             except Exception as error:  # noqa: BLE001 - named, without the template's text
-                raise ConfigError(f"alerts file {path}: {where} could not be rendered ({type(error).__name__})") from None
+                raise problem(f"{where} could not be rendered ({type(error).__name__})") from None
         return value
 
-    config = AlertsConfig()
+    unknown = set(raw) - {"channels", "rules", "timeout_s"}
+    if unknown:
+        problems.append(f"alerts file {path}: unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}; "
+                        "expected channels, rules, timeout_s")
     timeout = raw.get("timeout_s", DEFAULT_TIMEOUT_S)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
-        raise ConfigError(f"alerts file {path}: key 'timeout_s' is {timeout!r}; expected seconds, above 0 and at most 60")
-    config.timeout_s = float(timeout)
-    for name, spec in (raw.get("channels") or {}).items():
-        where = f"channel {name!r}"
-        if not isinstance(spec, dict):
-            raise ConfigError(f"alerts file {path}: {where} is {spec!r}; expected {{type: slack|webhook, url: ...}}")
-        kind = spec.get("type")
-        if kind not in ("slack", "webhook"):
-            raise ConfigError(f"alerts file {path}: {where}, key 'type' is {kind!r}; expected slack or webhook")
-        url = render(spec.get("url"), f"{where}, key 'url'")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigError(f"alerts file {path}: {where}, key 'url' is not an http(s) URL")
-        secret = render(spec.get("secret"), f"{where}, key 'secret'")
-        unknown = set(spec) - {"type", "url", "secret"}
-        if unknown:
-            raise ConfigError(f"alerts file {path}: {where}: unknown key(s) {', '.join(sorted(unknown))}; expected type, url, secret")
-        # A Slack incoming-webhook URL is itself the credential.
-        register_secrets([url] + ([str(secret)] if secret else []))
-        config.channels[name] = Channel(name, kind, url, str(secret) if secret else None)
-    for index, spec in enumerate(raw.get("rules") or []):
-        where = f"rules[{index}]"
-        if not isinstance(spec, dict):
-            raise ConfigError(f"alerts file {path}: {where} is {spec!r}; expected a mapping with when and channels")
-        when = spec.get("when")
-        when = (when,) if isinstance(when, str) else tuple(when or ())
-        metric = [w for w in when if w in ("row_failure_rate", "size_change")]
-        bad = [w for w in when if w not in STATUSES and w not in ("row_failure_rate", "size_change")]
-        if not when or bad or (metric and len(when) > 1):
-            raise ConfigError(f"alerts file {path}: {where}, key 'when' is {spec.get('when')!r}; expected run "
-                              f"statuses ({', '.join(STATUSES)}), or one of row_failure_rate, size_change")
-        above = spec.get("above")
-        if metric and (isinstance(above, bool) or not isinstance(above, (int, float)) or above < 0):
-            raise ConfigError(f"alerts file {path}: {where}, key 'above' is {above!r}; expected a ratio such as 0.05")
-        runs = spec.get("runs", 5)
-        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-            raise ConfigError(f"alerts file {path}: {where}, key 'runs' is {runs!r}; expected a whole number, 1 or more")
-        channels = spec.get("channels")
-        channels = (channels,) if isinstance(channels, str) else tuple(channels or ())
-        missing = [c for c in channels if c not in config.channels]
-        if not channels or missing:
-            raise ConfigError(f"alerts file {path}: {where}, key 'channels' is {spec.get('channels')!r}; expected "
-                              f"names of channels: {', '.join(config.channels) or 'none declared'}")
-        select = spec.get("select")
-        if select is not None and not isinstance(select, str):
-            raise ConfigError(f"alerts file {path}: {where}, key 'select' is {select!r}; expected a selector such as 'tag:paid_media'")
-        config.rules.append(Rule(when, channels, None if above is None else float(above), runs, select))
-    return config
+        problems.append(f"alerts file {path}: key 'timeout_s' is {timeout!r}; expected seconds, above 0 and at most 60")
+    else:
+        config.timeout_s = float(timeout)
+    channels = raw.get("channels") or {}
+    if not isinstance(channels, dict):
+        problems.append(f"alerts file {path}: key 'channels' is a {type(channels).__name__}; expected a mapping "
+                        "of channel names to {type: slack|webhook, url: ...}")
+        channels = {}
+    declared = list(channels)  # a rule naming a declared but invalid channel is not a second problem
+    for name, spec in channels.items():
+        try:
+            config.channels[name] = _channel(name, spec, render, problem)
+        except _Problems as error:
+            problems.append(str(error))
+    rules = raw.get("rules") or []
+    if not isinstance(rules, list):
+        problems.append(f"alerts file {path}: key 'rules' is a {type(rules).__name__}; expected a list of rules")
+        rules = []
+    for index, spec in enumerate(rules):
+        try:
+            rule = _rule(f"rules[{index}]", spec, declared, problem)
+        except _Problems as error:
+            problems.append(str(error))
+            continue
+        if rule.select is not None:
+            config.rule_selects[index] = rule.select
+        if all(c in config.channels for c in rule.channels):
+            config.rules.append(rule)
+    return config, problems
+
+
+class _EnvUnset(Exception):
+    """``env_var()`` of a variable that is not set, without a default."""
+
+
+def _channel(name: str, spec: Any, render, problem) -> Channel:
+    where = f"channel {name!r}"
+    if not isinstance(spec, dict):
+        raise problem(f"{where} is {spec!r}; expected {{type: slack|webhook, url: ...}}")
+    kind = spec.get("type")
+    if kind not in ("slack", "webhook"):
+        raise problem(f"{where}, key 'type' is {kind!r}; expected slack or webhook")
+    unknown = set(spec) - {"type", "url", "secret"}
+    if unknown:
+        raise problem(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; expected type, url, secret")
+    url = render(spec.get("url"), f"{where}, key 'url'")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        # The value is not shown: a rendered URL may be a credential.
+        raise problem(f"{where}, key 'url' is not an http(s) URL; expected http://... or https://...")
+    secret = render(spec.get("secret"), f"{where}, key 'secret'")
+    # A Slack incoming-webhook URL is itself the credential.
+    register_secrets([url] + ([str(secret)] if secret else []))
+    return Channel(name, kind, url, str(secret) if secret else None)
+
+
+def _rule(where: str, spec: Any, channel_names: list, problem) -> Rule:
+    if not isinstance(spec, dict):
+        raise problem(f"{where} is {spec!r}; expected a mapping with when and channels")
+    unknown = set(spec) - {"when", "channels", "above", "runs", "select"}
+    if unknown:
+        raise problem(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                      "expected when, channels, above, runs, select")
+    when = spec.get("when")
+    when = (when,) if isinstance(when, str) else tuple(when or ()) if isinstance(when, (list, tuple)) else (when,)
+    metric = [w for w in when if w in METRICS]
+    bad = [w for w in when if w not in STATUSES and w not in METRICS]
+    if not when or bad or (metric and len(when) > 1):
+        raise problem(f"{where}, key 'when' is {spec.get('when')!r}; expected run statuses "
+                      f"({', '.join(STATUSES)}), or one of {', '.join(METRICS)}")
+    above = spec.get("above")
+    if metric and (isinstance(above, bool) or not isinstance(above, (int, float)) or above < 0):
+        raise problem(f"{where}, key 'above' is {above!r}; expected a ratio such as 0.05")
+    runs = spec.get("runs", 5)
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise problem(f"{where}, key 'runs' is {runs!r}; expected a whole number, 1 or more")
+    channels = spec.get("channels")
+    channels = (channels,) if isinstance(channels, str) else tuple(channels or ()) if isinstance(channels, (list, tuple)) else (channels,)
+    missing = [c for c in channels if c not in channel_names]
+    if not channels or missing:
+        raise problem(f"{where}, key 'channels' is {spec.get('channels')!r}; expected names of channels: "
+                      f"{', '.join(map(str, channel_names)) or 'none declared'}")
+    select = spec.get("select")
+    if select is not None and (not isinstance(select, str) or not select.strip()):
+        raise problem(f"{where}, key 'select' is {select!r}; expected a selector such as 'tag:paid_media'")
+    return Rule(when, channels, None if above is None else float(above), runs, select)
 
 
 # -- evaluation ----------------------------------------------------------------------------

@@ -81,3 +81,12 @@ def print_markdown_plan(app, sync, tables, counts, sample_rows) -> None:
     runner = app.state_runner()
     verdict = app.warehouse.in_session(lambda session: verdict_for(runner, sync, tables, session, counts))
     click.echo(markdown_plan(sync, counts, verdict, sample_rows), nl=False)
+
+
+def alerts_problems(app) -> list[str]:
+    """For ``audsync check``: every bad entry of the project's ``alerts.yml`` (none when the
+    project has no alerts file), validated as runs load it."""
+    from .alerts import check_alerts, find_alerts_file
+
+    path = find_alerts_file(app.project.project_dir)
+    return [] if path is None else check_alerts(path, project=app.project)

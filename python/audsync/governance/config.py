@@ -76,6 +76,19 @@ def split_group_of(project, sync) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def declared_split_groups(project) -> list[str]:
+    """Every ``'<split>.<group>'`` of ``vars.audsync_splits``, in declaration order (what a
+    sync's ``split_group`` may name; dbt checks the splits themselves when it builds a sync)."""
+    splits = project_vars(project).get("audsync_splits") or {}
+    out: list[str] = []
+    for split, spec in (splits.items() if isinstance(splits, dict) else ()):
+        groups = spec.get("groups") if isinstance(spec, dict) else None
+        for group in groups if isinstance(groups, list) else ():
+            if isinstance(group, dict) and isinstance(group.get("name"), str):
+                out.append(f"{split}.{group['name']}")
+    return out
+
+
 def _error(sync, key: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(
         f"sync {sync.name!r} ({sync.path}): config key {key!r} is {value!r}; expected {expected}",

@@ -63,6 +63,10 @@ class FieldMapping(BaseModel):
     destination_field: str = Field(min_length=1, max_length=200)
 
 
+SPLIT_GROUP_HELP = ("The split group the sync sends: its id, or '<split>.<group>' of vars.audsync_splits"
+                    " (governance.md)")
+
+
 class SyncCreate(BaseModel):
     """A new sync: written as the model file ``models/audsync_api/<slug>.sql``."""
 
@@ -77,6 +81,7 @@ class SyncCreate(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict, description="Destination settings for this sync")
     status: Literal["active", "draft"] = "active"
     identifier: Optional[str] = Field(None, max_length=200, description="The key column (default: the first mapped)")
+    split_group_id: Optional[str] = Field(None, max_length=300, description=SPLIT_GROUP_HELP)
 
 
 class SyncUpdate(BaseModel):
@@ -93,11 +98,13 @@ class SyncUpdate(BaseModel):
     config: Optional[dict[str, Any]] = None
     status: Optional[Literal["draft", "active", "paused", "error"]] = None
     identifier: Optional[str] = Field(None, max_length=200)
+    split_group_id: Optional[str] = Field(None, max_length=300, description=SPLIT_GROUP_HELP + "; null: none")
 
 
 class TriggerBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     full_resync: bool = False
+    force: bool = Field(False, description="Override the guardrails for this run only (recorded on the run)")
 
 
 class AudienceSync(BaseModel):
@@ -418,8 +425,10 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
+        # The traceback goes to the log (its handler's filter masks secrets in it), never to
+        # the answer.
         logger.error("unexpected error on %s %s: %s", request.method, request.url.path,
-                     redact(f"{type(error).__name__}: {error}"))
+                     redact(f"{type(error).__name__}: {error}"), exc_info=error)
         return JSONResponse(error_body("internal", "an unexpected error; see the service's log"), status_code=500)
 
     app.add_middleware(RateLimit, limit=rate_limit)
@@ -483,7 +492,7 @@ def _router(resolve, suffix: str, manager: RunManager) -> APIRouter:
                            code="sync_paused", field="status")
         sync = model_of(ws, sync_id)
         return manager.trigger(ws, sync, current["id"], trigger="api",
-                               full_resync=bool(body and body.full_resync))
+                               full_resync=bool(body and body.full_resync), force=bool(body and body.force))
 
     @router.get("/audience-syncs/{sync_id}/runs", response_model=list[Run], operation_id="list_runs" + suffix)
     def list_runs(request: Request, sync_id: str = Path(..., max_length=300),

@@ -120,6 +120,8 @@ class Job:
     run_id: str
     trigger: str
     full_resync: bool = False
+    force: bool = False
+    """The trigger's ``force``: the guardrails are overridden for this run (governance)."""
     runner: Any = None
     process: subprocess.Popen | None = None
     future: Future | None = None
@@ -161,9 +163,10 @@ class RunManager:
         return None
 
     def trigger(self, ws: Workspace, sync, sync_id: str, *, trigger: str = "api",
-                full_resync: bool = False) -> dict[str, Any]:
+                full_resync: bool = False, force: bool = False) -> dict[str, Any]:
         """Queue a run of ``sync``; return the queued run's object. Conflict (409) naming the
-        run while one is queued or running, or when the service is stopping."""
+        run while one is queued or running, or when the service is stopping. ``force``
+        overrides the guardrails for that run, as ``audsync run --force`` does."""
         from ..runner import new_run_id
 
         if self.stopping:
@@ -185,7 +188,7 @@ class RunManager:
                     })
             finally:
                 runner.warehouse.close()
-            job = Job(ws, sync.name, run_id, trigger, bool(full_resync))
+            job = Job(ws, sync.name, run_id, trigger, bool(full_resync), force=bool(force))
             with self.lock:
                 self.jobs[(ws.id, sync.name)] = job
             job.future = self.pool.submit(self._work, job)
@@ -238,7 +241,8 @@ class RunManager:
         if self.stopping:
             job.runner.request_stop()
         try:
-            result = job.runner.run(sync, trigger=job.trigger, full_resync=job.full_resync, run_id=job.run_id)
+            result = job.runner.run(sync, trigger=job.trigger, full_resync=job.full_resync, run_id=job.run_id,
+                                    force=job.force)
         except LockHeld as error:
             self._finish(job, "skipped", f"another run holds the sync: {error.message}")
             return

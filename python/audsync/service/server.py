@@ -41,13 +41,7 @@ def prepare(registry: Registry) -> None:
     ``dbt run --select package:audsync`` when missing), runs left queued are ended."""
     for ws in registry.workspaces.values():
         project = ws.project()
-        runner = ws.state_runner()
-        try:
-            with runner.warehouse.session() as session:
-                missing = runner.state.missing_tables(session)
-        finally:
-            runner.warehouse.close()
-        if missing:
+        if ws.missing_state_tables():
             logger.info("workspace %s: building audsync's state tables", ws.name)
             args = [sys.executable, "-m", "dbt.cli.main", "run", "--select", "package:audsync", "--quiet",
                     "--project-dir", str(project.project_dir), "--profiles-dir", str(project.profiles_dir)]

@@ -24,6 +24,7 @@ import yaml
 
 from .. import names
 from ..errors import AudsyncError, ConfigError, LockHeld
+from ..governance.config import declared_split_groups, split_group_of
 from ..schedule import aware, last_slot_starts, next_run_at, parse_schedule, row_value
 from ..state import SYNC_COLUMNS, lock_timeout_s, utcnow
 from .errors import Conflict, Invalid, NotFound
@@ -36,7 +37,9 @@ STATUSES = ("draft", "active", "paused", "error")
 # PUT may move a sync along these edges only (api.md, Status); `error` is set by runs.
 TRANSITIONS = {"draft": {"active"}, "active": {"paused"}, "paused": {"active"}, "error": {"paused", "active"}}
 EDITABLE = ("name", "description", "audience_id", "destination_id", "field_mapping", "sync_mode",
-            "schedule", "config", "identifier")
+            "schedule", "config", "identifier", "split_group_id")
+# Fields a PUT may set to null (null clears them); any other null leaves the field as it is.
+NULLABLE = ("split_group_id",)
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME = 200
 
@@ -64,6 +67,12 @@ def find_model(ws: Workspace, sync_id: str):
 def sync_id_of(ws: Workspace, name: str) -> str:
     """The id of the sync model ``name`` in ``ws``."""
     return stable_id("sync", ws.id, name)
+
+
+def split_group_id_of(workspace_id: str, group: str | None) -> str | None:
+    """The API's ``split_group_id`` of ``'<split>.<group>'`` (governance.md):
+    ``uuid5(NAMESPACE_URL, "audsync:split_group:" + workspace_id + ":" + group)``."""
+    return stable_id("split_group", workspace_id, group) if group else None
 
 
 def list_audiences(ws: Workspace) -> list[dict[str, Any]]:
@@ -139,7 +148,7 @@ class _View:
             "updated_at": _iso(state.get("updated_at")),
             "last_synced_at": _iso(state.get("last_synced_at")),
             "last_run_id": state.get("last_run_id"),
-            "split_group_id": None,
+            "split_group_id": split_group_id_of(ws.id, split_group_of(project, sync)),
             "slug": sync.name,
             "managed_by": "api" if managed else "project",
             "model_path": path,
@@ -284,7 +293,20 @@ def _validated(ws: Workspace, project, spec: dict[str, Any]) -> dict[str, Any]:
                       "allowed in a description", field="description")
     return {"name": name.strip(), "description": description, "audience": audience["name"],
             "destination": destination, "mode": mode, "schedule": schedule, "mapping": cleaned,
-            "identifier": by_lower[identifier.lower()], "config": config}
+            "identifier": by_lower[identifier.lower()], "config": config,
+            "split_group": _resolve_split_group(ws, project, spec.get("split_group_id"))}
+
+
+def _resolve_split_group(ws: Workspace, project, value: Any) -> str | None:
+    """``'<split>.<group>'`` of a ``split_group_id`` (its id or that name), None for null."""
+    if value is None:
+        return None
+    groups = declared_split_groups(project)
+    for group in groups:
+        if value in (group, split_group_id_of(ws.id, group)):
+            return group
+    raise Invalid(f"split_group_id {value!r} is neither the id nor the '<split>.<group>' name of a group of "
+                  f"vars.audsync_splits; groups: {', '.join(groups) or 'none declared'}", field="split_group_id")
 
 
 # Characters a text may not hold in a model file: quotes and backslashes would end or escape
@@ -333,7 +355,8 @@ def render_model(spec: dict[str, Any]) -> str:
         f"    field_mapping = [\n{mapping},\n    ],\n"
         f"    schedule      = {_literal(spec['schedule'], 'schedule')},\n"
         f"    config        = {_literal(spec['config'], 'config')},\n"
-        ") }}\n"
+        + (f"    split_group   = {_literal(spec['split_group'], 'split_group_id')},\n" if spec.get("split_group") else "")
+        + ") }}\n"
         f"select {columns} from {{{{ ref({_literal(spec['audience'], 'audience_id')}) }}}}\n"
     )
 
@@ -431,7 +454,7 @@ def update_sync(ws: Workspace, sync_id: str, body: dict[str, Any]) -> dict[str, 
     """Apply the fields given (partial PUT); return the object. An edit never starts a run."""
     with ws.write_lock:
         current = get_sync(ws, sync_id)
-        changes = {k: v for k, v in body.items() if v is not None and _differs(current, k, v)}
+        changes = {k: v for k, v in body.items() if (v is not None or k in NULLABLE) and _differs(current, k, v)}
         new_status = changes.pop("status", None)
         if new_status is not None:
             allowed = TRANSITIONS.get(current["status"], set())
@@ -456,6 +479,7 @@ def update_sync(ws: Workspace, sync_id: str, body: dict[str, Any]) -> dict[str, 
                 "audience_id": current["audience_name"], "destination_id": current["destination_name"],
                 "field_mapping": current["field_mapping"], "sync_mode": current["sync_mode"],
                 "schedule": current["schedule"], "config": current["config"], "identifier": current["identifier"],
+                "split_group_id": current["split_group_id"],
                 **changes,
             }
             if "field_mapping" in changes and "identifier" not in changes:
@@ -484,6 +508,9 @@ def _differs(current: dict[str, Any], key: str, value: Any) -> bool:
         return value not in (current["audience_id"], current["audience_name"])
     if key == "destination_id":
         return value not in (current["destination_id"], current["destination_name"])
+    if key == "split_group_id":
+        given = value if value is None else split_group_id_of(current["workspace_id"], value)
+        return value != current["split_group_id"] and given != current["split_group_id"]
     if key == "sync_mode":
         try:
             return names.normalise_mode(value) != current["sync_mode"]
@@ -542,12 +569,7 @@ def delete_sync(ws: Workspace, sync_id: str, busy_run: str | None = None) -> Non
 
 
 def _require_state(ws: Workspace) -> None:
-    runner = ws.state_runner()
-    try:
-        with runner.warehouse.session() as session:
-            missing = runner.state.missing_tables(session)
-    finally:
-        runner.warehouse.close()
+    missing = ws.missing_state_tables()
     if missing:
         raise Conflict(f"audsync's state tables {', '.join(missing)} are not built yet; run `dbt run` "
                        "(or restart `audsync serve`, which builds them)", code="not_ready")

@@ -79,7 +79,13 @@ class Workspace:
             if current is not None:
                 yml = yaml.safe_load((current.project_dir / "dbt_project.yml").read_text()) or {}
                 manifest = current.project_dir / yml.get("target-path", "target") / "manifest.json"
-                stale = manifest_is_stale(manifest, current.project_dir, yml, self.target)
+                try:
+                    stale = manifest_is_stale(manifest, current.project_dir, yml, self.target)
+                except ValueError:
+                    # Half a manifest: a dbt child (a trigger's evaluation) is writing it under
+                    # DBT_LOCK. Look again once it is done, rather than answer 500.
+                    with DBT_LOCK:
+                        stale = manifest_is_stale(manifest, current.project_dir, yml, self.target)
                 key = manifest.stat().st_mtime if manifest.exists() else None
                 if not stale and key == self._project_key:
                     return current
@@ -132,6 +138,15 @@ class Workspace:
 
         project = self.project()
         return SyncRunner(project, project.open_warehouse(), {})
+
+    def missing_state_tables(self) -> list[str]:
+        """audsync's state tables the workspace's warehouse does not have yet."""
+        runner = self.state_runner()
+        try:
+            with runner.warehouse.session() as session:
+                return list(runner.state.missing_tables(session))
+        finally:
+            runner.warehouse.close()
 
     # -- auth -------------------------------------------------------------------------------
 

@@ -110,14 +110,19 @@ class DuckDBWarehouse(Warehouse):
         connection = self._connect()
         session = None
         try:
-            connection.execute("begin transaction")
             session = Session(self, connection)
+            # The transaction is the cursor's: a DuckDB cursor is a connection of its own
+            # (`DuckDBPyConnection.cursor()` duplicates it), so a transaction begun on
+            # `connection` would leave every statement of the session autocommitted, and a
+            # step that failed midway (out of memory in a commit) half applied.
+            transaction = session._cursor
+            transaction.execute("begin transaction")
             try:
                 yield session
             except BaseException:
-                connection.execute("rollback")
+                transaction.execute("rollback")
                 raise
-            connection.execute("commit")
+            transaction.execute("commit")
         finally:
             connection.close()
             for callback in (session.on_end if session is not None else ()):
