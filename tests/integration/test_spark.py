@@ -23,7 +23,8 @@ from tests.integration.test_dbt_package import (
     valid_members,
 )
 
-pytestmark = [pytest.mark.spark, pytest.mark.timeout(900)]
+# Slow (minutes each on two shared cores): selected by `-m spark --warehouses spark`.
+pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def write_audience(project, rows) -> None:
