@@ -24,6 +24,10 @@
           'changes': '__changes',
           'invalid': '__invalid',
       },
+      'rewrite_suffixes': {
+          'next': '__audsync_next',
+          'old': '__audsync_old',
+      },
       'governance_suffixes': {
           'excluded': '__excluded',
           'split': '__split',

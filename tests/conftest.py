@@ -5,6 +5,12 @@
 * ``warehouse``: ``"duckdb"`` and ``"postgres"``; a test that uses it runs once on each.
   ``--warehouses duckdb`` (or ``AUDSYNC_TEST_WAREHOUSES=duckdb``) deselects the others, and
   pytest reports how many it deselected.
+* ``spark_server`` (session): a Spark Thrift server this session starts from the installed
+  pyspark, stopped at the end. Spark is a choice of ``--warehouses`` that is off by default
+  (``--warehouses duckdb,postgres,spark`` or ``--warehouses spark``): the tests marked
+  ``spark`` (the focused Spark subset, ``tests/integration/test_spark.py``) run only then.
+  Without Java or pyspark they are skipped with the reason, except under ``CI=true``, where
+  ``.ci/run`` installs both, and a missing one is a failure.
 * ``dbt_project``: a :class:`~tests.support.dbt_project.DbtProject` in ``tmp_path`` on that
   warehouse; ``dbt_project_factory`` makes more than one.
 
@@ -36,16 +42,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("audsync") is None:
     sys.path.insert(0, str(REPO_ROOT / "python"))
 
-from tests.support.dbt_project import WAREHOUSES, DbtProject
+from tests.support.dbt_project import DEFAULT_WAREHOUSES, WAREHOUSES, DbtProject
 from tests.support.postgres import PostgresServer, start_postgres
+from tests.support.spark import SparkNotFound, SparkServer, start_spark
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--warehouses",
-        default=os.environ.get("AUDSYNC_TEST_WAREHOUSES", ",".join(WAREHOUSES)),
-        help="comma-separated warehouses to test on (default: duckdb,postgres; "
-        "env AUDSYNC_TEST_WAREHOUSES)",
+        default=os.environ.get("AUDSYNC_TEST_WAREHOUSES", ",".join(DEFAULT_WAREHOUSES)),
+        help="comma-separated warehouses to test on, of duckdb, postgres, spark (default: "
+        "duckdb,postgres; spark runs the tests marked spark; env AUDSYNC_TEST_WAREHOUSES)",
     )
     parser.addoption(
         "--full",
@@ -68,6 +75,7 @@ def _selected_warehouses(config: pytest.Config) -> list[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a test that takes more than a few seconds")
+    config.addinivalue_line("markers", "spark: runs on the Spark Thrift server (--warehouses ...,spark)")
     config.addinivalue_line("markers", "ci(warehouses=None): a slow test the default (CI) run keeps, "
                             "on the warehouses named (default: all)")
     _selected_warehouses(config)
@@ -84,6 +92,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         callspec = getattr(item, "callspec", None)
         warehouse = callspec.params.get("warehouse") if callspec else None
+        if item.get_closest_marker("spark") is not None:
+            warehouse = "spark"
         other_warehouse = warehouse is not None and warehouse not in chosen
         slow_only_in_full = not full and item.get_closest_marker("slow") and not _kept_by_ci(item, warehouse)
         (drop if other_warehouse or slow_only_in_full else keep).append(item)
@@ -147,7 +157,33 @@ def postgres_server() -> PostgresServer:
         server.stop()
 
 
-@pytest.fixture(params=list(WAREHOUSES), ids=list(WAREHOUSES))
+@pytest.fixture(scope="session")
+def spark_server() -> SparkServer:
+    """A Spark Thrift server started for this session on 127.0.0.1, stopped at the end."""
+    try:
+        server = start_spark()
+    except SparkNotFound as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the Spark tests, and cannot: {exc}", pytrace=False)
+        pytest.skip(f"Spark tests need Java and pyspark: {exc}")
+    except Exception as exc:  # noqa: BLE001 - every spark test must fail loudly with it
+        pytest.fail(f"could not start a Spark Thrift server: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def spark_project(spark_server: SparkServer, tmp_path: Path):
+    """A fresh dbt project on the session's Spark server, in a schema of its own (dropped
+    at the end)."""
+    project = DbtProject(tmp_path / "proj", "spark", spark=spark_server)
+    yield project
+    spark_server.drop_schema(project.schema)
+
+
+@pytest.fixture(params=list(DEFAULT_WAREHOUSES), ids=list(DEFAULT_WAREHOUSES))
 def warehouse(request: pytest.FixtureRequest) -> str:
     """The warehouse under test: ``"duckdb"`` or ``"postgres"``."""
     return request.param

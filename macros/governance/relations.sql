@@ -42,6 +42,7 @@
 {#- Create S__history when missing; never replace it. (Not `ensure_table`: that gives a
     table a unique index on the key, and history holds many rows per key.) -#}
 {% macro ensure_history_table(relation) %}
+  {% do audsync.recover_rewrite(relation) %}
   {%- set existing = adapter.get_relation(database=relation.database, schema=relation.schema, identifier=relation.identifier) -%}
   {%- if existing is none -%}
     {% call statement('audsync_create_' ~ relation.identifier) -%}
@@ -84,8 +85,18 @@ where 1 = 0
   {%- if days is boolean or days is not number or days < 0 -%}
     {{ exceptions.raise_compiler_error("audsync: vars.audsync_history_days is " ~ days ~ "; expected a number of days (leave it unset to keep all history)") }}
   {%- endif -%}
+  {%- set cutoff = dbt.dateadd('day', -1 * (days | int), dbt.current_timestamp()) -%}
+  {% do adapter.dispatch('delete_history_before', 'audsync')(relation, cutoff) %}
+{% endmacro %}
+
+{% macro default__delete_history_before(relation, cutoff) %}
   {% call statement('audsync_history_retention_' ~ relation.identifier) -%}
     delete from {{ relation }}
-    where _audsync_committed_at < {{ dbt.dateadd('day', -1 * (days | int), dbt.current_timestamp()) }}
+    where _audsync_committed_at < {{ cutoff }}
   {%- endcall %}
+{% endmacro %}
+
+{#- Spark's Parquet tables take no DELETE: the history is rewritten without the old rows. -#}
+{% macro spark__delete_history_before(relation, cutoff) %}
+  {% do audsync.rewrite_table(relation, "select * from " ~ relation ~ " where not coalesce(_audsync_committed_at < " ~ cutoff ~ ", false)") %}
 {% endmacro %}

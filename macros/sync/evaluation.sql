@@ -19,7 +19,11 @@
   {%- set columns = adapter.get_columns_in_relation(state) | map(attribute='name') | map('lower') | list -%}
   {%- if 'evaluated_at' not in columns -%}{{ return(none) }}{%- endif -%}
   {%- set built = "cast('" ~ modules.datetime.datetime.utcnow().strftime('%Y-%m-%d %H:%M:%S.%f') ~ "' as " ~ dbt.type_timestamp() ~ ")" -%}
-  {%- set name = "'" ~ sync_name | replace("'", "''") ~ "'" -%}
+  {%- set name = dbt.string_literal(sync_name | replace("'", "''")) -%}
+  {% do adapter.dispatch('write_evaluation', 'audsync')(state, columns, name, built) %}
+{% endmacro %}
+
+{% macro default__write_evaluation(state, columns, name, built) %}
   {% call statement('audsync_evaluated_at') -%}
     update {{ state }} set evaluated_at = {{ built }} where sync_name = {{ name }}
   {%- endcall %}
@@ -28,4 +32,23 @@
     select {{ name }}, 'active', {{ built }}, {{ built }}
     where not exists (select 1 from {{ state }} where sync_name = {{ name }})
   {%- endcall %}
+{% endmacro %}
+
+{#- Spark's Parquet tables take no UPDATE: the state table is rewritten with the sync's row
+    changed, or added (macros/spark/rewrite.sql). -#}
+{% macro spark__write_evaluation(state, columns, name, built) %}
+  {%- set set_new = {'sync_name': name, 'status': "'active'", 'evaluated_at': built, 'updated_at': built} -%}
+  {%- set kept, added = [], [] -%}
+  {%- for column in columns -%}
+    {%- set quoted = adapter.quote(column) -%}
+    {%- do kept.append(("case when sync_name = " ~ name ~ " then " ~ built ~ " else evaluated_at end" if column == 'evaluated_at' else quoted) ~ " as " ~ quoted) -%}
+    {%- do added.append(set_new.get(column, 'null') ~ " as " ~ quoted) -%}
+  {%- endfor -%}
+  {%- set new_content -%}
+select {{ kept | join(', ') }} from {{ state }}
+union all
+select {{ added | join(', ') }}
+where not exists (select 1 from {{ state }} where sync_name = {{ name }})
+  {%- endset -%}
+  {% do audsync.rewrite_table(state, new_content) %}
 {% endmacro %}

@@ -7,6 +7,8 @@
 {#- Create `relation` from the empty `shape_sql` when missing, else add its missing columns.
     Returns the relation. -#}
 {% macro ensure_table(relation, shape_sql) %}
+  {#- Where tables are rewritten whole (Spark), finish or undo a rewrite a kill interrupted. -#}
+  {% do audsync.recover_rewrite(relation) %}
   {%- set existing = adapter.get_relation(database=relation.database, schema=relation.schema, identifier=relation.identifier) -%}
   {%- if existing is none -%}
     {% call statement('audsync_create_' ~ relation.identifier) -%}

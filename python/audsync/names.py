@@ -51,6 +51,14 @@ GOVERNANCE_SUFFIXES = {
     "history": "__history",
 }
 
+# Warehouses without UPDATE and DELETE (Spark's own Parquet tables) change a table T by
+# writing its new content to ``T + next`` and swapping the names: T becomes ``T + old``, the
+# new table becomes T, the old one is dropped (macros/spark/rewrite.sql, warehouse/spark.py).
+REWRITE_SUFFIXES = {
+    "next": "__audsync_next",
+    "old": "__audsync_old",
+}
+
 # Ops carried by ``S__changes`` and the plan.
 OPS = ("add", "remove", "update")
 

@@ -132,6 +132,11 @@ def load_credentials(profiles_dir: Path, profile_name: str, target: str | None) 
         values = _postgres(values, where)
     elif adapter_type == "duckdb":
         values = _duckdb(values)
+    elif adapter_type == "spark":
+        # dbt-spark's rules live beside the session they serve.
+        from .warehouse.spark import normalise_credentials
+
+        values = normalise_credentials(values, where)
     return Credentials(adapter_type, values), target_name
 
 

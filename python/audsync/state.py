@@ -275,6 +275,10 @@ class StateStore:
                     sync=sync_name, holder_run_id=holder,
                 )
             takeover = Takeover(holder, heartbeat)
+        # Where the engine has no row locks (Spark), the next generation is claimed by an
+        # atomic create in the metastore first: of two runs that read the same row, one wins.
+        current = session.scalar(f"select coalesce(lock_generation, 0) from {self.syncs} where sync_name = ?", (sync_name,))
+        self.warehouse.claim_lock_generation(session, self.relations[names.SYNCS_TABLE], sync_name, int(current or 0) + 1)
         session.execute(
             f"update {self.syncs} set lock_run_id = ?, lock_owner = ?, lock_acquired_at = {self.now},"
             f" lock_heartbeat_at = {self.now}, updated_at = {self.now},"
@@ -303,7 +307,9 @@ class StateStore:
         takeover waits for this transaction, and a transaction that waited for a takeover
         sees its outcome and changes nothing.
         """
-        if self.warehouse.fence_writes:
+        if self.warehouse.superseded(session, self.relations[names.SYNCS_TABLE], lock.sync_name, lock.generation):
+            pass  # a later generation was claimed (Spark's marker tables): fenced, whatever the row says
+        elif self.warehouse.fence_writes:
             if self.heartbeat(session, lock):
                 return
         else:

@@ -36,6 +36,7 @@ def test_the_macros_and_python_spell_the_shared_names_alike(tmp_path):
         "send": names.SEND, "reason": names.REASON,
         "suffixes": names.SUFFIXES,
         "governance_suffixes": names.GOVERNANCE_SUFFIXES,
+        "rewrite_suffixes": names.REWRITE_SUFFIXES,
         "ops": list(names.OPS), "modes": list(names.MODES), "mode_aliases": names.MODE_ALIASES,
         "mode_sends": {mode: sorted(sends) for mode, sends in names.MODE_SENDS.items()},
     }

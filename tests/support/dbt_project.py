@@ -32,12 +32,17 @@ import yaml
 
 if TYPE_CHECKING:
     from .postgres import PostgresServer
+    from .spark import SparkServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository root: the audsync dbt package (``dbt_project.yml``, ``macros/``, ``models/``)."""
 
 PACKAGE_NAME = "audsync"
-WAREHOUSES = ("duckdb", "postgres")
+WAREHOUSES = ("duckdb", "postgres", "spark")
+"""Every target a test project can have (``--warehouses`` takes these)."""
+DEFAULT_WAREHOUSES = ("duckdb", "postgres")
+"""The warehouses tested by default, and those the ``warehouse`` fixture runs each test on:
+Spark has its own focused subset (the tests marked ``spark``)."""
 
 # dbt must never try to reach its usage-stats service from a test (there is no network).
 os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
@@ -114,8 +119,11 @@ def _csv_text(rows: str | Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]])
     return out.getvalue()
 
 
-def quote(identifier: str) -> str:
-    """Quote an identifier for DuckDB and PostgreSQL alike."""
+def quote(identifier: str, target: str = "duckdb") -> str:
+    """Quote an identifier for DuckDB and PostgreSQL alike (double quotes), or for Spark
+    (backticks)."""
+    if target == "spark":
+        return "`" + identifier.replace("`", "``") + "`"
     return '"' + identifier.replace('"', '""') + '"'
 
 
@@ -124,9 +132,11 @@ class DbtProject:
 
     Args:
         root: an empty (or missing) folder for the project; everything lives inside it.
-        target: ``"duckdb"`` (file ``<root>/warehouse.duckdb``, schema ``main``) or
-            ``"postgres"`` (a fresh database on ``pg``, schema ``public``).
+        target: ``"duckdb"`` (file ``<root>/warehouse.duckdb``, schema ``main``),
+            ``"postgres"`` (a fresh database on ``pg``, schema ``public``) or ``"spark"``
+            (a fresh schema on ``spark``, dbt-spark's ``method: thrift``).
         pg: the running :class:`~tests.support.postgres.PostgresServer`; needed for postgres.
+        spark: the running :class:`~tests.support.spark.SparkServer`; needed for spark.
         name: the project and profile name.
         package_root: the audsync package to install (default: this repository).
         vars: project-level ``vars`` for ``dbt_project.yml``.
@@ -146,14 +156,18 @@ class DbtProject:
         vars: Mapping[str, Any] | None = None,
         project_config: Mapping[str, Any] | None = None,
         scaffold: bool = True,
+        spark: SparkServer | None = None,
     ) -> None:
         if target not in WAREHOUSES:
             raise ValueError(f"target must be one of {WAREHOUSES}, not {target!r}")
         if target == "postgres" and pg is None:
             raise ValueError("a postgres DbtProject needs pg=<PostgresServer>")
+        if target == "spark" and spark is None:
+            raise ValueError("a spark DbtProject needs spark=<SparkServer>")
         self.root = Path(root).resolve()
         self.target = target
         self.pg = pg
+        self.spark = spark
         self.name = name
         self.package_root = Path(package_root or REPO_ROOT).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -161,6 +175,12 @@ class DbtProject:
             self.schema = "main"
             self.database = "warehouse"
             self.duckdb_path = self.root / "warehouse.duckdb"
+        elif target == "spark":
+            # Spark has no databases above schemas: each project gets a schema of its own.
+            self.duckdb_path = None
+            self.database = None
+            self.schema = spark.new_schema_name(name)
+            spark.query(f"create schema if not exists {quote(self.schema, 'spark')}")
         else:
             self.schema = "public"
             self.duckdb_path = None
@@ -229,6 +249,18 @@ class DbtProject:
                 "type": "duckdb",
                 "path": str(self.duckdb_path),
                 "schema": self.schema,
+                "threads": 1,
+            }
+        elif self.target == "spark":
+            output = {
+                "type": "spark",
+                "method": "thrift",
+                "host": self.spark.host,
+                "port": self.spark.port,
+                "user": "audsync",
+                "schema": self.schema,
+                "connect_retries": 3,
+                "connect_timeout": 10,
                 "threads": 1,
             }
         else:
@@ -345,14 +377,24 @@ class DbtProject:
         ``schema`` defaults to the target schema. The connection's own database is the
         project's, so no database qualifier is needed.
         """
-        return f"{quote(schema or self.schema)}.{quote(name + suffix)}"
+        return f"{quote(schema or self.schema, self.target)}.{quote(name + suffix, self.target)}"
 
     def _connect(self):
         if self.target == "duckdb":
             import duckdb
 
             return duckdb.connect(str(self.duckdb_path))
+        if self.target == "spark":
+            return self.spark.connect(self.schema)
         return self.pg.connect(self.database)
+
+    def _close(self, conn) -> None:
+        if self.target == "spark":
+            from .spark import close_quietly
+
+            close_quietly(conn)
+        else:
+            conn.close()
 
     def query(
         self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
@@ -372,18 +414,22 @@ class DbtProject:
                 else:
                     cur = conn.execute(sql)
                 return cur.fetchall() if cur.description else []
+            if self.target == "spark":
+                cur = conn.cursor()
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
             with conn.cursor() as cur:
                 cur.execute(sql, params)
                 return cur.fetchall() if cur.description else []
         finally:
-            conn.close()
+            self._close(conn)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> None:
         """Run a statement (committed at once) and discard any result."""
         self.query(sql, params)
 
     def _as_relation(self, relation: str) -> str:
-        return relation if ("." in relation or '"' in relation) else self.relation(relation)
+        return relation if ("." in relation or '"' in relation or "`" in relation) else self.relation(relation)
 
     def columns(self, relation: str) -> list[str]:
         """The column names of ``relation`` in order; a bare name is taken in the target schema."""
@@ -392,11 +438,16 @@ class DbtProject:
         try:
             if self.target == "duckdb":
                 return [d[0] for d in conn.execute(sql).description]
+            if self.target == "spark":
+                cur = conn.cursor()
+                cur.execute(sql)
+                # PyHive names columns `alias.column` for a select *.
+                return [d[0].split(".")[-1] for d in cur.description]
             with conn.cursor() as cur:
                 cur.execute(sql)
                 return [d[0] for d in cur.description]
         finally:
-            conn.close()
+            self._close(conn)
 
     def rows(self, relation: str, order_by: str = "1") -> list[tuple]:
         """Every row of ``relation`` (a bare name is taken in the target schema), sorted."""
@@ -404,6 +455,10 @@ class DbtProject:
 
     def relation_exists(self, name: str, schema: str | None = None) -> bool:
         """Whether a table or view ``name`` exists in ``schema`` (default: the target schema)."""
+        if self.target == "spark":
+            # Spark has no information_schema; its catalog answers SHOW TABLES.
+            tables = self.query(f"show tables in {quote(schema or self.schema, 'spark')}")
+            return any(row[1] == name.lower() for row in tables)
         found = self.query(
             "select count(*) from information_schema.tables "
             "where table_schema = %s and table_name = %s",
@@ -463,4 +518,4 @@ def copy_example(name: str, dest: Path, package_root: Path | None = None) -> Pat
     return Path(dest)
 
 
-__all__ = ["REPO_ROOT", "WAREHOUSES", "DbtProject", "DbtResult", "copy_example", "quote"]
+__all__ = ["REPO_ROOT", "WAREHOUSES", "DEFAULT_WAREHOUSES", "DbtProject", "DbtResult", "copy_example", "quote"]

@@ -11,6 +11,7 @@ __all__ = ["Relation", "Session", "Warehouse", "open_warehouse", "SUPPORTED"]
 SUPPORTED = {
     "duckdb": "audsync.warehouse.duckdb:DuckDBWarehouse",
     "postgres": "audsync.warehouse.postgres:PostgresWarehouse",
+    "spark": "audsync.warehouse.spark:SparkWarehouse",
 }
 
 

@@ -175,6 +175,17 @@ class Warehouse:
     def lock_state_table(self, session: Session, relation: Relation) -> None:
         """Serialise the lock-takers of ``relation`` until the session's transaction ends."""
 
+    def claim_lock_generation(self, session: Session, relation: Relation, sync_name: str, generation: int) -> None:
+        """Claim generation ``generation`` of ``sync_name``'s lock (kept in ``relation``) before
+        the row says so; raise :class:`~audsync.errors.LockHeld` when another run claimed it.
+        Engines with row locks (DuckDB, PostgreSQL) need nothing: :meth:`lock_state_table` and
+        the row's update serialise the takers."""
+
+    def superseded(self, session: Session, relation: Relation, sync_name: str, generation: int) -> bool:
+        """Whether a generation after ``generation`` of the lock was claimed (the holder of
+        ``generation`` is fenced). Where the row is the only record, the fence reads the row."""
+        return False
+
     def columns(self, session: Session, relation: Relation) -> list[str] | None:
         """Column names of ``relation`` in order, or None when it does not exist."""
         rows = session.fetchall(
