@@ -71,7 +71,7 @@ curl -fsS "${auth[@]}" http://127.0.0.1:8787/api/v1/audience-syncs -d '{
   "name": "VIP customers to file", "audience_id": "high_value_customers", "destination_id": "demo_file",
   "field_mapping": [{"source_column": "email", "destination_field": "email"},
                     {"source_column": "lifetime_value", "destination_field": "ltv"}],
-  "sync_mode": "mirror", "schedule": "daily", "config": {"path": "output/api"}}' | python3 -m json.tool | head -12
+  "sync_mode": "mirror", "schedule": "daily", "config": {"path": "output/api"}}' | python3 -m json.tool | sed -n 1,12p  # sed reads it all: head would leave json.tool a broken pipe
 sync=$(curl -fsS "${auth[@]}" http://127.0.0.1:8787/api/v1/audience-syncs \
        | python3 -c 'import json,sys; print(next(s["id"] for s in json.load(sys.stdin) if s["slug"] == "vip_customers_to_file"))')
 echo "trigger:"
@@ -83,7 +83,7 @@ for _ in $(seq 300); do
     case "$status" in queued|running) sleep 0.5 ;; *) break ;; esac
 done
 echo "run $run: $status"
-curl -fsS "${auth[@]}" "http://127.0.0.1:8787/api/v1/audience-syncs/$sync/runs?limit=1" | python3 -m json.tool | head -20
+curl -fsS "${auth[@]}" "http://127.0.0.1:8787/api/v1/audience-syncs/$sync/runs?limit=1" | python3 -m json.tool | sed -n 1,20p  # sed reads it all: head would leave json.tool a broken pipe
 echo "delete (the file's members stay where they were sent):"
 curl -fsS -X DELETE "${auth[@]}" "http://127.0.0.1:8787/api/v1/audience-syncs/$sync"; echo
 kill -TERM $service; wait $service || true

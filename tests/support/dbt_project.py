@@ -80,9 +80,15 @@ class DbtResult:
         return "\n".join(self.log)
 
     @property
-    def results(self) -> list[Any]:
-        """The node results (``RunResult``) of run/seed/build/test; empty otherwise."""
+    def all_results(self) -> list[Any]:
+        """Every result of run/seed/build/test, project hooks included; empty otherwise."""
         return list(getattr(self.result, "results", None) or [])
+
+    @property
+    def results(self) -> list[Any]:
+        """The node results (``RunResult``) of run/seed/build/test, without the project hooks'
+        (the package's ``on-run-start`` recovery runs on every ``dbt run``)."""
+        return [r for r in self.all_results if str(getattr(r.node, "resource_type", "")) != "operation"]
 
     def status(self, name: str) -> str:
         """The status of the node whose name (or unique id) is ``name``; KeyError if none ran."""
@@ -357,7 +363,7 @@ class DbtProject:
         )
         node_errors = [
             f"{r.node.unique_id}: {r.message}"
-            for r in result.results
+            for r in result.all_results
             if str(getattr(r.status, "value", r.status)) in _FAILED_STATUSES
         ]
         result.errors = node_errors + ([repr(res.exception)] if res.exception else []) + errors
