@@ -1117,7 +1117,8 @@ def test_the_fake_webhook_injects_each_fault_from_another_process():
             return error.code
 
     with FakeWebhookProcess(secret="fake-secret") as fake:
-        http = HttpClient(max_retries=0, timeout_s=0.5, sleep=lambda s: None)
+        # A timeout well above a loaded machine's answer time, the slow answers well above it.
+        http = HttpClient(max_retries=0, timeout_s=2.0, sleep=lambda s: None)
         hook = WebhookConnector("h", {"url": fake.url, "secret": "fake-secret"},
                                 SyncInfo("s", "mirror", "r1", "email", ("f",)), http)
         # Applied, then: a dropped connection (after one request that passes), a 503, a late answer.
@@ -1126,7 +1127,7 @@ def test_the_fake_webhook_injects_each_fault_from_another_process():
         assert send(hook, 2, "b") == "connection_error"
         fake.inject(apply_then_fail={"n": 1, "status": 503})
         assert send(hook, 3, "c") == "503"
-        fake.inject(apply_then_fail={"n": 1, "delay_s": 1.0})
+        fake.inject(apply_then_fail={"n": 1, "delay_s": 4.0})
         assert send(hook, 4, "d") == "timeout"
         # Not applied: an error answer, a 429 with Retry-After, a rejected row.
         fake.inject(fail={"n": 1, "status": 502}, reject_keys=["f"])
@@ -1135,9 +1136,9 @@ def test_the_fake_webhook_injects_each_fault_from_another_process():
         fake.inject(clear=True, fail={"n": 1, "status": 429, "retry_after": 7})
         assert send(hook, 7, "g") == "429"
         # A slow answer: applied after the client gave up.
-        fake.inject(delay={"n": 1, "seconds": 1.0})
+        fake.inject(delay={"n": 1, "seconds": 4.0})
         assert send(hook, 8, "h") == "timeout"
-        assert wait_until(lambda: fake.state(members=False)["in_flight"] == 0, 5)
+        assert wait_until(lambda: fake.state(members=False)["in_flight"] == 0, 10)
         state = fake.state()
         assert sorted(state["members"]) == ["a", "b", "c", "d", "h"]
         assert (state["applied_unanswered"], state["answers_dropped"], state["pending_failures"]) == (3, 1, 0)
