@@ -258,9 +258,9 @@ class StateStore:
         """
         self.warehouse.lock_state_table(session, self.relations[names.SYNCS_TABLE])
         self.ensure_sync_row(session, sync_name)
-        holder, owner, heartbeat, age = session.fetchone(
+        holder, owner, heartbeat, age, previous_generation = session.fetchone(
             f"select lock_run_id, lock_owner, lock_heartbeat_at,"
-            f" {self.warehouse.seconds_since_sql('lock_heartbeat_at')}"
+            f" {self.warehouse.seconds_since_sql('lock_heartbeat_at')}, coalesce(lock_generation, 0)"
             f" from {self.syncs} where sync_name = ?",
             (sync_name,),
         )
@@ -277,8 +277,7 @@ class StateStore:
             takeover = Takeover(holder, heartbeat)
         # Where the engine has no row locks (Spark), the next generation is claimed by an
         # atomic create in the metastore first: of two runs that read the same row, one wins.
-        current = session.scalar(f"select coalesce(lock_generation, 0) from {self.syncs} where sync_name = ?", (sync_name,))
-        self.warehouse.claim_lock_generation(session, self.relations[names.SYNCS_TABLE], sync_name, int(current or 0) + 1)
+        self.warehouse.claim_lock_generation(session, self.relations[names.SYNCS_TABLE], sync_name, int(previous_generation) + 1)
         session.execute(
             f"update {self.syncs} set lock_run_id = ?, lock_owner = ?, lock_acquired_at = {self.now},"
             f" lock_heartbeat_at = {self.now}, updated_at = {self.now},"
