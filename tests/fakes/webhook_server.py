@@ -688,6 +688,15 @@ _DICT, _STR, _THREE = {dict}, {str}, {3}
 # ----------------------------------------------------------------------------------------
 
 
+def _task_state(task: Path) -> str | None:
+    """A thread's state letter from ``/proc/<pid>/task/<tid>/stat`` (None once it is gone)."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 class FakeWebhookProcess:
     """:class:`FakeWebhook` in a child process, for an audsync run in a subprocess of its own.
 
@@ -761,6 +770,24 @@ class FakeWebhookProcess:
         """The child's process id (to SIGSTOP the whole destination, say)."""
         assert self._process is not None, "the fake webhook process is not started"
         return self._process.pid
+
+    def suspend(self) -> None:
+        """SIGSTOP the whole destination and return once every thread of it has stopped.
+
+        ``kill`` returns before the signal takes effect: a thread already running on the other
+        core can still answer a request sent right after it, so wait for the kernel to report
+        each thread stopped (state ``T`` in ``/proc/<pid>/task/*/stat``)."""
+        os.kill(self.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        tasks = Path(f"/proc/{self.pid}/task")
+        while not all(_task_state(task) in ("T", "t", None) for task in tasks.iterdir()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the fake webhook (pid {self.pid}) did not stop within 10 s")
+            time.sleep(0.01)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`suspend`."""
+        os.kill(self.pid, signal.SIGCONT)
 
     def revive(self) -> None:
         """End :meth:`FakeWebhook.go_dead` in the child (by SIGUSR1: a closed port takes no

@@ -768,7 +768,7 @@ def fault_dead(mode: str) -> Callable[[World, Iteration], None]:
         base = fake.state(members=False)["requests"]
         wait_until(lambda: not command.alive() or fake.state(members=False)["requests"] >= base + after, 60)
         if mode == "stopped":
-            os.kill(fake.pid, signal.SIGSTOP)
+            fake.suspend()
         else:
             fake.inject(dead={"mode": mode})
         died = time.monotonic()
@@ -777,7 +777,7 @@ def fault_dead(mode: str) -> Callable[[World, Iteration], None]:
             command.finish()
         finally:
             if mode == "stopped":
-                os.kill(fake.pid, signal.SIGCONT)
+                fake.resume()
             else:
                 fake.revive()
         target = [r for r in world.runs() if r["run_id"] not in before and r["sync_name"] == SYNCS[it.target]]
@@ -1157,11 +1157,11 @@ def test_the_fake_webhook_injects_each_fault_from_another_process():
         fake.revive()
         assert send(hook, 12, "l").rejected == []
         # The whole process stopped: connections open, nothing answers.
-        os.kill(fake.pid, signal.SIGSTOP)
+        fake.suspend()
         try:
             assert send(hook, 13, "m") == "timeout"
         finally:
-            os.kill(fake.pid, signal.SIGCONT)
+            fake.resume()
         assert wait_until(lambda: "m" in fake.state()["members"], 5)
         state = fake.state()
         assert set(state["members"]) == {"a", "b", "c", "d", "h", "l", "m"}  # m: applied late
