@@ -129,8 +129,24 @@ def _restore_audsync_logger():
         logger.propagate, logger.disabled = True, False
 
     pristine()
+    others = _logger_states()
     yield
     pristine()
+    # Libraries' loggers too: a vendor SDK used as an oracle sets urllib3's level to WARNING,
+    # which hid the DEBUG lines a later test's redaction check reads.
+    changed = [(one, state) for one, state in others.items()
+               if (one.level, one.disabled, one.propagate) != state]
+    for one, state in changed:
+        one.level, one.disabled, one.propagate = state
+    if changed:
+        logging.Logger.manager._clear_cache()  # what setLevel does: levels are cached per logger
+
+
+def _logger_states() -> dict[logging.Logger, tuple[int, bool, bool]]:
+    """Level, disabled and propagate of every logger that exists now."""
+    existing = [logging.getLogger()] + [
+        one for one in logging.Logger.manager.loggerDict.values() if isinstance(one, logging.Logger)]
+    return {one: (one.level, one.disabled, one.propagate) for one in existing}
 
 
 @pytest.fixture(autouse=True)

@@ -390,8 +390,10 @@ def test_batches_without_an_answer_are_reported_once_the_destination_answers_aga
     batch is answered: the breaker did not open, so its rows fail as retryable as before."""
     fake = FakeWebhook().start()
     try:
-        fake.delay_next(2, 1.0)  # the first batch's two attempts time out
-        client = HttpClient(max_retries=1, timeout_s=0.3, sleep=lambda s: None, unreachable_after=5)
+        # The first batch's two attempts time out; the timeout is well above a loaded machine's
+        # answer time (0.3 s timed out the other batches' ordinary answers under load).
+        fake.delay_next(2, 3.0)
+        client = HttpClient(max_retries=1, timeout_s=1.5, sleep=lambda s: None, unreachable_after=5)
         hook = WebhookConnector("hook", {"url": fake.url}, SYNC, client)
         recorder = Recorder()
         deliver(hook, plan(30, 10), max_concurrency=1, on_result=recorder)
