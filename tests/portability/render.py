@@ -6,17 +6,18 @@ never audsync's dependencies. It writes a small dbt project (tests/portability/p
 model per sync config below) that installs this package through `packages.yml` from its local
 path, with a profile whose targets are the three adapter types with dummy credentials, and runs
 `dbt compile --no-introspect --no-populate-cache` for each target through dbt's programmatic
-runner. Each sync model's compiled code is the JSON list of the statements its relations take
-(project/macros/portability_statements.sql); the package's state models are rendered the same
-way. A socket guard refuses and records every connection and name lookup, so a dummy host is
-never contacted and an attempt shows in the report.
+runner (Databricks keeps introspection on: see INTROSPECT). Each sync model's compiled code is
+the JSON list of the statements its relations take (project/macros/portability_statements.sql);
+the package's state models are rendered the same way. A socket guard refuses and records every
+connection and name lookup, so a dummy host is never contacted and an attempt shows in the
+report.
 
     python render.py --repo <audsync checkout> --work <empty dir> [--adapters snowflake,...]
                      --output report.json [--override <file.sql>]...  (extra root macros)
 
-Writes one JSON report to --output (dbt prints to stdout): {"statements": [...], "failures": [...], "connections": [...],
-"dispatch": {...}}, and exits 1 when a statement does not parse, dbt fails, or a connection
-was attempted.
+Writes one JSON report to --output (dbt prints to stdout): {"statements": [...], "failures":
+[...], "connections": [...], "dispatch": {...}}, and exits 1 when a statement does not parse,
+dbt fails, or a connection was attempted.
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def _select(name: str) -> tuple[str, list[str]]:
     return f"select {columns} from {{{{ source('crm', 'contacts') }}}}", list(_COLUMNS)
 
 
+# Without --introspect a node compiles with no connection at all, so anything that would query
+# fails. Databricks keeps dbt's connection (never opened: the handle is lazy, and the guard
+# below proves nothing connects) because dbt-databricks' rename_relation and drop_relation,
+# which the package's spark__ rewrites call, ask for the thread's connection object.
+INTROSPECT = {"databricks": "--introspect"}
+
+
 def _bigquery_keyfile() -> dict:
     """A service account key that loads (a throwaway RSA key made now) and reaches nothing."""
     from cryptography.hazmat.primitives import serialization
@@ -136,11 +144,13 @@ def write_project(repo: Path, work: Path, adapters: list[str], overrides: list[P
     for name, config in SYNCS.items():
         select_sql, source_columns = _select(name)
         config_args = ", ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+        call = f"portability_statements(select_sql, {json.dumps(source_columns)})"
         (models / f"{name}.sql").write_text(
-            f"{{{{ config(materialized='audience_sync', destination='crm_hook', {config_args}) }}}}\n"
+            "{{ config(materialized='audience_sync', destination='crm_hook', "
+            f"{config_args}) }}}}\n"
             f"{{% set select_sql %}}{select_sql}{{% endset %}}\n"
             # Parsing renders a model with execute false and config values empty: only compile.
-            f"{{% if execute %}}{{{{ portability_statements(select_sql, {json.dumps(source_columns)}) }}}}{{% endif %}}\n"
+            f"{{% if execute %}}{{{{ {call} }}}}{{% endif %}}\n"
         )
     return project
 
@@ -183,8 +193,9 @@ def _dbt(args: list[str]):
 def render(project: Path, adapter: str) -> tuple[list[dict], list[dict], dict]:
     """Compile the project for `adapter`: (statements, failures, dispatch facts)."""
     common = ["--project-dir", str(project), "--profiles-dir", str(project)]
-    result = _dbt(["compile", *common, "--target", adapter, "--no-introspect",
-                   "--no-populate-cache", "--no-partial-parse", "--threads", "1", "--quiet"])
+    result = _dbt(["compile", *common, "--target", adapter,
+                   INTROSPECT.get(adapter, "--no-introspect"), "--no-populate-cache",
+                   "--no-partial-parse", "--threads", "1", "--quiet"])
     if not result.success:
         detail = str(result.exception) if result.exception else ""
         for r in getattr(result.result, "results", None) or []:
@@ -205,12 +216,40 @@ def render(project: Path, adapter: str) -> tuple[list[dict], list[dict], dict]:
             continue
         sync = "-" if node.name == "state_tables" else node.name
         for item in json.loads(node.compiled_code):
-            statements.append({"adapter": adapter, "dialect": DIALECTS[adapter], "sync": sync, **item})
+            statements.append({"adapter": adapter, "dialect": DIALECTS[adapter], "sync": sync,
+                               **item})
     return statements, [], dispatch
 
 
+def _bigquery_lints(sql: str, trees: list) -> str | None:
+    """What BigQuery refuses and sqlglot's BigQuery parser accepts (it reads the other
+    dialects' forms too): the `%` operator (GoogleSQL has mod() only: sqlglot itself writes
+    Mod as MOD() for BigQuery), and a WHERE in a select without FROM ("Query without FROM
+    clause cannot have a WHERE clause")."""
+    import sqlglot
+    from sqlglot import exp
+    from sqlglot.tokens import TokenType
+
+    if any(t.token_type == TokenType.MOD for t in sqlglot.tokenize(sql, read="bigquery")):
+        return "BigQuery has no % operator (GoogleSQL's modulo is mod(x, y))"
+    for tree in trees:
+        for select in tree.find_all(exp.Select):
+            if select.args.get("where") is not None and select.args.get(_FROM) is None:
+                return ("BigQuery refuses a WHERE in a select without FROM: "
+                        f"{select.sql(dialect='bigquery')[:160]!r}")
+    return None
+
+
+# The key of a select's FROM in sqlglot's tree ("from_" since sqlglot 28, "from" before).
+_FROM = "from_" if "from_" in __import__("sqlglot").exp.Select.arg_types else "from"
+
+# Per dialect: what the warehouse refuses although sqlglot parses it.
+LINTS = {"bigquery": _bigquery_lints}
+
+
 def parse(statement: dict) -> str | None:
-    """sqlglot's message when `statement` does not parse in its dialect, else None."""
+    """sqlglot's message when `statement` does not parse in its dialect (or a lint's, for what
+    the warehouse refuses and sqlglot accepts), else None."""
     import sqlglot
     from sqlglot.errors import ErrorLevel
 
@@ -219,13 +258,15 @@ def parse(statement: dict) -> str | None:
                               error_level=ErrorLevel.RAISE)
     except Exception as exc:  # ParseError, TokenError: the message is the finding
         return f"{type(exc).__name__}: {exc}"
-    if not [t for t in trees if t is not None]:
+    trees = [t for t in trees if t is not None]
+    if not trees:
         return "no statement parsed"
     # A statement sqlglot could not understand comes back as a raw Command: not a parse.
-    commands = [t for t in trees if t is not None and t.key == "command"]
+    commands = [t for t in trees if t.key == "command"]
     if commands:
         return f"parsed only as an opaque command: {commands[0].sql()[:120]!r}"
-    return None
+    lint = LINTS.get(statement["dialect"])
+    return lint(statement["sql"], trees) if lint else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"statements": [], "failures": [], "connections": [], "dispatch": {}}
     with ConnectionGuard() as guard:
-        deps = _dbt(["deps", "--project-dir", str(project), "--profiles-dir", str(project), "--quiet"])
+        deps = _dbt(["deps", "--project-dir", str(project), "--profiles-dir", str(project),
+                     "--quiet"])
         if not deps.success:
             report["failures"].append({"adapter": "-", "dialect": "-", "relation": "-",
                                        "macro": "-", "error": f"dbt deps failed: {deps.exception}"})

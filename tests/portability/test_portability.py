@@ -31,7 +31,7 @@ SYNCS = {"sync_mirror", "sync_add_excluded", "sync_upsert_split", "sync_remove",
          "sync_mirror_hashed"}
 STATE_MODELS = {p.stem for p in (REPO_ROOT / "models" / "state").glob("*.sql")}
 
-pytestmark = [pytest.mark.slow, pytest.mark.ci]
+# The tests that render (20-40 s each on a loaded machine) are marked slow and kept in CI's run.
 
 
 def _portability_python() -> Path:
@@ -73,6 +73,8 @@ def report(tmp_path_factory) -> dict:
     return report
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_every_relation_parses_in_each_dialect(report):
     """Every relation's SQL, rendered by each adapter, parses in its dialect."""
     assert not report["failures"], _describe(report["failures"])
@@ -86,11 +88,15 @@ def test_every_relation_parses_in_each_dialect(report):
         assert {s["relation"] for s in rendered if s["sync"] == "-"} == STATE_MODELS, adapter
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_rendering_contacts_no_server(report):
     """The dummy hosts are never contacted: no socket connects, no name is looked up."""
     assert report["connections"] == []
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_statements_are_each_adapters_own(report):
     """The SQL is each adapter's: its DDL and its quoting (not one text for all)."""
     def s_of(adapter):
@@ -102,21 +108,29 @@ def test_statements_are_each_adapters_own(report):
     assert "`Lifetime Value`" in s_of("databricks") and "using delta" in s_of("databricks")
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_databricks_dispatches_to_the_spark_macros(report):
     """dbt-databricks declares spark as its plugin's dependency, so adapter.dispatch searches
     databricks__, then spark__, then default__: the package's spark__ versions serve
-    Databricks; Snowflake and BigQuery take the default__ ones."""
-    assert report["dispatch"]["databricks"]["write_evaluation"] == "spark__write_evaluation"
-    assert report["dispatch"]["databricks"]["delete_history_before"] == "spark__delete_history_before"
-    for adapter in ("snowflake", "bigquery"):
-        assert report["dispatch"][adapter]["write_evaluation"] == "default__write_evaluation"
+    Databricks where it has no databricks__ one."""
+    picked = report["dispatch"]
+    assert picked["databricks"]["write_evaluation"] == "spark__write_evaluation"
+    assert picked["databricks"]["delete_history_before"] == "spark__delete_history_before"
+    assert picked["databricks"]["split_bucket"] == "databricks__split_bucket"
+    assert picked["databricks"]["row_hash"] == "default__row_hash"
+    assert picked["snowflake"]["write_evaluation"] == "default__write_evaluation"
+    assert picked["bigquery"]["write_evaluation"] == "bigquery__write_evaluation"
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_macro_a_dialect_cannot_parse_is_reported(tmp_path):
     """The check can fail: a row hash override with an unbalanced parenthesis is reported with
     the macro, the relation, the dialect and sqlglot's message."""
     bad = tmp_path / "bad_row_hash.sql"
-    bad.write_text("{% macro snowflake__row_hash(mapping, prefix) %}md5((cast(1 as text){% endmacro %}\n")
+    bad.write_text("{% macro snowflake__row_hash(mapping, prefix) %}"
+                   "md5((cast(1 as text){% endmacro %}\n")
     returncode, report, _ = _render(tmp_path / "work", adapters=("snowflake",), overrides=[bad])
     assert returncode == 1
     failures = report["failures"]
@@ -127,6 +141,36 @@ def test_a_macro_a_dialect_cannot_parse_is_reported(tmp_path):
     assert first["dialect"] == "snowflake" and "row_hash" in first["macro"]
     assert "ParseError" in first["error"] or "TokenError" in first["error"]
     assert "snowflake" in _describe(failures) and "relation S " in _describe(failures)
+
+
+@pytest.mark.parametrize("sql, finding", [
+    ("select a % 10000 from t", "no % operator"),
+    ("select 'x' as a where not exists (select 1 from t)", "WHERE in a select without FROM"),
+    ("select mod(a, 10000) from t where a > 0", None),
+    ("select * from (select 1 as a) as e where 1 = 0", None),
+    ("select '%' as a from t", None),
+])
+def test_bigquery_lints(sql, finding):
+    """What BigQuery refuses and sqlglot's BigQuery parser accepts is reported too."""
+    from tests.portability import render
+
+    error = render.parse({"sql": sql, "dialect": "bigquery"})
+    assert (error is None) if finding is None else (finding in (error or "")), error
+
+
+def test_the_connection_guard_refuses_and_records():
+    """The guard that proves the renders offline does see a connection and a name lookup."""
+    import socket
+
+    from tests.portability import render
+
+    with render.ConnectionGuard() as guard:
+        with pytest.raises(OSError, match="no connection allowed"):
+            socket.create_connection(("127.0.0.1", 9), timeout=1)
+        with pytest.raises(OSError, match="no connection allowed"):
+            socket.getaddrinfo("portability-dummy.invalid", 443)
+    assert len(guard.attempts) == 2, guard.attempts
+    assert socket.getaddrinfo is not None and "refuse" not in repr(socket.getaddrinfo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,6 +57,19 @@
     {%- do out.append({'relation': 'S__split', 'macro': 'split_view_sql, split_bucket', 'sql': get_create_view_as_sql(governance.split, audsync.split_view_sql(audsync.apply_exclusions(membership, sync), sync))}) -%}
   {%- endif -%}
   {%- do out.append({'relation': 'S__history', 'macro': 'history_shape_sql', 'sql': get_create_table_as_sql(False, governance.history, audsync.history_shape_sql())}) -%}
+
+  {#- Statements the materialization runs on its tables rather than relations it creates,
+      recorded by the check's statement() (capture_statements.sql) instead of run. -#}
+  {%- do portability_recorded('-', '-') -%}
+  {%- do audsync.apply_history_retention(governance.history) -%}
+  {%- do out.extend(portability_recorded('S__history', 'apply_history_retention, delete_history_before')) -%}
+  {%- set syncs = graph.nodes.get('model.audsync.audsync_syncs') -%}
+  {%- set syncs_relation = api.Relation.create(database=syncs.database, schema=syncs.schema, identifier=syncs.alias or syncs.name, type='table') -%}
+  {#- record_evaluation would read the table's columns from the warehouse: the model's own. -#}
+  {%- set columns = modules.re.findall('\) as (\w+)', render(syncs.raw_code)) -%}
+  {%- set built = "cast('2026-12-02 07:00:00.000000' as " ~ dbt.type_timestamp() ~ ")" -%}
+  {%- do adapter.dispatch('write_evaluation', 'audsync')(syncs_relation, columns, dbt.string_literal(this.identifier), built) -%}
+  {%- do out.extend(portability_recorded('audsync_syncs', 'record_evaluation, write_evaluation')) -%}
   {{ return(tojson(out)) }}
 {% endmacro %}
 
