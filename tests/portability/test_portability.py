@@ -22,10 +22,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RENDER = Path(__file__).resolve().parent / "render.py"
 ADAPTERS = ("snowflake", "bigquery", "databricks")
 
-# What every sync takes (the project's vars.audsync_exclude gives each an S__excluded), and
-# what a split_group adds (portability_statements.sql).
+# What every sync takes (the project's vars.audsync_exclude gives each an S__excluded; the
+# freshness write goes to audsync_syncs), and what a split_group adds
+# (portability_statements.sql).
 RELATIONS = {"S", "S__snapshot", "S__plan", "S__candidates", "S__adds", "S__removes",
-             "S__updates", "S__changes", "S__invalid", "S__excluded", "S__history"}
+             "S__updates", "S__changes", "S__invalid", "S__excluded", "S__history",
+             "audsync_syncs"}
 GOVERNED = {"sync_upsert_split": {"S__split"}, "sync_mirror_hashed": {"S__split"}}
 SYNCS = {"sync_mirror", "sync_add_excluded", "sync_upsert_split", "sync_remove",
          "sync_mirror_hashed"}
@@ -86,6 +88,10 @@ def test_every_relation_parses_in_each_dialect(report):
             relations = {s["relation"] for s in rendered if s["sync"] == sync}
             assert relations == RELATIONS | GOVERNED.get(sync, set()), (adapter, sync)
         assert {s["relation"] for s in rendered if s["sync"] == "-"} == STATE_MODELS, adapter
+        # The statements the package runs on its tables are there too, not only relations.
+        macros = {s["macro"].split(" (statement")[0] for s in rendered}
+        assert "apply_history_retention, delete_history_before" in macros, adapter
+        assert "record_evaluation, write_evaluation" in macros, adapter
 
 
 @pytest.mark.slow
