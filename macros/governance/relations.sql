@@ -65,17 +65,18 @@
   {%- endcall %}
 {% endmacro %}
 
-{#- The typed, empty shape of S__history. -#}
+{#- The typed, empty shape of S__history (empty_table: a select with a FROM, since BigQuery
+    takes no WHERE in a select without one). -#}
 {% macro history_shape_sql() %}
   {%- set n = audsync.audsync_names() -%}
-select
-  cast(null as {{ dbt.type_string() }}) as {{ n.key }},
-  cast(null as {{ dbt.type_string() }}) as {{ n.op }},
-  cast(null as {{ dbt.type_string() }}) as {{ n.hash }},
-  cast(null as {{ dbt.type_string() }}) as {{ n.run_id }},
-  cast(null as {{ dbt.type_timestamp() }}) as _audsync_committed_at,
-  cast(null as {{ dbt.type_string() }}) as _audsync_split_group
-where 1 = 0
+  {{ return(audsync.empty_table([
+      (n.key, 'string'),
+      (n.op, 'string'),
+      (n.hash, 'string'),
+      (n.run_id, 'string'),
+      ('_audsync_committed_at', 'timestamp'),
+      ('_audsync_split_group', 'string'),
+  ])) }}
 {%- endmacro %}
 
 {#- Retention: with vars.audsync_history_days = N, rows committed more than N days ago go. -#}
