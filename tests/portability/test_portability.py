@@ -123,7 +123,7 @@ def test_databricks_dispatches_to_the_spark_macros(report):
     picked = report["dispatch"]
     assert picked["databricks"]["write_evaluation"] == "spark__write_evaluation"
     assert picked["databricks"]["delete_history_before"] == "spark__delete_history_before"
-    assert picked["databricks"]["split_bucket"] == "databricks__split_bucket"
+    assert picked["databricks"]["split_bucket"] == "spark__split_bucket"
     assert picked["databricks"]["row_hash"] == "default__row_hash"
     assert picked["snowflake"]["write_evaluation"] == "default__write_evaluation"
     assert picked["bigquery"]["write_evaluation"] == "bigquery__write_evaluation"

@@ -1,6 +1,0 @@
-{#- Databricks (ANSI mode by default) refuses to cast 0x-prefixed text to bigint: conv reads
-    the hex digits in base 16 and writes them in base 10. Before spark__ in dbt-databricks'
-    dispatch order (databricks__, spark__, default__). -#}
-{% macro databricks__split_bucket(key_expr, salt) -%}
-(cast(conv(substr({{ dbt.hash(dbt.concat([dbt.string_literal(salt ~ ':'), key_expr])) }}, 1, 8), 16, 10) as bigint) % 10000)
-{%- endmacro %}
