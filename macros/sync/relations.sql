@@ -5,10 +5,18 @@
 
 {#- S: the valid members of the select, keyed, with the row hash. A row is left out (and shown
     in S__invalid) when its key is null, longer than audsync.max_key_length() characters, or
-    not unique: as given, or after the sync's identifier_normalise. -#}
+    not unique: as given, or after the sync's identifier_normalise.
+    The duplicate keys come from an aggregate over the keys alone, and S is the keyed rows
+    without them (an anti-join whose other side is small: the duplicates): a window over
+    every row carried every column through a sort or a hash of the whole audience. Each mapped
+    value is cast to text once (`audsync_text_<i>`), the hash reads the text. -#}
 {% macro membership_sql(select_sql, sync) %}
   {%- set n = audsync.audsync_names() -%}
   {%- set normalise = sync.get('identifier_normalise', 'none') -%}
+  {%- set texts = {} -%}
+  {%- for item in sync.mapping -%}
+    {%- do texts.update({item.source_column: 'audsync_text_' ~ loop.index}) -%}
+  {%- endfor -%}
 with audsync_source as (
 {{ select_sql }}
 ),
@@ -20,24 +28,34 @@ audsync_keyed as (
         {%- endfor %}
     from audsync_source
 ),
-audsync_counted as (
-    select
-        audsync_keyed.*,
-        count(*) over (
-            partition by {{ audsync.normalised_key(n.key, normalise) }}
-        ) as audsync_key_count
+audsync_duplicates as (
+    select {{ audsync.normalised_key(n.key, normalise) }} as audsync_key_duplicate
     from audsync_keyed
     where {{ n.key }} is not null
+    group by {{ audsync.normalised_key(n.key, normalise) }}
+    having count(*) > 1
+),
+audsync_unique as (
+    select
+        audsync_keyed.*
+        {%- for column, text in texts.items() %},
+        cast({{ adapter.quote(column) }} as {{ dbt.type_string() }}) as {{ text }}
+        {%- endfor %}
+    from audsync_keyed
+    where {{ n.key }} is not null
+      and {{ dbt.length(n.key) }} <= {{ audsync.max_key_length() }}
+      and not exists (
+        select 1 from audsync_duplicates
+        where audsync_duplicates.audsync_key_duplicate = {{ audsync.normalised_key('audsync_keyed.' ~ n.key, normalise) }}
+      )
 )
 select
     {{ n.key }}
     {%- for column in sync.columns %},
     {{ adapter.quote(column) }}
     {%- endfor %},
-    {{ audsync.row_hash(sync.mapping) }} as {{ n.hash }}
-from audsync_counted
-where audsync_key_count = 1
-  and {{ dbt.length(n.key) }} <= {{ audsync.max_key_length() }}
+    {{ audsync.row_hash(sync.mapping, texts=texts) }} as {{ n.hash }}
+from audsync_unique
 {%- endmacro %}
 
 
