@@ -36,7 +36,8 @@ def _cpu_children() -> float:
 
 def _pg_cpu(pg) -> float:
     """CPU seconds of the cluster's processes so far: the postmaster's reaped children
-    (parallel workers, ended backends) and every live child."""
+    (parallel workers, ended backends) and every live child. Approximate: a backend that ends
+    between two readings can be missed (a difference can even come out negative)."""
     pid = int(Path(pg.data_dir, "postmaster.pid").read_text().split()[0])
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
@@ -109,7 +110,6 @@ def statements(bp: BenchProject) -> list[str]:
 
 def profile(bp: BenchProject, name: str, pg) -> str:
     out = [f"# {name}: {bp.target}"]
-    s = bp.relation(SYNC)
     for sql in statements(bp):
         out.append("\n## " + " ".join(sql.split())[:160])
         if bp.target == "duckdb":
@@ -131,7 +131,6 @@ def profile(bp: BenchProject, name: str, pg) -> str:
                 out.append(f"server cpu {_pg_cpu(pg) - cpu:.2f} s")
                 out.append(plan)
                 conn.rollback()
-    del s
     return "\n".join(out)
 
 
