@@ -5,10 +5,14 @@
 
 {#- S: the valid members of the select, keyed, with the row hash. A row is left out (and shown
     in S__invalid) when its key is null, longer than audsync.max_key_length() characters, or
-    not unique: as given, or after the sync's identifier_normalise. -#}
+    not unique: as given, or after the sync's identifier_normalise. Each mapped value is cast
+    to text once (`audsync_text_<i>`), and the hash reads that text. -#}
 {% macro membership_sql(select_sql, sync) %}
   {%- set n = audsync.audsync_names() -%}
-  {%- set normalise = sync.get('identifier_normalise', 'none') -%}
+  {%- set texts = {} -%}
+  {%- for item in sync.mapping -%}
+    {%- do texts.update({item.source_column: 'audsync_text_' ~ loop.index}) -%}
+  {%- endfor -%}
 with audsync_source as (
 {{ select_sql }}
 ),
@@ -20,6 +24,40 @@ audsync_keyed as (
         {%- endfor %}
     from audsync_source
 ),
+{{ audsync.unique_keyed_ctes(sync.get('identifier_normalise', 'none')) }}
+audsync_unique as (
+    select
+        {{ n.key }}
+        {%- for column in sync.columns %},
+        {{ adapter.quote(column) }}
+        {%- endfor %}
+        {%- for column, text in texts.items() %},
+        cast({{ adapter.quote(column) }} as {{ dbt.type_string() }}) as {{ text }}
+        {%- endfor %}
+    from audsync_unique_keyed
+    where {{ dbt.length(n.key) }} <= {{ audsync.max_key_length() }}
+)
+select
+    {{ n.key }}
+    {%- for column in sync.columns %},
+    {{ adapter.quote(column) }}
+    {%- endfor %},
+    {{ audsync.row_hash(sync.mapping, texts=texts) }} as {{ n.hash }}
+from audsync_unique
+{%- endmacro %}
+
+{#- The CTE `audsync_unique_keyed`: the rows of `audsync_keyed` whose key is not null and is
+    no other row's key (under the identifier_normalise `normalise`). Rendered inside
+    membership_sql's `with`, each CTE followed by a comma. -#}
+{% macro unique_keyed_ctes(normalise) %}
+  {{ return(adapter.dispatch('unique_keyed_ctes', 'audsync')(normalise)) }}
+{% endmacro %}
+
+{#- A count over a window of the key: one evaluation of the select, and on PostgreSQL a sort
+    of the rows is cheaper than a hash of 10M keys that spills past work_mem (measured:
+    bench/results/issue16-diffbuild.md). -#}
+{% macro default__unique_keyed_ctes(normalise) %}
+  {%- set n = audsync.audsync_names() -%}
 audsync_counted as (
     select
         audsync_keyed.*,
@@ -28,16 +66,33 @@ audsync_counted as (
         ) as audsync_key_count
     from audsync_keyed
     where {{ n.key }} is not null
-)
-select
-    {{ n.key }}
-    {%- for column in sync.columns %},
-    {{ adapter.quote(column) }}
-    {%- endfor %},
-    {{ audsync.row_hash(sync.mapping) }} as {{ n.hash }}
-from audsync_counted
-where audsync_key_count = 1
-  and {{ dbt.length(n.key) }} <= {{ audsync.max_key_length() }}
+),
+audsync_unique_keyed as (
+    select * from audsync_counted where audsync_key_count = 1
+),
+{%- endmacro %}
+
+{#- DuckDB: the duplicate keys from an aggregate over the keys alone, and the rows without them
+    (an anti-join whose other side, the duplicates, is small). DuckDB ran the window as an
+    aggregate of every key joined back to every row (bench/results/issue16-diffbuild.md). DuckDB
+    evaluates `audsync_keyed` once for both (it materialises a CTE read twice). -#}
+{% macro duckdb__unique_keyed_ctes(normalise) %}
+  {%- set n = audsync.audsync_names() -%}
+audsync_duplicates as (
+    select {{ audsync.normalised_key(n.key, normalise) }} as audsync_key_duplicate
+    from audsync_keyed
+    where {{ n.key }} is not null
+    group by {{ audsync.normalised_key(n.key, normalise) }}
+    having count(*) > 1
+),
+audsync_unique_keyed as (
+    select * from audsync_keyed
+    where {{ n.key }} is not null
+      and not exists (
+        select 1 from audsync_duplicates
+        where audsync_duplicates.audsync_key_duplicate = {{ audsync.normalised_key('audsync_keyed.' ~ n.key, normalise) }}
+      )
+),
 {%- endmacro %}
 
 

@@ -14,26 +14,37 @@
     members on DuckDB).
 -#}
 
-{% macro row_hash(mapping, prefix='') %}
-  {{ return(adapter.dispatch('row_hash', 'audsync')(mapping, prefix)) }}
+{#- `texts` (optional): source column -> an expression that is already that column's value
+    cast to text (null exactly when the value is), so S casts each value once. -#}
+{% macro row_hash(mapping, prefix='', texts=none) %}
+  {{ return(adapter.dispatch('row_hash', 'audsync')(mapping, prefix, texts)) }}
 {% endmacro %}
 
-{% macro default__row_hash(mapping, prefix) %}
+{% macro default__row_hash(mapping, prefix, texts=none) %}
   {%- set signature = [] -%}
   {%- for item in mapping -%}
     {%- do signature.append(item.destination_field ~ '=' ~ item.source_column) -%}
   {%- endfor -%}
   {%- set parts = [dbt.string_literal(local_md5(signature | join(';'))[:8] ~ '|')] -%}
   {%- for item in mapping -%}
-    {%- do parts.append(audsync.encode_value(prefix ~ adapter.quote(item.source_column))) -%}
+    {%- if texts -%}
+      {%- do parts.append(audsync.encode_text(texts[item.source_column])) -%}
+    {%- else -%}
+      {%- do parts.append(audsync.encode_value(prefix ~ adapter.quote(item.source_column))) -%}
+    {%- endif -%}
   {%- endfor -%}
   {{- dbt.hash(dbt.concat(parts)) -}}
 {% endmacro %}
 
 {#- `N` for null, else `V<length>:<text>`: a prefix code over the value's text. -#}
 {% macro encode_value(expression) %}
-  {%- set text = "cast(" ~ expression ~ " as " ~ dbt.type_string() ~ ")" -%}
-  case when {{ expression }} is null then 'N'
+  {{- audsync.encode_text("cast(" ~ expression ~ " as " ~ dbt.type_string() ~ ")") -}}
+{%- endmacro %}
+
+{#- encode_value of a value already cast to text: the cast is null exactly when the value is,
+    so the bytes are the same. -#}
+{% macro encode_text(text) %}
+  case when {{ text }} is null then 'N'
        else {{ dbt.concat(["'V'", "cast(" ~ dbt.length(text) ~ " as " ~ dbt.type_string() ~ ")", "':'", text]) }}
   end
 {%- endmacro %}
