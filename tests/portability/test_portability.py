@@ -135,7 +135,7 @@ def test_a_macro_a_dialect_cannot_parse_is_reported(tmp_path):
     """The check can fail: a row hash override with an unbalanced parenthesis is reported with
     the macro, the relation, the dialect and sqlglot's message."""
     bad = tmp_path / "bad_row_hash.sql"
-    bad.write_text("{% macro snowflake__row_hash(mapping, prefix) %}"
+    bad.write_text("{% macro snowflake__row_hash(mapping, prefix, texts=none) %}"
                    "md5((cast(1 as text){% endmacro %}\n")
     returncode, report, _ = _render(tmp_path / "work", adapters=("snowflake",), overrides=[bad])
     assert returncode == 1
