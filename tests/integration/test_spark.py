@@ -167,7 +167,9 @@ def test_a_kill_9_mid_delivery_is_recovered_and_the_lock_holds_on_spark(spark_pr
         write_sync(project, "s", mode="mirror")
         write_destinations(project, {"hook": {"type": "webhook", "url": fake.url, "secret": "kill-secret",
                                               "batch_size": 2, "max_concurrency": 1}})
-        rows = [(f"k{i:03d}@example.com", "n", float(i)) for i in range(24)]
+        # 30 batches of 0.3 s: delivery outlasts the four batches and the 3 s waited before the
+        # kill (with 12, a lightly loaded machine delivered all of them before it).
+        rows = [(f"k{i:03d}@example.com", "n", float(i)) for i in range(60)]
         write_audience(project, rows)
         project.dbt("run")
 
@@ -175,14 +177,14 @@ def test_a_kill_9_mid_delivery_is_recovered_and_the_lock_holds_on_spark(spark_pr
         deadline = time.monotonic() + 300
         while fake.accepted_requests < 4:
             assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "timed out waiting for six batches"
+            assert time.monotonic() < deadline, "timed out waiting for four batches"
             time.sleep(0.05)
         time.sleep(3)  # at least one flush of answered batches
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         killed = run_rows(project, "s")[-1]
         assert killed["status"] == "running"
-        assert 0 < len(fake.members) < 24
+        assert 0 < len(fake.members) < len(rows)
 
         refused = audsync(project, "run", "s", expect=1)
         assert killed["run_id"] in refused.output and "locked" in refused.output
@@ -194,7 +196,7 @@ def test_a_kill_9_mid_delivery_is_recovered_and_the_lock_holds_on_spark(spark_pr
         history = {r["run_id"]: r for r in run_rows(project, "s")}
         assert history[killed["run_id"]]["status"] == "aborted"
         new = run_rows(project, "s")[-1]
-        assert new["status"] == "success" and new["planned_adds"] < 24
+        assert new["status"] == "success" and new["planned_adds"] < len(rows)
         assert set(fake.members) == {r[0] for r in rows}
         snapshot = project.query(
             f"select {names.KEY} from {project.relation('s', '__snapshot')} where {names.HASH} is not null")
