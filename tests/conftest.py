@@ -8,7 +8,8 @@
 * ``spark_server`` (session): a Spark Thrift server this session starts from the installed
   pyspark, stopped at the end. Spark is a choice of ``--warehouses`` that is off by default
   (``--warehouses duckdb,postgres,spark`` or ``--warehouses spark``): the tests marked
-  ``spark`` (the focused Spark subset, ``tests/integration/test_spark.py``) run only then.
+  ``spark`` (the focused Spark subset, ``tests/integration/test_spark.py`` and
+  ``test_fault_matrix[spark]``, which parametrizes ``warehouse`` itself) run only then.
   Without Java or pyspark they are skipped with the reason, except under ``CI=true``, where
   ``.ci/run`` installs both, and a missing one is a failure.
 * ``dbt_project``: a :class:`~tests.support.dbt_project.DbtProject` in ``tmp_path`` on that
