@@ -1,7 +1,10 @@
-"""``python -m bench [--quick] [--only duckdb,postgres] [--runs 3]``: run the benchmark.
+"""``python -m bench [--quick] [--only duckdb,postgres,spark] [--runs 3] [--out latest]``: run the benchmark.
 
-Writes ``bench/results/latest.json`` (every run's value) and ``bench/results/latest.md`` (the
-table, medians with min-max, the targets and every ratio to audsync), and prints the table.
+Writes ``bench/results/<out>.json`` (every run's value) and ``bench/results/<out>.md`` (the
+table, medians with min-max, the targets and every ratio to audsync; ``--out`` defaults to
+``latest``), and prints the table. ``spark`` (not in the default ``--only``) starts a Thrift
+server from the installed pyspark as the tests do (``tests/support/spark.py``) and stops it at
+the end; on Spark only audsync is measured.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"N = {QUICK_SIZES[0]:,} only")
     parser.add_argument("--sizes", default=None, help="comma-separated N (default: 1M,10M; --quick: 100k)")
-    parser.add_argument("--only", default="duckdb,postgres", help="warehouses: duckdb,postgres")
+    parser.add_argument("--only", default="duckdb,postgres", help="warehouses: duckdb,postgres,spark")
+    parser.add_argument("--out", default="latest", help="results file name in bench/results/ (no suffix)")
     parser.add_argument("--skip", default="", help="peers to leave out: snapshot,pydiff,drt")
     parser.add_argument("--runs", type=int, default=3, help="runs of each measurement (median reported)")
     parser.add_argument("--heavy-runs", type=int, default=None,
@@ -84,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     info["drt-core"] = peers.drt_version() if "drt" not in skip else "skipped"
     started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="audsync-bench-"))
-    pg = None
+    pg = spark = None
     scenarios: list[Scenario] = []
     failures: list[str] = []
     global _KEPT
     _KEPT = []
-    if args.merge and (RESULTS / "latest.json").exists():
-        previous = json.loads((RESULTS / "latest.json").read_text())
+    if args.merge and (RESULTS / f"{args.out}.json").exists():
+        previous = json.loads((RESULTS / f"{args.out}.json").read_text())
         measured = {(w, n) for w in warehouses for n in sizes}
         _KEPT = [s for s in previous.get("scenarios", []) if (s["warehouse"], s["n"]) not in measured]
         failures += [f for f in previous.get("failures", [])
@@ -107,11 +111,19 @@ def main(argv: list[str] | None = None) -> int:
             with pg.connect() as conn, conn.cursor() as cur:
                 cur.execute("show server_version")
                 info["postgres"] = cur.fetchone()[0]
+        if "spark" in warehouses:
+            from importlib.metadata import version
+
+            from tests.support.spark import start_spark
+
+            spark = start_spark()
+            info["pyspark"] = version("pyspark")
+            info["dbt-spark"] = version("dbt-spark")
         with Receiver() as receiver:
             for target in warehouses:
                 for n in sizes:
                     scenario = Scenario(target, n, runs=args.runs, heavy_runs=heavy_runs, workdir=workdir,
-                                        pg=pg, receiver=receiver, skip=skip)
+                                        pg=pg, receiver=receiver, skip=skip, spark=spark)
                     try:
                         scenario.run()
                     except Exception as error:  # noqa: BLE001
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if pg is not None:
             pg.stop()
+        if spark is not None:
+            spark.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     print(write(scenarios, info, args, started, failures))
     return 1 if failures else 0
@@ -134,13 +148,13 @@ _KEPT: list[dict] = []
 
 
 def _order(scenarios: list[dict]) -> list[dict]:
-    rank = {"duckdb": 0, "postgres": 1}
+    rank = {"duckdb": 0, "postgres": 1, "spark": 2}
     return sorted(scenarios, key=lambda s: (rank.get(s["warehouse"], 9), s["n"]))
 
 
 def write(scenarios: list[Scenario], info: dict, args: argparse.Namespace, started: float,
           failures: list[str]) -> str:
-    """Write ``latest.json`` and ``latest.md`` (after every scenario, so a long run shows progress)."""
+    """Write ``<out>.json`` and ``<out>.md`` (after every scenario, so a long run shows progress)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {
         "machine": info,
@@ -150,9 +164,9 @@ def write(scenarios: list[Scenario], info: dict, args: argparse.Namespace, start
         "failures": failures,
         "scenarios": _order(_KEPT + [s.as_json() for s in scenarios]),
     }
-    (RESULTS / "latest.json").write_text(json.dumps(data, indent=1) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(data, indent=1) + "\n")
     text = report.render(data)
-    (RESULTS / "latest.md").write_text(text)
+    (RESULTS / f"{args.out}.md").write_text(text)
     return text
 
 

@@ -141,7 +141,8 @@ def render(data: dict[str, Any]) -> str:
         "",
         f"`{data['command']}` on {info.get('cores')} cores, {info.get('memory_gib')} GiB; started {data['started']},"
         f" took {data['duration_s'] / 60:.1f} min. Python {info.get('python')}, dbt-core {info.get('dbt-core')},"
-        f" DuckDB {info.get('duckdb')}, PostgreSQL {info.get('postgres', '-')}, drt-core {info.get('drt-core')}.",
+        f" DuckDB {info.get('duckdb')}, PostgreSQL {info.get('postgres', '-')}, drt-core {info.get('drt-core')}"
+        + (f", pyspark {info['pyspark']}, dbt-spark {info.get('dbt-spark')}." if info.get("pyspark") else "."),
         "",
         "Medians of the runs, with min-max; n is the number of runs. Webhook receiver: a separate process on"
         " loopback that parses every body and counts rows. audsync webhook destination: batch_size 10,000,"

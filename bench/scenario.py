@@ -15,6 +15,7 @@ from . import measure, peers
 from .receiver import Receiver
 from .warehouse import SYNC, BenchProject
 
+SPARK_SKIPS = {"snapshot", "pydiff", "drt"}
 HEAVY_ROWS = 5_000_000
 """From this size on, the slow steps (initial sync, drt, the Python diff) run ``heavy_runs`` times."""
 
@@ -27,10 +28,13 @@ class Scenario:
     """Everything measured on ``target`` at ``n`` members; ``values[metric]`` lists every run."""
 
     def __init__(self, target: str, n: int, *, runs: int, heavy_runs: int, workdir: Path, pg: Any,
-                 receiver: Receiver, skip: set[str]):
+                 receiver: Receiver, skip: set[str], spark: Any = None):
         self.target, self.n, self.runs = target, n, runs
         self.heavy_runs = heavy_runs if n >= HEAVY_ROWS else runs
-        self.workdir, self.pg, self.receiver, self.skip = workdir, pg, receiver, skip
+        self.workdir, self.pg, self.receiver, self.spark = workdir, pg, receiver, spark
+        # On Spark audsync alone: dbt-spark's snapshot needs Delta's MERGE, and the Python
+        # diff and drt read DuckDB and PostgreSQL only.
+        self.skip = skip | SPARK_SKIPS if target == "spark" else skip
         self.values: dict[str, list[float]] = defaultdict(list)
         self.notes: dict[str, str] = {}
         self.checks: list[str] = []
@@ -50,7 +54,7 @@ class Scenario:
 
     def run(self) -> None:
         root = self.workdir / f"{self.target}_{self.n}"
-        bp = BenchProject(root, self.target, self.pg)
+        bp = BenchProject(root, self.target, self.pg, self.spark)
         self.load_before = os.getloadavg()[0]
         try:
             log(f"{self.target} N={self.n:,}: generating the audience in SQL")
@@ -74,6 +78,11 @@ class Scenario:
                     self.pg.drop_database(bp.project.database)
                 except Exception as error:  # noqa: BLE001 - cleanup only
                     log(f"  could not drop {bp.project.database}: {error}")
+            if self.target == "spark":
+                try:
+                    self.spark.drop_schema(bp.project.schema)
+                except Exception as error:  # noqa: BLE001 - cleanup only
+                    log(f"  could not drop {bp.project.schema}: {error}")
             shutil.rmtree(root, ignore_errors=True)
 
     # -- audsync ------------------------------------------------------------------------------

@@ -39,12 +39,17 @@ DESTINATION = {"batch_size": 10_000, "max_concurrency": 4, "secret": "bench-secr
 
 
 def _members_sql(target: str, upto: str, where: str, ltv_change: str) -> str:
-    series = f"range({upto}) as t(i)" if target == "duckdb" else f"generate_series(0, {upto} - 1) as t(i)"
+    series = {
+        "duckdb": f"range({upto}) as t(i)",
+        "postgres": f"generate_series(0, {upto} - 1) as t(i)",
+        "spark": f"(select id as i from range({upto})) as t",
+    }[target]
+    double = "double" if target == "spark" else "double precision"
     return (
         "select 'user' || i || '@example.com' as email,"
         " 'name' || (i % 5000) as first_name,"
         " 'country' || (i % 50) as country,"
-        f" cast((i % 100000) / 100.0 {ltv_change} as double precision) as ltv"
+        f" cast((i % 100000) / 100.0 {ltv_change} as {double}) as ltv"
         f" from {series} where {where}"
     )
 
@@ -52,8 +57,8 @@ def _members_sql(target: str, upto: str, where: str, ltv_change: str) -> str:
 class BenchProject:
     """A dbt project with one ``audience_sync`` model over ``audience_src`` on ``target``."""
 
-    def __init__(self, root: Path, target: str, pg: Any = None):
-        self.project = DbtProject(root, target, pg=pg, name="bench")
+    def __init__(self, root: Path, target: str, pg: Any = None, spark: Any = None):
+        self.project = DbtProject(root, target, pg=pg, spark=spark, name="bench")
         self.root = self.project.root
         self.target = target
         self.version = 0
@@ -70,10 +75,11 @@ class BenchProject:
         p.execute(f"drop view if exists {src}")
         for table in (v0, v1):
             p.execute(f"drop table if exists {table}")
-        p.execute(f"create table {v0} as {_members_sql(self.target, str(n), 'true', '')}")
+        using = " using parquet" if self.target == "spark" else ""
+        p.execute(f"create table {v0}{using} as {_members_sql(self.target, str(n), 'true', '')}")
         # v1: every 100th member removed, the next one's ltv changed, n/100 new members.
         p.execute(
-            f"create table {v1} as "
+            f"create table {v1}{using} as "
             + _members_sql(self.target, str(n + n // 100), f"i >= {n} or i % 100 <> 0",
                            "+ case when i % 100 = 1 and i < " + str(n) + " then 1 else 0 end")
         )

@@ -8,7 +8,8 @@
 * ``spark_server`` (session): a Spark Thrift server this session starts from the installed
   pyspark, stopped at the end. Spark is a choice of ``--warehouses`` that is off by default
   (``--warehouses duckdb,postgres,spark`` or ``--warehouses spark``): the tests marked
-  ``spark`` (the focused Spark subset, ``tests/integration/test_spark.py``) run only then.
+  ``spark`` (the focused Spark subset, ``tests/integration/test_spark.py`` and
+  ``test_fault_matrix[spark]``, which parametrizes ``warehouse`` itself) run only then.
   Without Java or pyspark they are skipped with the reason, except under ``CI=true``, where
   ``.ci/run`` installs both, and a missing one is a failure.
 * ``dbt_project``: a :class:`~tests.support.dbt_project.DbtProject` in ``tmp_path`` on that
@@ -209,21 +210,25 @@ def warehouse(request: pytest.FixtureRequest) -> str:
 def dbt_project_factory(warehouse: str, tmp_path: Path, request: pytest.FixtureRequest):
     """Make :class:`DbtProject` s on the test's warehouse: ``factory(name="proj", **kwargs)``.
 
-    Each project gets its own folder under ``tmp_path`` (and, on PostgreSQL, its own database).
+    Each project gets its own folder under ``tmp_path`` (and, on PostgreSQL, its own database;
+    on Spark, for a test that parametrizes ``warehouse`` with ``"spark"``, its own schema).
     """
     pg = request.getfixturevalue("postgres_server") if warehouse == "postgres" else None
+    spark = request.getfixturevalue("spark_server") if warehouse == "spark" else None
     made: list[DbtProject] = []
 
     def factory(name: str = "proj", **kwargs) -> DbtProject:
         root = tmp_path / f"{name}_{len(made)}" if made else tmp_path / name
-        project = DbtProject(root, warehouse, pg=pg, name=name, **kwargs)
+        project = DbtProject(root, warehouse, pg=pg, spark=spark, name=name, **kwargs)
         made.append(project)
         return project
 
     yield factory
-    if pg is not None:
-        for project in made:
+    for project in made:
+        if pg is not None:
             pg.drop_database(project.database)
+        if spark is not None:
+            spark.drop_schema(project.schema)
 
 
 @pytest.fixture

@@ -46,7 +46,8 @@ The RNG is seeded; the seed is printed in every failure with the command that re
         tests/integration/test_fault_matrix.py --warehouses duckdb
 
 ``AUDSYNC_FAULT_ITERATIONS`` (default :data:`DEFAULT_ITERATIONS`, which keeps CI at a few
-minutes per warehouse on 2 cores) sets the number of iterations; ``AUDSYNC_FAULT_KEEP_GOING=1``
+minutes per warehouse on 2 cores; :data:`SPARK_ITERATIONS` on Spark, which runs only with
+``--warehouses spark``, as the rest of the Spark subset) sets the number of iterations; ``AUDSYNC_FAULT_KEEP_GOING=1``
 records every failing iteration, repairs the sync and goes on, instead of stopping at the
 first (to measure how often something breaks). Timing makes a replay close to, not exactly,
 the original run.
@@ -62,7 +63,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +71,7 @@ import pytest
 
 from audsync import names
 from tests.fakes.webhook_server import FakeWebhookProcess
+from tests.support.dbt_project import DEFAULT_WAREHOUSES
 from tests.support.syncs import (
     audsync,
     audsync_process,
@@ -81,13 +83,13 @@ from tests.support.syncs import (
 )
 
 DEFAULT_ITERATIONS = 6
-ITERATIONS = int(os.environ.get("AUDSYNC_FAULT_ITERATIONS", str(DEFAULT_ITERATIONS)))
+SPARK_ITERATIONS = 2
+"""Spark's default: each iteration costs minutes there (every ``dbt run`` and every commit
+rewrites tables), so CI's Spark subset runs two."""
 KEEP_GOING = os.environ.get("AUDSYNC_FAULT_KEEP_GOING", "") not in ("", "0")
 
 MODES = ("mirror", "add", "upsert", "remove")
 SYNCS = {mode: f"fm_{mode}" for mode in MODES}
-LOCK_TIMEOUT_S = 3.0
-RUN_ENV = {"AUDSYNC_LOCK_TIMEOUT_S": str(LOCK_TIMEOUT_S)}
 # Small batches, two threads, a short timeout and a little latency: a run has several
 # batches in flight and faults land mid-delivery; retries and timeouts cost seconds, not
 # minutes.
@@ -101,10 +103,45 @@ attempt of a batch (its rows then have an unknown outcome)."""
 LATENCY_S = 0.06
 UNIVERSE = [f"fm{i:02d}@example.com" for i in range(70)]
 NAMES = ["Ann", "Bob", None, "", "zoë", "o'brien", "Chloé"]
-# How long a command may take before the test calls it hung.
-COMMAND_TIMEOUT_S = 150.0
-# SIGTERM must end the command within this (issue 10: 10 s plus one commit).
-SIGTERM_EXIT_S = 25.0
+
+
+@dataclass(frozen=True)
+class Pace:
+    """The matrix's timeouts on one warehouse."""
+
+    lock_timeout_s: float = 3.0
+    command_timeout_s: float = 150.0
+    """How long a command may take before the test calls it hung."""
+    sigterm_exit_s: float = 25.0
+    """SIGTERM must end the command within this (issue 10: 10 s plus one commit)."""
+    build_wait_s: float = 40.0
+    """How long a ``dbt run`` beside a stalled runner may take before it counts as waiting
+    for the stalled runner's transaction."""
+    takeover_s: float = 30.0
+    request_wait_s: float = 60.0
+    iterations: int = DEFAULT_ITERATIONS
+
+    @property
+    def run_env(self) -> dict[str, str]:
+        return {"AUDSYNC_LOCK_TIMEOUT_S": str(self.lock_timeout_s)}
+
+
+PACES = {
+    # A Spark statement takes a second or more, a rewrite several, a run of the four syncs a
+    # minute (on two shared cores). The lock timeout stays far above a heartbeat's rewrite of
+    # audsync_syncs, and SIGTERM's bound is 10 s plus a Spark commit (a dozen rewrites).
+    "spark": Pace(lock_timeout_s=15.0, command_timeout_s=600.0, sigterm_exit_s=120.0, build_wait_s=300.0,
+                  takeover_s=300.0, request_wait_s=240.0, iterations=SPARK_ITERATIONS),
+}
+
+
+def pace_for(warehouse: str) -> Pace:
+    """The warehouse's pace; ``AUDSYNC_FAULT_ITERATIONS`` overrides its number of iterations."""
+    pace = PACES.get(warehouse, Pace())
+    if os.environ.get("AUDSYNC_FAULT_ITERATIONS"):
+        pace = replace(pace, iterations=int(os.environ["AUDSYNC_FAULT_ITERATIONS"]))
+    return pace
+
 HEAL_ATTEMPTS = 6
 
 FAULTS = (
@@ -232,8 +269,9 @@ def _is_busy(error: BaseException) -> bool:
 class World:
     """The project, its fakes, the audience history and one :class:`EpochOracle` per sync."""
 
-    def __init__(self, project, seed: int, tmp: Path):
+    def __init__(self, project, seed: int, tmp: Path, pace: Pace | None = None):
         self.project = project
+        self.pace = pace or Pace()
         self.rng = random.Random(seed)
         self.seed = seed
         self.schema = project.schema + "_audsync"
@@ -458,9 +496,12 @@ class Command:
     stdout: str = ""
     stderr: str = ""
     code: int | None = None
+    timeout_s: float = Pace.command_timeout_s
 
-    def finish(self, timeout_s: float = COMMAND_TIMEOUT_S) -> int:
-        """Wait for the command; its exit code (a negative one for a signal)."""
+    def finish(self, timeout_s: float | None = None) -> int:
+        """Wait for the command (at most ``timeout_s``, default the pace's); its exit code (a
+        negative one for a signal)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if self.code is None:
             try:
                 self.stdout, self.stderr = self.process.communicate(timeout=timeout_s)
@@ -486,7 +527,8 @@ class Command:
 
 
 def start_run(world: World, syncs: list[str]) -> Command:
-    return Command(audsync_process(world.project, "run", *syncs, env=RUN_ENV))
+    return Command(audsync_process(world.project, "run", *syncs, env=world.pace.run_env),
+                   timeout_s=world.pace.command_timeout_s)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
@@ -507,7 +549,7 @@ def wait_for_point(world: World, command: Command, point: tuple[str, float]) -> 
         wait_until(lambda: not command.alive(), max(0.0, remaining))
     else:
         base = world.requests_seen() if value else 0
-        wait_until(lambda: not command.alive() or world.requests_seen() >= base + value, 60)
+        wait_until(lambda: not command.alive() or world.requests_seen() >= base + value, world.pace.request_wait_s)
     return command.alive()
 
 
@@ -591,11 +633,11 @@ def fault_sigterm(world: World, it: Iteration) -> None:
     before = {r["run_id"] for r in world.runs()}
     command = inject_signal(world, it, signal.SIGTERM)
     stopped = time.monotonic()
-    command.finish(COMMAND_TIMEOUT_S)
+    command.finish()
     took = time.monotonic() - stopped
     it.notes.append(f"exit {command.code} {took:.1f} s after SIGTERM")
-    if took > SIGTERM_EXIT_S:
-        raise CheckFailed(f"SIGTERM: the command took {took:.1f} s to end (at most {SIGTERM_EXIT_S:.0f} s)")
+    if took > world.pace.sigterm_exit_s:
+        raise CheckFailed(f"SIGTERM: the command took {took:.1f} s to end (at most {world.pace.sigterm_exit_s:.0f} s)")
     it.sigterm_runs = [r for r in world.runs() if r["run_id"] not in before]
     held = world.query(
         f"select lock_run_id from {world.state_relation(names.SYNCS_TABLE)} where lock_run_id is not null"
@@ -647,7 +689,7 @@ def fault_sigstop(world: World, it: Iteration) -> None:
         after = world.rng.randint(0, max(0, it.batches[it.target] - 1))
         fake.inject(hold={"n": 1, "after": after})
         stalled = start_run(world, it.order)
-        wait_until(lambda: not stalled.alive() or fake.state(members=False)["held"], 60)
+        wait_until(lambda: not stalled.alive() or fake.state(members=False)["held"], world.pace.request_wait_s)
         held = fake.state(members=False)["held"]
         if not held:
             fake.inject(clear=True)
@@ -671,7 +713,7 @@ def fault_sigstop(world: World, it: Iteration) -> None:
         it.notes.append("could not stop the runner between DuckDB steps; let it run")
         stalled.finish()
         return
-    time.sleep(LOCK_TIMEOUT_S + 1.0)
+    time.sleep(world.pace.lock_timeout_s + 1.0)
     # The audience changes while the stalled run waits: its frozen plan is now stale.
     resumed = build_beside(world, world.mutate() if world.rng.random() < 0.5 else world.earlier(), stalled)
     if resumed:
@@ -682,7 +724,7 @@ def fault_sigstop(world: World, it: Iteration) -> None:
     victim = next((r for r in mine if r["status"] == "running"), None)
     takeover = start_run(world, it.order)
     try:
-        takeover.finish(30)
+        takeover.finish(world.pace.takeover_s)
     except CheckFailed:
         # On PostgreSQL the stalled runner may hold a row lock the takeover waits for.
         it.notes.append("the takeover waited for the stalled runner's transaction")
@@ -719,7 +761,7 @@ def build_beside(world: World, rows: list[tuple], stalled: Command) -> bool:
     resumed = threading.Event()
     thread = threading.Thread(target=build, daemon=True)
     thread.start()
-    thread.join(40)
+    thread.join(world.pace.build_wait_s)
     if thread.is_alive():
         resumed.set()
         stalled.signal(signal.SIGCONT)
@@ -752,7 +794,7 @@ def fault_dbt_during(world: World, it: Iteration) -> None:
     fake = world.fakes[it.target]
     base = fake.state(members=False)["requests"]
     command = start_run(world, [name])
-    wait_until(lambda: not command.alive() or fake.state(members=False)["requests"] > base, 60)
+    wait_until(lambda: not command.alive() or fake.state(members=False)["requests"] > base, world.pace.request_wait_s)
     it.notes.append("dbt run during delivery" if command.alive() else "the run ended before a request")
     world.build(world.mutate() if world.rng.random() < 0.6 else world.earlier(), while_running=True)
     command.finish()
@@ -766,7 +808,8 @@ def fault_dead(mode: str) -> Callable[[World, Iteration], None]:
         command = start_run(world, it.order)
         after = world.rng.randint(0, max(0, it.batches[it.target] - 1))
         base = fake.state(members=False)["requests"]
-        wait_until(lambda: not command.alive() or fake.state(members=False)["requests"] >= base + after, 60)
+        wait_until(lambda: not command.alive() or fake.state(members=False)["requests"] >= base + after,
+                   world.pace.request_wait_s)
         if mode == "stopped":
             fake.suspend()
         else:
@@ -848,7 +891,7 @@ def heal(world: World, it: Iteration) -> None:
             world.settle_pending()
             return
         outputs.append(f"exit {code}:\n{command.output[-1500:]}")
-        time.sleep(LOCK_TIMEOUT_S + 0.5 if "lock" in command.output else 0.5)
+        time.sleep(world.pace.lock_timeout_s + 0.5 if "lock" in command.output else 0.5)
     raise CheckFailed(f"no run succeeded in {HEAL_ATTEMPTS} attempts after the fault:\n" + "\n".join(outputs))
 
 
@@ -1069,18 +1112,23 @@ def repair(world: World) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ci
+# Spark too, selected only with --warehouses spark (its marker), as the rest of the Spark subset.
+@pytest.mark.parametrize("warehouse", [
+    *DEFAULT_WAREHOUSES, pytest.param("spark", marks=[pytest.mark.spark, pytest.mark.timeout(1800)]),
+])
 def test_fault_matrix(dbt_project, warehouse, tmp_path):
+    pace = pace_for(warehouse)
     seed = int(os.environ.get("AUDSYNC_FAULT_SEED") or random.SystemRandom().randrange(1, 10**9))
-    replay = (f"replay: AUDSYNC_FAULT_SEED={seed} AUDSYNC_FAULT_ITERATIONS={ITERATIONS} .venv/bin/python -m pytest"
+    replay = (f"replay: AUDSYNC_FAULT_SEED={seed} AUDSYNC_FAULT_ITERATIONS={pace.iterations} .venv/bin/python -m pytest"
               f" tests/integration/test_fault_matrix.py --warehouses {warehouse}")
-    world = World(dbt_project, seed, tmp_path)
+    world = World(dbt_project, seed, tmp_path, pace)
     faults: Counter[str] = Counter()
     failures: list[str] = []
     started = time.monotonic()
     try:
         world.set_up()
         heal(world, Iteration(0, "none", "-", list(SYNCS.values())))
-        for number in range(1, ITERATIONS + 1):
+        for number in range(1, pace.iterations + 1):
             it = new_iteration(world, number)
             faults[it.fault] += 1
             try:
@@ -1095,11 +1143,11 @@ def test_fault_matrix(dbt_project, warehouse, tmp_path):
                 repair(world)
     finally:
         world.close()
-        print(f"\nFAULT MATRIX {warehouse}: seed {seed}, {ITERATIONS} iterations in {time.monotonic() - started:.0f} s,"
+        print(f"\nFAULT MATRIX {warehouse}: seed {seed}, {pace.iterations} iterations in {time.monotonic() - started:.0f} s,"
               f" {len(failures)} failed, {world.stale_landings} stale in-flight landings after a takeover;"
               f" faults {dict(sorted(faults.items()))}")
     if failures:
-        raise CheckFailed(f"fault matrix, {warehouse}, seed {seed}: {len(failures)} of {ITERATIONS} iterations failed:\n"
+        raise CheckFailed(f"fault matrix, {warehouse}, seed {seed}: {len(failures)} of {pace.iterations} iterations failed:\n"
                           + "\n\n".join(failures) + f"\n{replay}")
 
 

@@ -13,6 +13,7 @@ import random
 import pytest
 
 from audsync import names
+from tests.support.syncs import write_audience
 from tests.integration.test_dbt_package import (
     MODES,
     expected_changes,
@@ -25,20 +26,9 @@ from tests.integration.test_dbt_package import (
 
 # Slow (minutes each on two shared cores): selected by `-m spark --warehouses spark`.
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def write_audience(project, rows) -> None:
-    """Make ``audience_src`` hold exactly ``rows`` of (email, first_name, ltv).
-
-    Spark's Parquet tables take no DELETE: the table is made anew (the sync's views read it
-    by name when they are queried, so they follow)."""
-    source = project.relation("audience_src")
-    project.execute(f"drop table if exists {source}")
-    project.execute(f"create table {source} (email string, first_name string, ltv double) using parquet")
-    rows = list(rows)
-    if rows:
-        values = ", ".join("(%s, %s, %s)" for _ in rows)
-        project.execute(f"insert into {source} values {values}", [v for row in rows for v in row])
+SPARK_MODE_STEPS = 3
+"""Audience states of the mode test: an initial sync and two random changes (each step is a
+`dbt run` and an `audsync run` of four syncs, about a minute on Spark)."""
 
 
 def set_snapshot(project, model: str, keys) -> None:
@@ -102,33 +92,57 @@ def test_diff_views_equal_a_python_diff_and_dbt_never_replaces_the_snapshot(spar
         assert relation_rows(project, model, "__changes", with_op=True) == expected_changes(mode, adds, removes, updates), mode
 
 
-def test_runner_syncs_a_webhook_on_spark_and_keeps_the_mirror(spark_project):
-    """`dbt run` plus `audsync run` on Spark keep a fake webhook exactly as mirror mode
-    promises, over an initial sync and a change (adds, a remove, an update)."""
+def test_every_mode_keeps_a_fake_webhook_over_random_audiences_on_spark(spark_project):
+    """`dbt run` plus `audsync run` of one sync per mode on Spark, over an initial sync and a
+    random sequence of audience states (adds, removes, updates, invalid rows): after every run
+    each fake webhook holds what its mode promises, the mirror's snapshot equals what its
+    destination holds, and each run's counts are those of the independent Python diff."""
     from tests.fakes.webhook_server import FakeWebhook
-    from tests.support.syncs import audsync, run_rows, webhook_values, write_destinations, write_sync
+    from tests.integration.test_runner import audience_state
+    from tests.support.syncs import ModeOracle, audsync, run_rows, webhook_values, write_destinations, write_sync
 
     project = spark_project
-    fake = FakeWebhook(secret="spark-secret").start()
+    rng = random.Random(1414)
+    fakes = {mode: FakeWebhook(secret=f"spark-{mode}").start() for mode in MODES}
     try:
-        write_destinations(project, {"hook": {"type": "webhook", "url": fake.url, "secret": "spark-secret"}})
-        write_sync(project, "s", mode="mirror")
-        first = [("a@x.com", "Ann", 1.0), ("b@x.com", "Bob", 2.0), ("c@x.com", None, None)]
-        second = [("a@x.com", "Ann", 5.0), ("c@x.com", None, None), ("d@x.com", "Dee", 4.0)]
-        for step, rows in enumerate((first, second)):
-            write_audience(project, rows)
+        initial = {f"u{i}@example.com": {"first_name": "seeded", "ltv": 0} for i in range(0, 46, 3)}
+        fakes["remove"].seed_members(initial)
+        oracles = {mode: ModeOracle(mode, initial if mode == "remove" else None) for mode in MODES}
+        for mode in MODES:
+            write_sync(project, f"s_{mode}", mode=mode, destination=f"hook_{mode}", tags=["random"],
+                       extra={"allow_empty": True})
+        write_destinations(project, {f"hook_{m}": {"type": "webhook", "url": fakes[m].url, "secret": f"spark-{m}",
+                                                   "batch_size": 7} for m in MODES})
+        previous: dict[str, tuple] = {}
+        for step in range(SPARK_MODE_STEPS):
+            state = audience_state(rng)
+            write_audience(project, state)
             project.dbt("run")
-            audsync(project, "run", "s")
-            held = {key: webhook_values(fields) for key, fields in fake.members.items()}
-            assert held == {r[0]: (r[1], r[2]) for r in rows}, f"step {step}"
-            snapshot = project.query(f"select {names.KEY}, first_name, ltv from {project.relation('s', '__snapshot')}")
+            audsync(project, "run", "--select", "tag:random")
+            audience = valid_members(state)
+            adds, removes, updates = python_diff(previous, audience)
+            for mode in MODES:
+                oracles[mode].observe(audience)
+                oracles[mode].check(fakes[mode].members, webhook_values)
+                assert fakes[mode].bad_signatures == 0 and fakes[mode].violations == [], mode
+            run = run_rows(project, "s_mirror")[-1]
+            assert (run["status"], run["planned_adds"], run["planned_removes"], run["planned_updates"]) == (
+                "success", len(adds), len(removes), len(updates)), f"step {step}"
+            held = {key: webhook_values(fields) for key, fields in fakes["mirror"].members.items()}
+            snapshot = project.query(f"select {names.KEY}, first_name, ltv from {project.relation('s_mirror', '__snapshot')}")
             assert {r[0]: (r[1], r[2]) for r in snapshot} == held, f"step {step}: the snapshot claims otherwise"
-        statuses = [(r["status"], r["planned_adds"], r["planned_removes"], r["planned_updates"]) for r in run_rows(project, "s")]
-        assert statuses == [("success", 3, 0, 0), ("success", 1, 1, 1)]
-        assert audsync(project, "run", "s").code == 0  # nothing to send
-        assert fake.violations == []
+            for mode in MODES:
+                assert run_rows(project, f"s_{mode}")[-1]["status"] == "success", (mode, step)
+            previous = audience
+        # Nothing changed since the last run: nothing is sent.
+        sent = {mode: fakes[mode].requests for mode in MODES}
+        audsync(project, "run", "s_mirror")
+        assert fakes["mirror"].requests == sent["mirror"]
+        assert fakes["remove"].ops.get("add", 0) == 0 and fakes["remove"].ops.get("update", 0) == 0
+        assert fakes["add"].ops.get("remove", 0) == 0 and fakes["add"].ops.get("update", 0) == 0
     finally:
-        fake.stop()
+        for fake in fakes.values():
+            fake.stop()
 
 
 def test_a_kill_9_mid_delivery_is_recovered_and_the_lock_holds_on_spark(spark_project, monkeypatch):
@@ -153,7 +167,9 @@ def test_a_kill_9_mid_delivery_is_recovered_and_the_lock_holds_on_spark(spark_pr
         write_sync(project, "s", mode="mirror")
         write_destinations(project, {"hook": {"type": "webhook", "url": fake.url, "secret": "kill-secret",
                                               "batch_size": 2, "max_concurrency": 1}})
-        rows = [(f"k{i:03d}@example.com", "n", float(i)) for i in range(24)]
+        # 30 batches of 0.3 s: delivery outlasts the four batches and the 3 s waited before the
+        # kill (with 12, a lightly loaded machine delivered all of them before it).
+        rows = [(f"k{i:03d}@example.com", "n", float(i)) for i in range(60)]
         write_audience(project, rows)
         project.dbt("run")
 
@@ -161,14 +177,14 @@ def test_a_kill_9_mid_delivery_is_recovered_and_the_lock_holds_on_spark(spark_pr
         deadline = time.monotonic() + 300
         while fake.accepted_requests < 4:
             assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "timed out waiting for six batches"
+            assert time.monotonic() < deadline, "timed out waiting for four batches"
             time.sleep(0.05)
         time.sleep(3)  # at least one flush of answered batches
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         killed = run_rows(project, "s")[-1]
         assert killed["status"] == "running"
-        assert 0 < len(fake.members) < 24
+        assert 0 < len(fake.members) < len(rows)
 
         refused = audsync(project, "run", "s", expect=1)
         assert killed["run_id"] in refused.output and "locked" in refused.output
@@ -180,7 +196,7 @@ def test_a_kill_9_mid_delivery_is_recovered_and_the_lock_holds_on_spark(spark_pr
         history = {r["run_id"]: r for r in run_rows(project, "s")}
         assert history[killed["run_id"]]["status"] == "aborted"
         new = run_rows(project, "s")[-1]
-        assert new["status"] == "success" and new["planned_adds"] < 24
+        assert new["status"] == "success" and new["planned_adds"] < len(rows)
         assert set(fake.members) == {r[0] for r in rows}
         snapshot = project.query(
             f"select {names.KEY} from {project.relation('s', '__snapshot')} where {names.HASH} is not null")

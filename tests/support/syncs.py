@@ -26,8 +26,19 @@ DEFAULT_MAPPING = [
 
 
 def write_audience(project, rows: Iterable[tuple], table: str = "audience_src") -> None:
-    """Make the source table hold exactly ``rows`` of (email, first_name, ltv)."""
+    """Make the source table hold exactly ``rows`` of (email, first_name, ltv).
+
+    On Spark, whose Parquet tables take no DELETE, the table is made anew (a sync's views read
+    it by name when they are queried, so they follow)."""
     relation = project.relation(table)
+    if project.target == "spark":
+        project.execute(f"drop table if exists {relation}")
+        project.execute(f"create table {relation} (email string, first_name string, ltv double) using parquet")
+        rows = list(rows)
+        if rows:
+            values = ", ".join("(%s, %s, %s)" for _ in rows)
+            project.execute(f"insert into {relation} values {values}", [v for row in rows for v in row])
+        return
     project.execute(
         f"create table if not exists {relation} (email varchar(200), first_name varchar(200), ltv double precision)"
     )
