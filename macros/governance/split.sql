@@ -24,6 +24,12 @@
 (('x' || substr(md5({{ dbt.concat([dbt.string_literal(salt ~ ':'), key_expr]) }}), 1, 8))::bit(32)::bigint % 10000)
 {%- endmacro %}
 
+{#- The first 8 hex digits of md5(salt || ':' || key), as text: each warehouse's version of
+    split_bucket that cannot read 0x-prefixed text says only how to read them as a number. -#}
+{% macro _split_hex_prefix(key_expr, salt) -%}
+substr({{ dbt.hash(dbt.concat([dbt.string_literal(salt ~ ':'), key_expr])) }}, 1, 8)
+{%- endmacro %}
+
 {#- The key of a member as S spells it: the identifier cast to text. -#}
 {% macro _split_key(key_expr) -%}
 cast({{ key_expr }} as {{ dbt.type_string() }})
