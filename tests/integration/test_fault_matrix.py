@@ -71,7 +71,7 @@ import pytest
 
 from audsync import names
 from tests.fakes.webhook_server import FakeWebhookProcess
-from tests.support.dbt_project import DEFAULT_WAREHOUSES
+from tests.support.dbt_project import with_spark
 from tests.support.syncs import (
     audsync,
     audsync_process,
@@ -1113,9 +1113,7 @@ def repair(world: World) -> None:
 @pytest.mark.slow
 @pytest.mark.ci
 # Spark too, selected only with --warehouses spark (its marker), as the rest of the Spark subset.
-@pytest.mark.parametrize("warehouse", [
-    *DEFAULT_WAREHOUSES, pytest.param("spark", marks=[pytest.mark.spark, pytest.mark.timeout(1800)]),
-])
+@pytest.mark.parametrize("warehouse", with_spark(pytest.mark.timeout(1800)))
 def test_fault_matrix(dbt_project, warehouse, tmp_path):
     pace = pace_for(warehouse)
     seed = int(os.environ.get("AUDSYNC_FAULT_SEED") or random.SystemRandom().randrange(1, 10**9))

@@ -44,6 +44,15 @@ DEFAULT_WAREHOUSES = ("duckdb", "postgres")
 """The warehouses tested by default, and those the ``warehouse`` fixture runs each test on:
 Spark has its own focused subset (the tests marked ``spark``)."""
 
+
+def with_spark(*marks: Any) -> list[Any]:
+    """Parameters for a test that parametrizes ``warehouse`` itself: the default warehouses,
+    and ``"spark"`` marked ``spark`` (selected only with ``--warehouses spark``) with ``marks``."""
+    import pytest
+
+    return [*DEFAULT_WAREHOUSES, pytest.param("spark", marks=[pytest.mark.spark, *marks])]
+
+
 # dbt must never try to reach its usage-stats service from a test (there is no network).
 os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -524,4 +533,4 @@ def copy_example(name: str, dest: Path, package_root: Path | None = None) -> Pat
     return Path(dest)
 
 
-__all__ = ["REPO_ROOT", "WAREHOUSES", "DEFAULT_WAREHOUSES", "DbtProject", "DbtResult", "copy_example", "quote"]
+__all__ = ["REPO_ROOT", "WAREHOUSES", "DEFAULT_WAREHOUSES", "with_spark", "DbtProject", "DbtResult", "copy_example", "quote"]
