@@ -38,14 +38,20 @@
   {%- if found.main is none and found.next is not none and found.old is not none -%}
     {% do log("audsync: finishing an interrupted rewrite of " ~ relation, info=True) %}
     {{ adapter.rename_relation(found.next, relation) }}
-    {%- do found.update({'next': none}) -%}
+    {%- do found.update({'main': relation, 'next': none}) -%}
   {%- elif found.main is none and found.old is not none -%}
     {{ adapter.rename_relation(found.old, relation) }}
-    {%- do found.update({'old': none}) -%}
+    {%- do found.update({'main': relation, 'old': none}) -%}
   {%- endif -%}
   {%- for part in ['next', 'old'] -%}
     {%- if found[part] is not none -%}{% do adapter.drop_relation(found[part]) %}{%- endif -%}
   {%- endfor -%}
+  {#- dbt keeps one Spark session per thread, which caches the file listing of each table it
+      read: another session's rewrite or append since (the runner's commit) would make the
+      next read fail or miss rows. -#}
+  {%- if found.main is not none -%}
+    {% do run_query('refresh table ' ~ audsync.table_named(relation, '')) %}
+  {%- endif -%}
 {% endmacro %}
 
 {#- The table `relation.identifier ~ suffix` beside `relation`. -#}

@@ -215,3 +215,30 @@ def test_a_kill_9_mid_delivery_is_recovered_and_the_lock_holds_on_spark(spark_pr
             assert not spark.superseded(session, syncs, "s", generation)
     finally:
         fake.stop()
+
+
+def test_a_session_reads_what_other_sessions_rewrote_and_appended(spark_project):
+    """A Spark session caches the file listing of a table it read: without a refresh, its next
+    read fails on a file another session's rewrite removed, or silently misses the rows
+    another session appended. The runner's session reads the table as it is now, both ways
+    (the heartbeat rewrites ``audsync_syncs`` while the commit's session reads it)."""
+    from audsync.profiles import load_credentials
+    from audsync.warehouse import Relation
+    from audsync.warehouse.spark import SparkWarehouse
+
+    credentials, target = load_credentials(spark_project.root, spark_project.name, None)
+    spark = SparkWarehouse(credentials, target)
+    table = Relation(None, spark_project.schema, "listing_probe")
+    name = spark.relation_sql(table)
+    with spark.session() as other:
+        other.execute(f"create table {name} using parquet as select 1 as n")
+    with spark.session() as reader:
+        assert reader.scalar(f"select sum(n) from {name}") == 1
+        with spark.session() as other:
+            spark.rewrite(other, table, "select 2 as n union all select 3 as n", ())
+        assert reader.scalar(f"select sum(n) from {name}") == 5
+        with spark.session() as other:
+            other.execute(f"insert into {name} select 10 as n")
+        assert reader.scalar(f"select sum(n) from {name}") == 15
+        assert reader.execute_count(f"insert into {name} select n from {name}") == 3
+        assert reader.scalar(f"select sum(n) from {name}") == 30

@@ -119,6 +119,12 @@ def _is_missing_table(error: BaseException) -> bool:
     return "TABLE_OR_VIEW_NOT_FOUND" in text or "Table or view not found" in text
 
 
+def _is_stale_listing(error: BaseException) -> bool:
+    """Spark read a file its cached listing names and another session has since removed."""
+    text = str(error)
+    return "FAILED_READ_FILE.FILE_NOT_EXIST" in text or "java.io.FileNotFoundException" in text
+
+
 def _is_existing_table(error: BaseException) -> bool:
     text = str(error)
     return "TABLE_OR_VIEW_ALREADY_EXISTS" in text or "already exists" in text
@@ -155,25 +161,55 @@ class SparkSession(Session):
         self.execute(sql, params)
         return int(self._last_count or 0)
 
+    def __init__(self, warehouse: "SparkWarehouse", connection: Any):
+        super().__init__(warehouse, connection)
+        self._resolved: set[str] = set()
+        """Tables this Spark session has read, so may hold a cached file listing of."""
+
     def raw(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run ``sql`` with ``?`` placeholders as it is (no rewrite).
+
+        A Spark session caches the file listing of each table it reads, and another session
+        (the heartbeat, another run, ``dbt run``) may have rewritten or appended to the table
+        since: a rewrite makes the next read fail on a file that is gone, an append makes it
+        miss rows without a word. So a statement naming a table this session read before
+        refreshes it first (``REFRESH TABLE``), and one that still finds a file gone (a
+        rewrite between the refresh and the read; Spark fails such a statement whole) is
+        refreshed and tried again.
 
         A table another session is swapping is missing for the moment between its two
         renames: a statement that finds a table missing (which Spark reports before running
         anything) is tried again, and after a few tries the tables it names are recovered
         (a swap whose writer was killed), then it is tried once more."""
         typed = _typed_placeholders(sql, params)
+        tables = _tables_named(sql) if _reads_tables(sql) else []
+        self._refresh([t for t in tables if _table_key(t) in self._resolved])
         for attempt in range(MISSING_TABLE_RETRIES + 1):
             try:
-                return Session.execute(self, typed, params)
-            except Exception as error:  # noqa: BLE001 - only a missing table is retried
-                if not _is_missing_table(error) or attempt == MISSING_TABLE_RETRIES:
+                cursor = Session.execute(self, typed, params)
+                self._resolved.update(_table_key(t) for t in tables)
+                return cursor
+            except Exception as error:  # noqa: BLE001 - a missing table or file is retried
+                stale = _is_stale_listing(error)
+                if not (stale or _is_missing_table(error)) or attempt == MISSING_TABLE_RETRIES:
                     raise
+                if stale:
+                    self._refresh(tables)
+                    continue
                 if attempt == MISSING_TABLE_RETRIES - 1:
-                    for table in _tables_named(sql):
+                    for table in tables or _tables_named(sql):
                         self.warehouse.recover(self, table)
                 time.sleep(MISSING_TABLE_WAIT_S)
         raise AssertionError("unreachable")
+
+    def _refresh(self, tables: Sequence[Relation]) -> None:
+        """Drop this session's cached listing of ``tables`` (a missing one is skipped)."""
+        for table in tables:
+            try:
+                Session.execute(self, f"refresh table {self.warehouse.relation_sql(table)}")
+            except Exception as error:  # noqa: BLE001 - a table swapped away just now
+                if not _is_missing_table(error):
+                    raise
 
     def executemany(self, sql: str, rows) -> None:
         for row in rows:
@@ -385,6 +421,18 @@ def _tables_named(sql: str) -> list[Relation]:
     except sqlglot.errors.ParseError:
         return []
     return [Relation(None, t.db, t.name) for t in tree.find_all(exp.Table) if t.db and t.name]
+
+
+_NO_READ = re.compile(r"\s*(drop|alter|show|refresh|truncate|describe|use|set)\b", re.IGNORECASE)
+
+
+def _reads_tables(sql: str) -> bool:
+    """Whether ``sql`` may read a table's files (not a metastore-only statement)."""
+    return _NO_READ.match(sql) is None
+
+
+def _table_key(table: Relation) -> str:
+    return f"{table.schema}.{table.identifier}".lower()
 
 
 def _typed_placeholders(sql: str, params: Sequence[Any]) -> str:
