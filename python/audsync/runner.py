@@ -59,8 +59,12 @@ logger = logging.getLogger("audsync.run")
 # when the warehouse encodes the rows: 100k rows a session ran out of DuckDB's 100 MB (the
 # retry then left the run at four times that) where 50k stay under it, at 1M members.
 READ_CHUNK_ROWS = 50_000
-# How often answered batches are written to the warehouse during delivery.
+# How often answered batches are written to the warehouse during delivery: every second, and
+# sooner once this many rows were answered since the last write, because until a write the run
+# keeps their changes (for unknown marks if it loses its lock): at 500k rows/s a second of
+# Python changes held 350 MB.
 FLUSH_EVERY_S = 1.0
+FLUSH_EVERY_ROWS = 100_000
 # The heartbeat's period: at most this, and a quarter of the lock timeout.
 HEARTBEAT_MAX_INTERVAL_S = 5.0
 # How long a heartbeat's statements may take (PostgreSQL): a beat never hangs for ever.
@@ -891,7 +895,8 @@ class _InFlight:
     It also keeps the changes of every batch started since the last successful flush
     (unanswered, or answered but not yet recorded): a run that lost its lock records them as
     unknown marks (:meth:`_Run._record_unknown`), as only it knows when they stopped being on
-    the wire. At most about a second of batches (the flush interval).
+    the wire. At most about a second of batches, and ``FLUSH_EVERY_ROWS`` rows of answered
+    ones (the recorder writes them sooner), plus those in flight.
     """
 
     def __init__(self) -> None:
@@ -958,6 +963,8 @@ class _DeliveryRecorder:
         self.batches: list[tuple[int, int, int, int, int]] = []
         self.errors: list[RowError] = []
         self.ids: list[tuple[str, str]] = []
+        self.rows = 0
+        """Rows of the batches answered since the last write."""
         self.last_flush = time.monotonic()
 
     def on_result(self, batch_no: int, batch: Sequence[Change], result: BatchResult) -> None:
@@ -965,10 +972,11 @@ class _DeliveryRecorder:
             return
         self.in_flight.answered(batch)
         self.batches.append((batch_no, batch[0].seq, batch[-1].seq, len(result.rejected), result.unmatched))
+        self.rows += len(batch)
         self.errors.extend(result.rejected)
         if result.destination_ids:
             self.ids.extend(result.destination_ids.items())
-        if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
+        if self.rows >= FLUSH_EVERY_ROWS or time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
             self.flush()
 
     def record_late(self, errors: Sequence[RowError]) -> None:
@@ -990,6 +998,7 @@ class _DeliveryRecorder:
                                            self.batches, errors, self.ids)
             self.in_flight.recorded([(first, last) for _no, first, last, _r, _u in self.batches])
             self.batches, self.errors, self.ids = [], [], []
+        self.rows = 0
         self.last_flush = time.monotonic()
 
 

@@ -580,3 +580,33 @@ def test_the_plan_is_numbered_one_to_n_on_each_warehouse(dbt_project):
         assert dbt_project.query(f"select count(distinct email) from {numbered} group by seq having count(*) <> 2") == []
     finally:
         warehouse.close()
+
+
+def test_answered_batches_are_written_every_so_many_rows_so_held_changes_stay_bounded(dbt_project, monkeypatch):
+    """Until answered batches are written, the run keeps their changes (for unknown marks if
+    it loses its lock). They are written once a second, and sooner once FLUSH_EVERY_ROWS rows
+    were answered: at 500k rows/s, a second of changes held 350 MB. With the second made an
+    hour, the rows held at each request stay within FLUSH_EVERY_ROWS plus the requests in
+    flight, and the run is exact."""
+    from audsync import runner
+
+    monkeypatch.setattr(runner, "FLUSH_EVERY_S", 3600.0)
+    monkeypatch.setattr(runner, "FLUSH_EVERY_ROWS", 20)
+    held: list[int] = []
+    started = runner._InFlight.started
+
+    def counting(self, batch):
+        started(self, batch)
+        held.append(sum(len(b) for b in self._unrecorded.values()))
+
+    monkeypatch.setattr(runner._InFlight, "started", counting)
+    fake = FakeWebhook(secret="bounded-secret").start()
+    try:
+        rows = one_by_one_sync(dbt_project, fake)  # 120 members, batches of 5, one at a time
+        audsync(dbt_project, "run", "s")
+        assert len(held) == 24
+        assert max(held) <= 20 + 5, held
+        assert set(fake.members) == {r[0] for r in rows}
+        assert run_rows(dbt_project, "s")[-1]["rows_added"] == 120
+    finally:
+        fake.stop()
