@@ -403,7 +403,10 @@ class SyncTables:
         )
         session.execute(f"delete from {self.plan} where {n.RUN_ID} = ?", (run_id,))
         self.state.forget_delivery(session, run_id)
-        self.warehouse.refresh_statistics(session, self.sync.relation_of("snapshot"))
+        if counts.total or unknown_count:
+            # A commit that applied nothing left the snapshot as it was (ANALYZE of 10M rows on
+            # PostgreSQL: 0.2 s of every run with nothing to send).
+            self.warehouse.refresh_statistics(session, self.sync.relation_of("snapshot"))
         self.warehouse.refresh_statistics(session, self.sync.relation_of("candidates"))
         return CommitCounts(
             added=counts.adds, removed=counts.removes, updated=counts.updates,

@@ -41,6 +41,11 @@ def check_guardrails(run, planned):
     from ..runner import RunResult
 
     runner, sync, tables, run_id = run.runner, run.sync, run.tables, run.run_id
+    guardrails_of(runner.project, sync)  # a bad guardrail config fails every run, empty or not
+    if planned.sent == 0 and not run.force:
+        # A plan that sends nothing breaks no guardrail (evaluate), so the two counts it would
+        # read (a scan each of the snapshot and S on PostgreSQL) are not needed.
+        return None
     verdict = runner.warehouse.in_session(lambda session: verdict_for(runner, sync, tables, session, planned))
     if run.force:
         with run.heartbeat.held(), runner.warehouse.session() as session:
